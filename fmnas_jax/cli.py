@@ -1,0 +1,108 @@
+"""The command line: the only module that touches Hydra's DictConfig.
+
+python -m fmnas_jax +experiment=hillclimb          # the main job
+python -m fmnas_jax +experiment=train genome='NC 4 5 sigmoid;RC 64 3 relu;NC 4 5 sigmoid;RC 64 3 relu;FL gelu;'
+python -m fmnas_jax --help                         # every config group and option
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from fmnas_jax.config import AppConfig, ConfigError, app_config
+
+log = logging.getLogger("fmnas_jax")
+
+
+def to_app_config(cfg: DictConfig) -> AppConfig:
+    """Resolve and validate the composed config; ValueError names the bad key and value."""
+    values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    app = app_config(values)
+    if app.mode == "train":
+        from fmnas_jax.genome import Genome
+
+        if not app.genome:
+            raise ConfigError("mode=train needs genome='NC 4 5 sigmoid;RC 64 3 relu;NC 4 5 sigmoid;RC 64 3 relu;FL gelu;' (or another)")
+        Genome.parse(app.genome, app.search_space)
+    return app
+
+
+class EnsureStore(Callback):
+    """Before multirun jobs start: create the MLflow database and experiment once (avoids schema races)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from fmnas_jax.store import Store
+
+        try:
+            app = to_app_config(config)
+        except ValueError:
+            return  # each job reports the bad value itself
+        store = Store(app.tracking.uri, app.tracking.experiment)
+        log.info("MLflow store ready for the sweep: %s (experiment %r)", store.uri, app.tracking.experiment)
+
+
+def _quiet_libraries() -> None:
+    for name in ("alembic", "mlflow", "absl", "jax._src.xla_bridge", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://fmnas_jax.conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Run the job the config describes; returns the winner's validation accuracy (for sweepers)."""
+    _quiet_libraries()
+    try:
+        app = to_app_config(cfg)
+    except ValueError as e:
+        print(f"fmnas_jax: invalid configuration: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    from fmnas_jax import runner
+    from fmnas_jax.data import DataError
+    from fmnas_jax.store import StoreError
+    from fmnas_jax.train import enable_compilation_cache, platform_summary
+
+    enable_compilation_cache(app.cache_dir or os.path.expanduser("~/.cache/fmnas_jax/jax"))
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    platform = platform_summary()
+    log.info("platform: %s; run directory: %s", platform, out_dir)
+    try:
+        with logging_redirect_tqdm():  # log lines print above the progress bars, not through them
+            card = runner.run(app, OmegaConf.to_yaml(cfg, resolve=True), out_dir, f" on {platform}")
+    except (DataError, StoreError) as e:
+        print(f"fmnas_jax: {e}", file=sys.stderr)
+        sys.exit(2)
+    return card.val_accuracy
+
+
+def quote_values(argv: list[str]) -> list[str]:
+    """Quote genome strings for Hydra's override grammar, which rejects a bare ';'.
+
+    The shell turns genome='NC 4 5 sigmoid;...;' into genome=NC 4 5 sigmoid;...; which Hydra
+    cannot parse; re-quoting lets the README's commands work exactly as written. A comma
+    separates genomes of a sweep (-m genome='A;...;','B;...;' arrives as genome=A;...;,B;...;).
+    """
+    out = []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") == "genome" and value and value[0] not in "'\"":
+            quoted = ("'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'" for v in value.split(","))
+            out.append(key + "=" + ",".join(quoted))
+        else:
+            out.append(arg)
+    return out
+
+
+def entry() -> None:
+    """Entry point for `python -m fmnas_jax` and the `fmnas-jax` script."""
+    sys.argv = quote_values(sys.argv)
+    main()

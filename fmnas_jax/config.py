@@ -1,0 +1,131 @@
+"""Typed, validated settings built from plain dicts (the CLI turns Hydra's DictConfig into one).
+
+Every section is a frozen dataclass owned by the module that uses it; `AppConfig` gathers
+them. `build()` rejects unknown keys and wrong types with the key's full dotted name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from fmnas_jax.data import DataConfig
+from fmnas_jax.genome import SearchSpace
+from fmnas_jax.search.base import SearchConfig
+from fmnas_jax.search.fitness import FitnessConfig
+from fmnas_jax.train import TrainConfig
+
+MODES = ("search", "train")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where results go: an MLflow tracking URI (null = sqlite mlflow.db in the launch dir)."""
+
+    uri: str | None = None
+    experiment: str = "fmnas_jax"
+
+    def __post_init__(self) -> None:
+        if not self.experiment.strip():
+            raise ValueError("tracking.experiment must be a non-empty name")
+
+
+@dataclass(frozen=True)
+class FinalConfig:
+    """Budget for retraining the winner; null fields fall back to trainer.* / data.*."""
+
+    epochs: int | None = None
+    train_size: int | None = None
+    learning_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"final.epochs {self.epochs} must be >= 1")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """The whole job, as the CLI resolved it."""
+
+    mode: str = "search"
+    seed: int = 0
+    genome: str | None = None
+    search_space: SearchSpace = field(default_factory=SearchSpace)
+    trainer: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    fitness: FitnessConfig = field(default_factory=FitnessConfig)
+    final: FinalConfig = field(default_factory=FinalConfig)
+    cache_dir: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {list(MODES)}")
+
+
+class ConfigError(ValueError):
+    """A config value has the wrong type or an unknown key."""
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        return build(tp, value, name)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        (inner, _) = typing.get_args(tp)
+        return tuple(_coerce(v, inner, f"{name}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {name}")
+
+
+def build[T](cls: type[T], values: dict, prefix: str = "") -> T:
+    """Instantiate dataclass `cls` from `values`, checking keys and types; errors name the key."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        where = prefix or "the config"
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(fields)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def app_config(values: dict) -> AppConfig:
+    """AppConfig from a plain (resolved) dict; the `hydra` node, if present, is ignored."""
+    return build(AppConfig, {k: v for k, v in values.items() if k != "hydra"})

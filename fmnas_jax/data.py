@@ -1,0 +1,219 @@
+"""Fashion-MNIST: loading, integrity checks, and seeded stratified splits.
+
+Arrays stay uint8 images (N, 28, 28, 1) and int32 labels; the trainer normalises on
+the device with the training split's mean and std, which travel with the Dataset.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+CLASS_NAMES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+# sha256 of the decompressed IDX files (header included); Debian's .gz differ from the
+# originals only in their gzip headers, so checking the decoded bytes covers both.
+SHA256 = {
+    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+SOURCES = ("auto", "idx", "tfds")
+HOW_TO_GET = (
+    "Install it with `sudo apt-get install dataset-fashion-mnist` (files land in "
+    f"{DEBIAN_DIR}), point data.dir at a folder holding the four original IDX files "
+    "(train-images-idx3-ubyte[.gz], ...), or use data.source=tfds on a machine with internet."
+)
+
+
+class DataError(RuntimeError):
+    """The dataset is missing, truncated or corrupt."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from and how it is split."""
+
+    source: str = "auto"
+    dir: str = DEBIAN_DIR
+    val_size: int = 5000
+    train_size: int | None = None
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source {self.source!r} is not one of {list(SOURCES)}")
+        if self.val_size < 10 or self.val_size > 30000:
+            raise ValueError(f"data.val_size {self.val_size} must be in [10..30000] (a multiple of 10 keeps it stratified)")
+        if self.train_size is not None and not 10 <= self.train_size <= 60000 - self.val_size:
+            raise ValueError(f"data.train_size {self.train_size} must be null or in [10..{60000 - self.val_size}]")
+
+    def result_settings(self) -> dict:
+        """Settings that change an evaluation's result (for the eval key)."""
+        return {"val_size": self.val_size, "train_size": self.train_size}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train/validation/test splits plus the normalisation taken from the train split."""
+
+    x_train: np.ndarray  # (N, 28, 28, 1) uint8
+    y_train: np.ndarray  # (N,) int32
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    mean: float
+    std: float
+    source: str
+
+    def summary(self) -> str:
+        return (
+            f"{self.source}: train {len(self.y_train)}, val {len(self.y_val)}, test {len(self.y_test)} "
+            f"(mean {self.mean:.4f}, std {self.std:.4f})"
+        )
+
+
+# ---------------------------------------------------------------------------
+# IDX files
+# ---------------------------------------------------------------------------
+
+
+def _read_idx_bytes(folder: Path, stem: str) -> bytes:
+    for path in (folder / f"{stem}.gz", folder / stem):
+        if path.exists():
+            try:
+                return gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+            except (OSError, EOFError) as e:
+                raise DataError(f"{path} is truncated or corrupt ({e}). {HOW_TO_GET}") from e
+    raise DataError(f"Fashion-MNIST file {stem}[.gz] not found in {folder}. {HOW_TO_GET}")
+
+
+def _decode_idx(raw: bytes, stem: str) -> np.ndarray:
+    images = "images" in stem
+    header = 16 if images else 8
+    magic = 2051 if images else 2049
+    if len(raw) < header or int.from_bytes(raw[:4], "big") != magic:
+        raise DataError(f"{stem} is not an IDX file (bad header). {HOW_TO_GET}")
+    n = int.from_bytes(raw[4:8], "big")
+    shape = (n, 28, 28) if images else (n,)
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        raise DataError(f"{stem} has {len(raw)} bytes, expected {expected}: truncated or corrupt. {HOW_TO_GET}")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+
+
+def load_idx_dir(folder: str | os.PathLike, verify: bool = True) -> tuple[np.ndarray, ...]:
+    """Read the four IDX files: (x_train, y_train, x_test, y_test), images (N, 28, 28, 1)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data.dir {str(folder)!r} does not exist. {HOW_TO_GET}")
+    arrays = []
+    for stem, digest in SHA256.items():
+        raw = _read_idx_bytes(folder, stem)
+        if verify and hashlib.sha256(raw).hexdigest() != digest:
+            raise DataError(f"{stem} in {folder} fails its sha256 check (corrupt or not Fashion-MNIST). {HOW_TO_GET}")
+        arrays.append(_decode_idx(raw, stem))
+    x_train, y_train, x_test, y_test = arrays
+    return x_train[..., None], y_train.astype(np.int32), x_test[..., None], y_test.astype(np.int32)
+
+
+def load_tfds() -> tuple[np.ndarray, ...]:
+    """Fashion-MNIST through tensorflow-datasets (needs internet or a prepared TFDS dir)."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise DataError(f"data.source=tfds needs tensorflow-datasets (pip install 'fmnas_jax[tfds]'). {HOW_TO_GET}") from e
+    out = []
+    for split in ("train", "test"):
+        ds = tfds.data_source("fashion_mnist", split=split)
+        x = np.stack([np.asarray(ex["image"], np.uint8).reshape(28, 28, 1) for ex in ds])
+        y = np.asarray([ex["label"] for ex in ds], np.int32)
+        order = np.lexsort((np.arange(len(y)), y))  # TFDS shuffles; sort for a stable split
+        out += [x[order], y[order]]
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------
+# Splits
+# ---------------------------------------------------------------------------
+
+
+def stratified_indices(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """`size` indices with each class in proportion to `labels` (sorted)."""
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = np.floor(counts / counts.sum() * size).astype(int)
+    for i in np.argsort(-(counts / counts.sum() * size - quota))[: size - quota.sum()]:
+        quota[i] += 1  # hand out the rounding remainder, largest fractions first
+    picks = [rng.choice(np.flatnonzero(labels == c), q, replace=False) for c, q in zip(classes, quota, strict=True)]
+    return np.sort(np.concatenate(picks))
+
+
+def split(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, cfg: DataConfig, seed: int, source: str) -> Dataset:
+    """Carve a stratified validation split (and optional train subset) from the training set."""
+    rng = np.random.default_rng([seed, 0xDA7A])
+    val_idx = stratified_indices(y, cfg.val_size, rng)
+    rest = np.setdiff1d(np.arange(len(y)), val_idx)
+    if cfg.train_size is not None:
+        rest = rest[stratified_indices(y[rest], cfg.train_size, rng)]
+    x_train = x[rest]
+    mean = float(x_train.mean() / 255.0)
+    std = float(x_train.std() / 255.0)
+    return Dataset(x_train, y[rest], x[val_idx], y[val_idx], x_test, y_test, mean, std, source)
+
+
+@functools.lru_cache(maxsize=2)
+def load_arrays(source: str, folder: str, verify: bool) -> tuple[tuple[np.ndarray, ...], str]:
+    """Raw (x_train, y_train, x_test, y_test) and a description of where they came from (cached)."""
+    if source == "idx" or (source == "auto" and Path(folder).is_dir()):
+        return load_idx_dir(folder, verify), f"idx:{folder}"
+    if source == "tfds":
+        return load_tfds(), "tfds:fashion_mnist"
+    raise DataError(f"data.dir {folder!r} does not exist and data.source=auto found no other source. {HOW_TO_GET}")
+
+
+def load(cfg: DataConfig, seed: int) -> Dataset:
+    """Load Fashion-MNIST from the configured source and split it."""
+    arrays, source = load_arrays(cfg.source, cfg.dir, cfg.verify)
+    return split(*arrays, cfg, seed, source)
+
+
+def synthetic_dataset(n_train: int = 512, n_val: int = 256, n_test: int = 256, seed: int = 0) -> Dataset:
+    """A small SYNTHETIC (not Fashion-MNIST) learnable set for tests.
+
+    Class c = stripe orientation (c % 2) x brightness level (c // 2), with random phase and
+    noise: position-free, so a CNN with global average pooling can learn it.
+    """
+    rng = np.random.default_rng(seed)
+    grid = np.arange(28)
+
+    def make(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, 10, n).astype(np.int32)
+        phase = rng.integers(0, 4, n)[:, None, None]
+        rows = ((grid[None, :, None] + phase) // 2 % 2).repeat(28, axis=2)  # horizontal stripes
+        cols = ((grid[None, None, :] + phase) // 2 % 2).repeat(28, axis=1)  # vertical stripes
+        stripes = np.where((y % 2 == 0)[:, None, None], rows, cols)
+        level = 40 + 35 * (y // 2)[:, None, None]
+        x = stripes * level + rng.integers(0, 30, (n, 28, 28))
+        return np.clip(x, 0, 255).astype(np.uint8)[..., None], y
+
+    (xt, yt), (xv, yv), (xs, ys) = make(n_train), make(n_val), make(n_test)
+    return Dataset(xt, yt, xv, yv, xs, ys, float(xt.mean() / 255), float(xt.std() / 255), "synthetic")

@@ -1,0 +1,173 @@
+"""Figures, the results CSV and the result card (the paper's Fig. 1-3 and table, and more)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt
+
+from fmnas_jax.search.fitness import pareto_front
+
+PAPER_BEST = {"genome": "NC 4 5 sigmoid;RC 64 3 relu;NC 4 5 sigmoid;RC 64 3 relu;FL gelu;", "params": 16598, "test_accuracy": 0.8855}
+CSV_COLUMNS = ("genome", "params", "train_accuracy", "test_accuracy", "val_accuracy", "fitness", "pareto", "source", "eval_key", "run_id")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One evaluation as the report shows it."""
+
+    genome: str
+    params: int
+    train_accuracy: float
+    val_accuracy: float
+    test_accuracy: float
+    fitness: float
+    eval_key: str
+    run_id: str
+    source: str  # trained | reused
+
+
+@dataclass(frozen=True)
+class Card:
+    """The winner, as printed and saved."""
+
+    genome: str
+    params: int
+    train_accuracy: float
+    val_accuracy: float
+    test_accuracy: float
+    eval_key: str
+    run_id: str
+    tracking_uri: str
+    budget: str
+
+    def markdown(self) -> str:
+        pct = lambda v: f"{100 * v:.2f}%" if math.isfinite(v) else "n/a"  # noqa: E731
+        lines = [
+            "# fmnas_jax result card",
+            "",
+            "| field | value |",
+            "|---|---|",
+            f"| genome | `{self.genome}` |",
+            f"| parameters | {self.params:,} |",
+            f"| train accuracy | {pct(self.train_accuracy)} |",
+            f"| validation accuracy | {pct(self.val_accuracy)} |",
+            f"| test accuracy | {pct(self.test_accuracy)} |",
+            f"| budget | {self.budget} |",
+            f"| eval_key | `{self.eval_key}` |",
+            f"| MLflow run | `{self.run_id}` in `{self.tracking_uri}` |",
+            f"| paper's best | {PAPER_BEST['params']:,} params, {100 * PAPER_BEST['test_accuracy']:.2f}% test |",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def write_card(card: Card, out_dir: Path) -> list[Path]:
+    """result_card.md and result_card.json."""
+    md, js = out_dir / "result_card.md", out_dir / "result_card.json"
+    md.write_text(card.markdown())
+    js.write_text(json.dumps(asdict(card), indent=2) + "\n")
+    return [md, js]
+
+
+def write_csv(rows: Sequence[Row], path: Path) -> Path:
+    """results.csv: the paper's columns (genome, params, train/test accuracy) plus validation and more."""
+    front = set(pareto_front([(r.params, r.test_accuracy) for r in rows]))
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        for r in sorted(range(len(rows)), key=lambda j: rows[j].params):
+            row = rows[r]
+            w.writerow(
+                [
+                    row.genome,
+                    row.params,
+                    f"{row.train_accuracy:.4f}",
+                    f"{row.test_accuracy:.4f}",
+                    f"{row.val_accuracy:.4f}",
+                    f"{row.fitness:.5f}",
+                    int(r in front),
+                    row.source,
+                    row.eval_key,
+                    row.run_id,
+                ]
+            )
+    return path
+
+
+def plot_search(rows: Sequence[Row], path_genomes: Sequence[str], winner: str, out: Path, title: str) -> Path:
+    """Params (log) vs test accuracy: every evaluation, the Pareto front, the climb path, winner, paper."""
+    by_genome = {r.genome: r for r in rows}
+    ok = [r for r in rows if math.isfinite(r.test_accuracy)]
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    ax.scatter([r.params for r in ok], [100 * r.test_accuracy for r in ok], s=18, c="tab:gray", alpha=0.6, label=f"evaluations ({len(ok)})")
+    front = [ok[i] for i in pareto_front([(r.params, r.test_accuracy) for r in ok])]
+    ax.step([r.params for r in front], [100 * r.test_accuracy for r in front], where="post", c="tab:blue", lw=1.5, label="Pareto front")
+    climb = [by_genome[g] for g in path_genomes if g in by_genome and math.isfinite(by_genome[g].test_accuracy)]
+    if climb:
+        ax.plot(
+            [r.params for r in climb],
+            [100 * r.test_accuracy for r in climb],
+            "-o",
+            c="tab:orange",
+            ms=3,
+            lw=1,
+            alpha=0.8,
+            label="climb path",
+        )
+    if winner in by_genome:
+        w = by_genome[winner]
+        ax.scatter(
+            [w.params],
+            [100 * w.test_accuracy],
+            marker="*",
+            s=260,
+            c="tab:red",
+            zorder=5,
+            label=f"winner: {w.params:,} params, {100 * w.test_accuracy:.2f}%",
+        )
+    ax.scatter(
+        [PAPER_BEST["params"]],
+        [100 * PAPER_BEST["test_accuracy"]],
+        marker="D",
+        s=60,
+        c="black",
+        zorder=5,
+        label="paper's best: 16,598 params, 88.55%",
+    )
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_curves(history: dict[str, list[float]], genome: str, out: Path) -> Path:
+    """The winner's train/validation accuracy and loss per epoch."""
+    epochs = range(1, len(history.get("train_loss", [])) + 1)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for split, style in (("train", "-o"), ("val", "-s")):
+        a1.plot(epochs, [100 * v for v in history.get(f"{split}_accuracy", [])], style, ms=3, label=split)
+        a2.plot(epochs, history.get(f"{split}_loss", []), style, ms=3, label=split)
+    a1.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    a2.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    for a in (a1, a2):
+        a.grid(True, alpha=0.3)
+        a.legend()
+    fig.suptitle(genome, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

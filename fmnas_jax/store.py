@@ -1,0 +1,256 @@
+"""MLflow as the results store. The only module that imports mlflow.
+
+Layout in MLflow: one experiment; a search is a parent run (tag fmnas.role=search); each
+evaluation is a run (fmnas.role=evaluation) tagged with its genome, eval_key (genome +
+everything that changes the result) and budget_key (eval_key without the genome), nested
+under the search that trained it. Lookups are tag filters answered by the tracking
+store's SQL, never a scan of runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+
+log = logging.getLogger(__name__)
+
+ROLE, GENOME, EVAL_KEY, BUDGET_KEY = "fmnas.role", "genome", "eval_key", "budget_key"
+HOST, PID, REASON, DUPLICATE_OF = "fmnas.host", "fmnas.pid", "fmnas.reason", "fmnas.duplicate_of"
+PARENT, RUN_NAME = "mlflow.parentRunId", "mlflow.runName"
+PAGE = 1000  # search_runs' page limit
+
+
+class StoreError(RuntimeError):
+    """The tracking location cannot be used."""
+
+
+@dataclass(frozen=True)
+class StoredEval:
+    """A finished evaluation as read back from the store."""
+
+    run_id: str
+    genome: str
+    eval_key: str
+    metrics: dict[str, float]
+    parent_run_id: str | None
+    start_time: int
+
+    def metric(self, name: str) -> float:
+        return self.metrics.get(name, math.nan)
+
+
+def resolve_uri(uri: str | None, cwd: str | None = None) -> str:
+    """Absolute tracking URI: None -> sqlite mlflow.db in `cwd`; relative sqlite paths made absolute."""
+    base = Path(cwd or os.getcwd())
+    if uri is None or uri == "":
+        return f"sqlite:///{(base / 'mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(base / uri[len('sqlite:///') :]).resolve()}"
+    return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def _retry[T](fn: Callable[[], T], what: str, attempts: int = 8) -> T:
+    """Retry transient SQLite contention ('database is locked', schema races) with backoff."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # MlflowException and SQLAlchemy's OperationalError both carry the text
+            text = str(e).lower()
+            transient = "locked" in text or "duplicate column" in text or "already exists" in text or "busy" in text
+            if not transient or i == attempts - 1:
+                raise
+            log.debug("retrying %s after %s", what, e)
+            time.sleep(0.05 * 2**i)
+    raise AssertionError("unreachable")
+
+
+class Store:
+    """Results store on one MLflow tracking URI and experiment."""
+
+    def __init__(self, uri: str | None, experiment: str) -> None:
+        self.uri = resolve_uri(uri)
+        self.experiment_name = experiment
+        self._check_writable()
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_id = _retry(self._ensure_experiment, "experiment creation")
+
+    def _check_writable(self) -> None:
+        db = _sqlite_path(self.uri)
+        if db is None:
+            return
+        if not db.parent.is_dir():
+            raise StoreError(f"tracking.uri {self.uri!r}: folder {str(db.parent)!r} does not exist")
+        if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+            raise StoreError(f"tracking.uri {self.uri!r}: {str(db)!r} is not writable; choose a writable tracking.uri")
+
+    def _ensure_experiment(self) -> str:
+        exp = self.client.get_experiment_by_name(self.experiment_name)
+        if exp is not None:
+            if exp.lifecycle_stage != "active":
+                raise StoreError(f"experiment {self.experiment_name!r} is deleted in {self.uri}; restore it or pick another name")
+            return exp.experiment_id
+        db = _sqlite_path(self.uri)
+        # Artifacts beside the database, so the store does not depend on the launch directory.
+        location = (db.parent / "mlartifacts").as_uri() if db else None
+        try:
+            return self.client.create_experiment(self.experiment_name, artifact_location=location)
+        except MlflowException:
+            exp = self.client.get_experiment_by_name(self.experiment_name)  # another process won the race
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def ui_url_hint(self) -> str:
+        """The command that opens the MLflow UI on this store."""
+        if _sqlite_path(self.uri):
+            return f"mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1 --port 5000"
+        return f"open {self.uri}"
+
+    # -- reading ------------------------------------------------------------------
+
+    def _search(self, filter_string: str, order_by: list[str] | None = None, max_results: int | None = None) -> list:
+        runs, token = [], None
+        while True:
+            page = _retry(
+                lambda t=token: self.client.search_runs(
+                    [self.experiment_id], filter_string, ViewType.ACTIVE_ONLY, PAGE, order_by, page_token=t
+                ),
+                "search",
+            )
+            runs += list(page)
+            token = page.token
+            if not token or (max_results and len(runs) >= max_results):
+                return runs[:max_results] if max_results else runs
+
+    @staticmethod
+    def _stored(run: Any) -> StoredEval:
+        tags = run.data.tags
+        return StoredEval(run.info.run_id, tags[GENOME], tags[EVAL_KEY], dict(run.data.metrics), tags.get(PARENT), run.info.start_time)
+
+    def find_finished(self, eval_key: str) -> StoredEval | None:
+        """The authoritative (earliest) FINISHED evaluation for `eval_key`, or None."""
+        runs = self._search(
+            f"tags.{EVAL_KEY} = '{eval_key}' AND attributes.status = 'FINISHED' AND tags.`{ROLE}` = 'evaluation'",
+            ["attributes.start_time ASC"],
+            max_results=1,
+        )
+        return self._stored(runs[0]) if runs else None
+
+    def finished_evaluations(self, budget_key: str | None = None) -> list[StoredEval]:
+        """Every FINISHED evaluation (of one budget, if given), one per eval_key, earliest first."""
+        f = f"attributes.status = 'FINISHED' AND tags.`{ROLE}` = 'evaluation'"
+        if budget_key:
+            f += f" AND tags.{BUDGET_KEY} = '{budget_key}'"
+        out: dict[str, StoredEval] = {}
+        for run in self._search(f, ["attributes.start_time ASC"]):
+            s = self._stored(run)
+            out.setdefault(s.eval_key, s)
+        return list(out.values())
+
+    def run_ids(self, role: str, tag: str, value: str) -> set[str]:
+        """Ids of runs of one role with tag == value (any status)."""
+        return {r.info.run_id for r in self._search(f"tags.`{ROLE}` = '{role}' AND tags.`{tag}` = '{value}'")}
+
+    def runs_of(self, parent_run_id: str) -> list[Any]:
+        """All runs nested under a parent (any status)."""
+        return self._search(f"tags.`{PARENT}` = '{parent_run_id}'")
+
+    # -- writing ------------------------------------------------------------------
+
+    def start_run(self, name: str, role: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
+        """Create a RUNNING run owned by this process; returns its id."""
+        all_tags = {RUN_NAME: name, ROLE: role, HOST: socket.gethostname(), PID: str(os.getpid()), **tags}
+        if parent_run_id:
+            all_tags[PARENT] = parent_run_id
+        run = _retry(lambda: self.client.create_run(self.experiment_id, tags=all_tags, run_name=name), "create_run")
+        return run.info.run_id
+
+    def log(
+        self,
+        run_id: str,
+        metrics: dict[str, float] | None = None,
+        params: dict[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
+        step: int = 0,
+    ) -> None:
+        """Log finite metrics, params and tags, in batches within log_batch's limits."""
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None and math.isfinite(float(v))]
+        ps = [Param(k, str(v)) for k, v in (params or {}).items()]
+        ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for kind, items, size in (("metrics", ms, 1000), ("params", ps, 100), ("tags", ts, 100)):
+            for i in range(0, len(items), size):
+                part = {kind: items[i : i + size]}
+                _retry(lambda p=part: self.client.log_batch(run_id, **p), "log_batch")
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        _retry(lambda: self.client.log_text(run_id, text, artifact_file), "log_text")
+
+    def log_file(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        _retry(lambda: self.client.log_artifact(run_id, str(path), artifact_path), "log_artifact")
+
+    def end_run(self, run_id: str, status: str = "FINISHED", reason: str | None = None) -> None:
+        """End a run as FINISHED, FAILED or KILLED; a reason goes into the fmnas.reason tag."""
+        if reason:
+            _retry(lambda: self.client.set_tag(run_id, REASON, reason[:8000]), "set_tag")
+        _retry(lambda: self.client.set_terminated(run_id, status), "set_terminated")
+
+    def download(self, run_id: str, path: str, dst: str) -> str:
+        """Download one artifact of a run into `dst`; returns the local path."""
+        return _retry(lambda: self.client.download_artifacts(run_id, path, dst), "download")
+
+    def get_run(self, run_id: str) -> Any:
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException as e:
+            raise StoreError(f"run {run_id!r} not found in {self.uri}: {e.message}") from e
+
+    # -- recovery -----------------------------------------------------------------
+
+    def reap_orphans(self, alive: Callable[[int], bool] | None = None) -> list[str]:
+        """Mark RUNNING runs of dead processes on this host KILLED; returns their ids."""
+        alive = alive or _pid_alive
+        host, reaped = socket.gethostname(), []
+        for run in self._search("attributes.status = 'RUNNING'"):
+            tags = run.data.tags
+            if tags.get(HOST) != host or not tags.get(PID, "").isdigit() or alive(int(tags[PID])):
+                continue
+            self.end_run(run.info.run_id, "KILLED", f"process {tags[PID]} on {host} died before finishing this run")
+            reaped.append(run.info.run_id)
+        return reaped
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def flatten(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
+    """{'a': 1} -> {'prefix.a': 1}, recursively."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else k
+        out.update(flatten(key, v) if isinstance(v, dict) else {key: v})
+    return out

@@ -1,0 +1,115 @@
+"""Every experiment composes with real Hydra, and bad values fail before anything runs."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from fmnas_jax.cli import quote_values, to_app_config
+from fmnas_jax.config import ConfigError, build
+from fmnas_jax.search import SearchConfig
+
+CONF = Path(__file__).parent.parent / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def _compose(*overrides: str):
+    with initialize_config_module("fmnas_jax.conf", version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_there_are_experiments():
+    assert {"smoke", "train", "hillclimb", "paper"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(name):
+    app = to_app_config(_compose(f"+experiment={name}"))
+    assert app.search.population_size >= 1
+
+
+def test_every_config_file_starts_with_its_command():
+    for path in CONF.rglob("*.yaml"):
+        lines = [ln for ln in path.read_text().splitlines() if not ln.startswith("# @package")]
+        assert lines[0].startswith("# python -m fmnas_jax"), path
+
+
+def test_experiment_values_land_in_the_typed_config():
+    app = to_app_config(_compose("+experiment=paper"))
+    assert app.search.strategy == "table" and app.search.population_size == 120
+    assert app.fitness.metric == "test_accuracy" and app.fitness.paper_reproduction
+    train = to_app_config(_compose("+experiment=train"))
+    assert train.mode == "train" and train.trainer.save and train.trainer.epochs == 10
+
+
+def test_command_line_overrides_win():
+    app = to_app_config(
+        _compose(
+            "+experiment=hillclimb",
+            "search=table",
+            "trainer.epochs=3",
+            "data.train_size=null",
+            "fitness.size_weight=0.05",
+            "seed=7",
+            "search_space=small",
+        )
+    )
+    assert app.search.strategy == "table" and app.trainer.epochs == 3 and app.data.train_size is None
+    assert app.fitness.size_weight == 0.05 and app.seed == 7 and app.search_space.filters == (4, 8, 16, 32)
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("trainer.epochs=-1", "trainer.epochs -1"),
+        ("trainer.epochs=abc", "trainer.epochs must be an integer"),
+        ("search.population_size=0", "search.population_size 0"),
+        ("search.population_size=-4", "search.population_size -4"),
+        ("fitness.size_weight=nan", "fitness.size_weight must be a finite number"),
+        ("fitness.size_weight=heavy", "fitness.size_weight must be a number"),
+        ("fitness.metric=test_accuracy", "paper_reproduction"),
+        ("trainer.learning_rate=0", "trainer.learning_rate 0.0"),
+        ("data.val_size=3", "data.val_size 3"),
+        ("search_space.kernel_sizes=[0,3]", "kernel sizes [0]"),
+        ("search_space.activations=[relu,elu]", "['elu']"),
+    ],
+)
+def test_bad_values_are_refused_with_their_name(override, fragment):
+    with pytest.raises(ValueError) as info:
+        to_app_config(_compose("+experiment=hillclimb", override))
+    assert fragment in str(info.value)
+
+
+def test_bad_genome_in_train_mode_is_refused():
+    (arg,) = quote_values(["genome=NC 4 5 sigmoid;RC 64 8 relu;NC 4 5 sigmoid;RC 64 3 relu;FL gelu;"])  # as the shell passes it
+    with pytest.raises(ValueError, match=r"kernel size 8 in layer 2 \(RC\)"):
+        to_app_config(_compose("+experiment=train", arg))
+
+
+def test_genome_values_are_quoted_for_hydra():
+    paper = "NC 4 5 sigmoid;RC 64 3 relu;NC 4 5 sigmoid;RC 64 3 relu;FL gelu;"
+    assert quote_values(["x", f"genome={paper}", "seed=1"]) == ["x", f"genome='{paper}'", "seed=1"]
+    assert quote_values([f"genome='{paper}'"]) == [f"genome='{paper}'"]  # already quoted: untouched
+    assert quote_values([f"genome={paper},{paper}"]) == [f"genome='{paper}','{paper}'"]  # a sweep
+    assert to_app_config(_compose("+experiment=train", *quote_values([f"genome={paper}"]))).genome == paper
+
+
+def test_unknown_keys_are_refused():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="epoch"):
+        _compose("trainer.epoch=3")
+    with pytest.raises(ConfigCompositionException, match="anneal"):
+        _compose("search=anneal")
+    cfg = OmegaConf.to_container(_compose("+experiment=smoke"), resolve=True)
+    cfg["search"]["populaton_size"] = 3
+    with pytest.raises(ConfigError, match="populaton_size"):
+        to_app_config(OmegaConf.create(cfg))
+
+
+def test_build_checks_types():
+    with pytest.raises(ConfigError, match="search.budget must be an integer"):
+        build(SearchConfig, {"budget": 2.5}, "search")
+    with pytest.raises(ConfigError, match="search.seed must be an integer, got True"):
+        build(SearchConfig, {"seed": True}, "search")

@@ -1,0 +1,74 @@
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+from conftest import REAL_DATA, needs_real_data
+
+from fmnas_jax.data import DataConfig, DataError, load, load_idx_dir, stratified_indices, synthetic_dataset
+
+
+@needs_real_data
+def test_real_fashion_mnist_loads_and_verifies():
+    x, y, xt, yt = load_idx_dir(REAL_DATA)
+    assert x.shape == (60000, 28, 28, 1) and x.dtype == np.uint8
+    assert xt.shape == (10000, 28, 28, 1)
+    assert np.bincount(y).tolist() == [6000] * 10
+    assert np.bincount(yt).tolist() == [1000] * 10
+
+
+@needs_real_data
+def test_split_is_stratified_seeded_and_disjoint():
+    a = load(DataConfig(val_size=5000), seed=0)
+    b = load(DataConfig(val_size=5000), seed=0)
+    c = load(DataConfig(val_size=5000), seed=1)
+    assert len(a.y_train) == 55000 and len(a.y_val) == 5000 and len(a.y_test) == 10000
+    assert np.bincount(a.y_val).tolist() == [500] * 10
+    assert np.array_equal(a.x_val, b.x_val)
+    assert not np.array_equal(a.x_val, c.x_val)
+    sub = load(DataConfig(val_size=1000, train_size=2000), seed=0)
+    assert np.bincount(sub.y_train).tolist() == [200] * 10
+    assert 0.28 < a.mean < 0.29 and 0.35 < a.std < 0.36
+
+
+def test_stratified_indices_handle_remainders():
+    labels = np.repeat(np.arange(3), [5, 3, 2])
+    idx = stratified_indices(labels, 5, np.random.default_rng(0))
+    assert len(idx) == 5 and len(set(idx)) == 5
+
+
+def test_missing_dir_says_how_to_get_the_data(tmp_path):
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        load_idx_dir(tmp_path / "nope")
+    with pytest.raises(DataError, match="not found"):
+        load_idx_dir(tmp_path)
+
+
+@needs_real_data
+def test_truncated_and_corrupted_files_are_refused(tmp_path):
+    for f in REAL_DATA.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    labels = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    raw = gzip.decompress(labels.read_bytes())
+    labels.write_bytes(gzip.compress(raw[:-10]))  # a valid gzip of a truncated file
+    with pytest.raises(DataError, match="sha256"):
+        load_idx_dir(tmp_path)
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        load_idx_dir(tmp_path, verify=False)
+    labels.write_bytes(gzip.compress(raw)[:100])  # a truncated gzip stream
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        load_idx_dir(tmp_path)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="data.source 'web'"):
+        DataConfig(source="web")
+    with pytest.raises(ValueError, match="data.val_size -5"):
+        DataConfig(val_size=-5)
+    with pytest.raises(ValueError, match="data.train_size 0"):
+        DataConfig(train_size=0)
+
+
+def test_synthetic_set_is_labelled_synthetic():
+    d = synthetic_dataset(64, 32, 32)
+    assert d.source == "synthetic" and d.x_train.shape == (64, 28, 28, 1)

@@ -1,0 +1,105 @@
+"""End to end through the real CLI: real Hydra, real data, a real SQLite MLflow store."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import PAPER, needs_real_data
+from mlflow import MlflowClient
+
+pytestmark = [pytest.mark.slow, needs_real_data]
+
+
+def cli(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmnas_jax", *args, "progress=false"], cwd=cwd, capture_output=True, text=True, timeout=900
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def runs(cwd: Path, role: str | None = None, status: str | None = None) -> list:
+    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("fmnas_jax")
+    found = client.search_runs([exp.experiment_id], max_results=1000)
+    return [r for r in found if (role is None or r.data.tags.get("fmnas.role") == role) and (status is None or r.info.status == status)]
+
+
+def test_smoke_end_to_end_then_rerun_trains_nothing(tmp_path):
+    first = cli(tmp_path, "+experiment=smoke")
+    out = "\n".join((first.stdout, first.stderr))
+    assert f"sqlite:///{tmp_path / 'mlflow.db'}" in out and "result card" in out
+    evals = runs(tmp_path, "evaluation")
+    assert evals and all(r.info.status == "FINISHED" for r in evals)
+    assert len({r.data.tags["eval_key"] for r in evals}) == len(evals)  # one run per eval_key
+    (search,) = runs(tmp_path, "search")
+    assert search.info.status == "FINISHED" and search.data.params["search.population_size"] == "3"
+    assert all(r.data.tags.get("mlflow.parentRunId") == search.info.run_id for r in evals)
+    run_dir = Path(next(line.split("Files: ")[1] for line in first.stdout.splitlines() if line.startswith("Files: ")))
+    for name in ("results.csv", "params_vs_accuracy.png", "winner_curves.png", "result_card.md", "result_card.json", "climb_path.json"):
+        assert (run_dir / name).stat().st_size > 0, name
+    header = (run_dir / "results.csv").read_text().splitlines()[0]
+    assert header.startswith("genome,params,train_accuracy,test_accuracy,val_accuracy")
+    card = json.loads((run_dir / "result_card.json").read_text())
+    winner = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(card["run_id"])
+    assert winner.data.metrics["test_accuracy"] == pytest.approx(card["test_accuracy"])
+    artifacts = {a.path for a in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(search.info.run_id, "report")}
+    assert "report/params_vs_accuracy.png" in artifacts and "report/results.csv" in artifacts
+
+    second = cli(tmp_path, "+experiment=smoke")
+    assert len(runs(tmp_path, "evaluation")) == len(evals)  # nothing retrained
+    assert "0 trained" in second.stderr + second.stdout
+    assert json.loads((run_dir / "result_card.json").read_text())["genome"] == card["genome"]
+
+
+def test_train_experiment_with_the_readme_genome(tmp_path):
+    proc = cli(tmp_path, "+experiment=train", f"genome={PAPER}", "trainer.epochs=1", "data.train_size=2000", "data.val_size=1000")
+    assert PAPER in proc.stdout and "16,598" in proc.stdout
+    (run,) = runs(tmp_path, "evaluation", "FINISHED")
+    assert run.data.tags["genome"] == PAPER and run.info.run_name == PAPER
+    assert run.data.params["layer2.filters"] == "64" and run.data.params["trainer.epochs"] == "1"
+    for m in (
+        "param_count",
+        "train_accuracy",
+        "val_accuracy",
+        "test_accuracy",
+        "train_loss",
+        "val_loss",
+        "compile_seconds",
+        "train_seconds",
+        "images_per_second",
+    ):
+        assert m in run.data.metrics, m
+    assert run.data.metrics["param_count"] == 16598
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1]
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_table_strategy_trains_only_the_population(tmp_path):
+    cli(tmp_path, "+experiment=smoke", "search=table", "search.population_size=4")
+    searches = runs(tmp_path, "search", "FINISHED")
+    evals = runs(tmp_path, "evaluation", "FINISHED")
+    assert len(searches) == 1 and len(evals) == 4 + 1  # population + the retrained winner
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["+experiment=train", "genome=NC 4 8 sigmoid;RC 64 3 relu;NC 4 5 sigmoid;RC 64 3 relu;FL gelu;"], "kernel size 8 in layer 1 (NC)"),
+        (["+experiment=smoke", "search.population_size=0"], "search.population_size 0"),
+        (["+experiment=smoke", "trainer.epochs=-2"], "trainer.epochs -2"),
+        (["+experiment=smoke", "fitness.size_weight=abc"], "fitness.size_weight must be a number"),
+        (["+experiment=smoke", "trainer.epoch=2"], "epoch"),
+        (["+experiment=smoke", "search=anneal"], "anneal"),
+        (["+experiment=smoke", "data.dir=/nonexistent"], "/nonexistent"),
+    ],
+)
+def test_bad_input_exits_nonzero_and_writes_no_run(tmp_path, args, fragment):
+    proc = cli(tmp_path, *args, check=False)
+    assert proc.returncode != 0
+    assert fragment in proc.stderr + proc.stdout
+    assert not (tmp_path / "mlflow.db").exists() or runs(tmp_path) == []

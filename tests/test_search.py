@@ -1,0 +1,163 @@
+import math
+
+import numpy as np
+import pytest
+
+from fmnas_jax import Genome, SearchSpace
+from fmnas_jax.search import FitnessConfig, SearchConfig, fitness, hill_climb, pareto_front, table_climb
+
+SPACE = SearchSpace()
+TARGET = Genome.parse("NC 16 3 relu;RC 32 5 gelu;NC 8 2 tanh;RC 64 7 swish;FL sigmoid;")
+
+
+def distance(g: Genome, t: Genome = TARGET) -> int:
+    d = int(g.head_activation != t.head_activation)
+    for a, b in zip(g.convs, t.convs, strict=True):
+        d += abs(a.kernel - b.kernel) + abs(SPACE.filters.index(a.filters) - SPACE.filters.index(b.filters))
+        d += int(a.activation != b.activation)
+    return d
+
+
+class TableObjective:
+    """Synthetic fitness (no training): minus the gene distance to TARGET; counts distinct evaluations."""
+
+    def __init__(self, budget: int):
+        self.budget, self.seen, self._exhausted = budget, {}, False
+
+    @property
+    def exhausted(self):
+        return self._exhausted
+
+    def __call__(self, genomes):
+        out = []
+        for g in genomes:
+            if str(g) not in self.seen:
+                if len(self.seen) >= self.budget:
+                    self._exhausted = True
+                    out.append(-math.inf)
+                    continue
+                self.seen[str(g)] = -distance(g)
+            out.append(self.seen[str(g)])
+        return out
+
+
+@pytest.mark.parametrize("move", ["first", "steepest"])
+def test_hill_climb_finds_the_known_optimum(move):
+    obj = TableObjective(budget=5000)
+    cfg = SearchConfig(move=move, patience=1, max_restarts=0)
+    res = hill_climb(SPACE, obj, np.random.default_rng(0), cfg)
+    assert res.best == str(TARGET) and res.best_fitness == 0
+    assert res.path[-1].move == "optimum"
+    fits = [s.fitness for s in res.path if s.move == "improve"]
+    assert fits == sorted(fits)  # every move improves
+
+
+def test_hill_climb_respects_the_budget():
+    obj = TableObjective(budget=25)
+    res = hill_climb(SPACE, obj, np.random.default_rng(1), SearchConfig(budget=25, patience=3))
+    assert len(obj.seen) == 25 and obj.exhausted
+    assert res.path[-1].move == "budget"
+    assert res.best_fitness == max(obj.seen.values())
+
+
+def test_hill_climb_restarts_until_patience():
+    # A flat landscape: every start is a local optimum, so each restart brings nothing new.
+    class Flat(TableObjective):
+        def __call__(self, genomes):
+            for g in genomes:
+                self.seen[str(g)] = 0.0
+            return [0.0] * len(genomes)
+
+    obj = Flat(budget=10**6)
+    res = hill_climb(SPACE, obj, np.random.default_rng(2), SearchConfig(patience=3, max_restarts=10))
+    restarts = sorted({s.restart for s in res.path})
+    assert restarts == [0, 1, 2, 3]  # the first climb sets the best, then 3 restarts without improvement
+
+
+def test_hill_climb_is_deterministic():
+    a = hill_climb(SPACE, TableObjective(60), np.random.default_rng(7), SearchConfig(budget=60))
+    b = hill_climb(SPACE, TableObjective(60), np.random.default_rng(7), SearchConfig(budget=60))
+    assert a == b
+
+
+class Scripted:
+    """Stands in for the Generator: returns the given start rows in order."""
+
+    def __init__(self, starts):
+        self.starts = list(starts)
+
+    def integers(self, n):
+        return self.starts.pop(0)
+
+
+def test_table_climber_reproduces_a_hand_computed_path():
+    cfg = FitnessConfig(size_weight=0.01, reference_params=1000)
+    table = [("A", 1000, 0.80), ("B", 2000, 0.85), ("C", 4000, 0.84), ("D", 8000, 0.90), ("E", 16000, 0.905)]
+    rows = [(g, p, a, fitness(cfg, a, p)) for g, p, a in table]
+    res = table_climb(rows[::-1], Scripted([2, 0, 4, 3, 1, 2]), patience=2)
+    got = [(s.restart, s.genome, s.move) for s in res.path]
+    assert got == [
+        (0, "C", "start"),
+        (0, "B", "left"),
+        (0, "B", "optimum"),
+        (1, "A", "start"),
+        (1, "B", "right"),
+        (1, "B", "optimum"),
+        (2, "E", "start"),
+        (2, "E", "optimum"),
+        (3, "D", "start"),
+        (3, "D", "optimum"),
+        (4, "B", "start"),
+        (4, "B", "optimum"),
+        (5, "C", "start"),
+        (5, "B", "left"),
+        (5, "B", "optimum"),
+    ]
+    assert res.best == "D" and res.best_fitness == pytest.approx(0.87)
+
+
+def test_table_climber_size_weight_changes_the_winner():
+    table = [("small", 1000, 0.80), ("big", 64000, 0.83)]
+    for weight, winner in ((0.0, "big"), (0.01, "small")):
+        cfg = FitnessConfig(size_weight=weight, reference_params=1000)
+        rows = [(g, p, a, fitness(cfg, a, p)) for g, p, a in table]
+        assert table_climb(rows, Scripted([0, 0, 0, 0]), patience=2).best == winner
+
+
+def test_fitness_formula_on_hand_made_points():
+    cfg = FitnessConfig(accuracy_weight=1.0, size_weight=0.01, reference_params=16598)
+    assert fitness(cfg, 0.9, 16598) == pytest.approx(0.9)
+    assert fitness(cfg, 0.9, 4 * 16598) == pytest.approx(0.88)
+    assert fitness(cfg, 0.9, 16598 // 2) == pytest.approx(0.91, abs=1e-4)
+    assert fitness(FitnessConfig(accuracy_weight=2.0, size_weight=0.0), 0.9, 10**6) == pytest.approx(1.8)
+    assert fitness(cfg, float("nan"), 100) == -math.inf
+
+
+def test_pareto_front_on_hand_made_points():
+    pts = [(100, 0.80), (200, 0.85), (150, 0.79), (300, 0.85), (400, 0.90), (50, 0.70), (500, float("nan"))]
+    assert pareto_front(pts) == [5, 0, 1, 4]
+    assert pareto_front([]) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"metric": "test_accuracy"}, "paper_reproduction=true"),
+        ({"metric": "loss"}, "fitness.metric 'loss'"),
+        ({"size_weight": float("nan")}, "fitness.size_weight nan"),
+        ({"size_weight": -1.0}, "must be >= 0"),
+        ({"accuracy_weight": 0.0}, "fitness.accuracy_weight 0.0"),
+    ],
+)
+def test_fitness_config_validation(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(")):
+        FitnessConfig(**kwargs)
+
+
+def test_search_config_validation():
+    with pytest.raises(ValueError, match="search.population_size 0"):
+        SearchConfig(population_size=0)
+    with pytest.raises(ValueError, match="search.population_size -3"):
+        SearchConfig(population_size=-3)
+    with pytest.raises(ValueError, match="search.strategy 'anneal'"):
+        SearchConfig(strategy="anneal")

@@ -1,0 +1,87 @@
+import os
+import subprocess
+import sys
+
+import pytest
+from mlflow import MlflowClient
+
+from fmnas_jax.store import Store, StoreError, flatten, resolve_uri
+
+
+def _eval_run(store, genome, key, budget, status="FINISHED", metrics=None, parent=None):
+    rid = store.start_run(genome, "evaluation", {"genome": genome, "eval_key": key, "budget_key": budget}, parent)
+    store.log(rid, metrics=metrics or {"val_accuracy": 0.5, "param_count": 100.0}, params={"layer1.kernel": 3})
+    store.end_run(rid, status, None if status == "FINISHED" else "boom")
+    return rid
+
+
+def test_round_trip_on_a_temporary_sqlite_file(tracking_uri):
+    store = Store(tracking_uri, "exp")
+    parent = store.start_run("search", "search", {})
+    rid = _eval_run(store, "G1", "k1", "b1", metrics={"val_accuracy": 0.91, "param_count": 16598.0, "test_accuracy": 0.9}, parent=parent)
+    for epoch in (1, 2):
+        store.log(rid, metrics={"train_loss": 1.0 / epoch}, step=epoch)
+    got = store.find_finished("k1")
+    assert got is not None and got.run_id == rid and got.genome == "G1" and got.parent_run_id == parent
+    assert got.metric("val_accuracy") == pytest.approx(0.91) and got.metric("param_count") == 16598
+    hist = MlflowClient(tracking_uri).get_metric_history(rid, "train_loss")
+    assert [(m.step, m.value) for m in hist] == [(1, 1.0), (2, 0.5)]
+    assert store.find_finished("nope") is None
+    # a second Store on the same file sees the same experiment and data
+    assert Store(tracking_uri, "exp").find_finished("k1").run_id == rid
+
+
+def test_failed_runs_are_not_results_and_earliest_finished_wins(tracking_uri):
+    store = Store(tracking_uri, "exp")
+    _eval_run(store, "G", "k", "b", status="FAILED")
+    assert store.find_finished("k") is None
+    first = _eval_run(store, "G", "k", "b")
+    _eval_run(store, "G", "k", "b")
+    assert store.find_finished("k").run_id == first
+    assert [s.run_id for s in store.finished_evaluations("b")] == [first]
+    assert store.finished_evaluations("other") == []
+
+
+def test_finished_evaluations_pages_past_1000_runs(tracking_uri):
+    store = Store(tracking_uri, "exp")
+    exp = store.experiment_id
+    client = MlflowClient(tracking_uri)
+    for i in range(1003):
+        tags = {"fmnas.role": "evaluation", "genome": f"G{i}", "eval_key": f"k{i}", "budget_key": "b"}
+        run = client.create_run(exp, tags=tags)
+        client.set_terminated(run.info.run_id)
+    assert len(store.finished_evaluations("b")) == 1003
+
+
+def test_orphans_of_dead_processes_are_marked_killed(tracking_uri):
+    store = Store(tracking_uri, "exp")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    rid = store.start_run("G", "evaluation", {"genome": "G", "eval_key": "k", "budget_key": "b", "fmnas.pid": dead.stdout.strip()})
+    mine = store.start_run("G2", "evaluation", {"genome": "G2", "eval_key": "k2", "budget_key": "b"})
+    assert store.reap_orphans() == [rid]
+    run = store.get_run(rid)
+    assert run.info.status == "KILLED" and "died" in run.data.tags["fmnas.reason"]
+    assert store.get_run(mine).info.status == "RUNNING"
+
+
+def test_default_uri_is_mlflow_db_in_the_launch_dir(tmp_path):
+    assert resolve_uri(None, str(tmp_path)) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert resolve_uri("sqlite:///x/y.db", str(tmp_path)) == f"sqlite:///{tmp_path / 'x/y.db'}"
+    assert resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_location_is_refused_nonroot(tmp_path):
+    tmp_path.chmod(0o500)
+    with pytest.raises(StoreError, match="not writable"):
+        Store(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp")
+
+
+def test_missing_folder_is_refused(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        Store(f"sqlite:///{tmp_path / 'no' / 'mlflow.db'}", "exp")
+    assert not (tmp_path / "no").exists()
+
+
+def test_flatten():
+    assert flatten("", {"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
