@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,8 @@ def main(cfg: DictConfig) -> float:
     from fmnas_jax.store import StoreError
     from fmnas_jax.train import enable_compilation_cache, platform_summary
 
-    enable_compilation_cache(app.cache_dir or os.path.expanduser("~/.cache/fmnas_jax/jax"))
+    app = replace(app, cache_dir=app.cache_dir or os.path.expanduser("~/.cache/fmnas_jax/jax"))  # workers share it
+    enable_compilation_cache(app.cache_dir)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     platform = platform_summary()
     log.info("platform: %s; run directory: %s", platform, out_dir)

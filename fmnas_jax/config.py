@@ -61,12 +61,15 @@ class AppConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     fitness: FitnessConfig = field(default_factory=FitnessConfig)
     final: FinalConfig = field(default_factory=FinalConfig)
+    workers: int = 0
     cache_dir: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {list(MODES)}")
+        if self.workers < 0:
+            raise ValueError(f"workers {self.workers} must be >= 0 (0 = auto: one pinned process per CPU core, 1 on an accelerator)")
 
 
 class ConfigError(ValueError):

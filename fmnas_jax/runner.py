@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,12 @@ from tqdm import tqdm
 from fmnas_jax import data as data_mod
 from fmnas_jax.config import AppConfig
 from fmnas_jax.genome import Genome, count_params, sample_population
+from fmnas_jax.parallel import WorkerPool, cpu_workers
 from fmnas_jax.report import Card, Row, plot_curves, plot_search, write_card, write_csv
 from fmnas_jax.search import fitness, hill_climb, table_climb
 from fmnas_jax.search.base import ClimbResult
 from fmnas_jax.store import BUDGET_KEY, DUPLICATE_OF, EVAL_KEY, GENOME, Store, flatten
-from fmnas_jax.train import DeviceData, EvalResult, TrainConfig, to_device, train_and_evaluate
+from fmnas_jax.train import DeviceData, EvalResult, TrainConfig, platform_summary, to_device, train_and_evaluate
 
 log = logging.getLogger("fmnas_jax")
 EVAL_VERSION = 1  # bump when the trainer or model changes what a setting produces
@@ -80,9 +81,11 @@ class Evaluator:
         parent_run_id: str | None,
         config_yaml: str,
         keep_variables: bool = False,
+        pool: WorkerPool | None = None,
     ) -> None:
         self.store, self.cfg, self.trainer, self.data = store, cfg, trainer, data
         self.parent_run_id, self.config_yaml, self.keep_variables = parent_run_id, config_yaml, keep_variables
+        self.pool = pool
         self.budget = budget_key(trainer, data, cfg.seed)
         self.known = {s.eval_key: s for s in store.finished_evaluations(self.budget)}
         self._device_data: DeviceData | None = None
@@ -105,27 +108,57 @@ class Evaluator:
         self.known[key] = stored
         return Outcome(stored.genome, key, stored.run_id, "FINISHED", stored.metrics, reused=True, parent_run_id=stored.parent_run_id)
 
-    def evaluate(self, genome: Genome, bar: tqdm | None = None) -> Outcome:
-        """Reuse or train; a failure (NaN, exception) comes back as a FAILED outcome, not a raise."""
-        found = self.lookup(genome)
-        if found is not None:
-            self.reused += 1
-            return found
+    def evaluate(self, genome: Genome) -> Outcome:
+        """Reuse or train one genome; a failure (NaN, exception) comes back FAILED, not raised."""
+        return self.evaluate_many([genome])[0]
+
+    def evaluate_many(self, genomes: Sequence[Genome], bar: tqdm | None = None) -> list[Outcome]:
+        """Reuse or train each genome (on the worker pool when there is one); results in input order."""
+        done: dict[str, Outcome] = {}
+        pending: dict[str, Genome] = {}
+        for g in genomes:
+            found = self.lookup(g)
+            if found is not None:
+                self.reused += 1
+                done[str(g)] = found
+            else:
+                pending.setdefault(str(g), g)
+        runs = {name: self._start(g) for name, g in pending.items()}  # RUNNING in the UI from now on
+        try:
+            for g, result in self._results(list(pending.values()), runs):
+                done[str(g)] = self._finish(g, runs[str(g)], result)
+                if bar is not None:
+                    bar.update()
+        except BaseException:
+            for name, run_id in runs.items():
+                if name not in done:
+                    self.store.end_run(run_id, "KILLED", "interrupted before this evaluation finished")
+            raise
+        return [done[str(g)] for g in genomes]
+
+    def _start(self, genome: Genome) -> str:
         key = eval_key(genome, self.budget)
-        run_id = self.store.start_run(
-            str(genome), "evaluation", {GENOME: str(genome), EVAL_KEY: key, BUDGET_KEY: self.budget}, self.parent_run_id
-        )
+        tags = {GENOME: str(genome), EVAL_KEY: key, BUDGET_KEY: self.budget}
+        run_id = self.store.start_run(str(genome), "evaluation", tags, self.parent_run_id)
         self.store.log(run_id, params=self._params(genome))
         self.store.log_text(run_id, self.config_yaml, "config.yaml")
-        try:
-            result = self._train(genome, run_id, bar)
-        except (KeyboardInterrupt, SystemExit):
-            self.store.end_run(run_id, "KILLED", "interrupted")
-            raise
-        except Exception as e:  # one broken genome must not end a search of many
-            log.error("evaluation of %s raised:\n%s", genome, traceback.format_exc())
-            result = EvalResult(str(genome), "FAILED", count_params(genome), reason=f"{type(e).__name__}: {e}")
-        return self._finish(genome, key, run_id, result)
+        return run_id
+
+    def _results(self, genomes: list[Genome], runs: dict[str, str]) -> Iterator[tuple[Genome, EvalResult]]:
+        if self.pool is not None and genomes:
+            for g, result in self.pool.map_unordered(genomes, self.trainer, self.data, self.cfg.seed, self.keep_variables):
+                for epoch, row in enumerate(_rows(result.history), start=1):  # curves arrive whole from a worker
+                    self.store.log(runs[str(g)], metrics=row, step=epoch)
+                yield g, result
+            return
+        for g in genomes:
+            try:
+                yield g, self._train(g, runs[str(g)])
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # one broken genome must not end a search of many
+                log.error("evaluation of %s raised:\n%s", g, traceback.format_exc())
+                yield g, EvalResult(str(g), "FAILED", count_params(g), reason=f"{type(e).__name__}: {e}")
 
     def _params(self, genome: Genome) -> dict[str, Any]:
         genes: dict[str, Any] = {}
@@ -142,7 +175,7 @@ class Evaluator:
         settings = {"trainer": self.trainer.result_settings(), "data": self.data.result_settings(), "seed": self.cfg.seed}
         return genes | flatten("", settings)
 
-    def _train(self, genome: Genome, run_id: str, bar: tqdm | None) -> EvalResult:
+    def _train(self, genome: Genome, run_id: str) -> EvalResult:
         dd = self.device_data()
         epochs = tqdm(total=self.trainer.epochs, desc="  epochs", leave=False, disable=not self.cfg.progress, unit="ep")
 
@@ -156,7 +189,8 @@ class Evaluator:
         finally:
             epochs.close()
 
-    def _finish(self, genome: Genome, key: str, run_id: str, result: EvalResult) -> Outcome:
+    def _finish(self, genome: Genome, run_id: str, result: EvalResult) -> Outcome:
+        key = eval_key(genome, self.budget)
         metrics = result.metrics()
         per_epoch = set(result.history)  # already logged each epoch; the last value is the final one
         self.store.log(
@@ -169,19 +203,27 @@ class Evaluator:
             self.store.end_run(run_id, "FINISHED")
             self.trained += 1
             log.info(
-                "trained %s: %d params, val %.4f, test %.4f (%.1f s, %.0f img/s)",
+                "trained %s: %d params, val %.4f, test %.4f (train %.1f s at %.0f img/s; compile %.1f s, %d cache hits)",
                 genome,
                 result.param_count,
                 result.val_accuracy,
                 result.test_accuracy,
                 result.train_seconds,
                 result.images_per_second,
+                result.compile_seconds,
+                result.cache_hits,
             )
         else:
             self.store.end_run(run_id, "FAILED", result.reason)
             self.failed += 1
             log.warning("evaluation of %s FAILED: %s", genome, result.reason)
         return Outcome(str(genome), key, run_id, result.status, metrics, False, result.history, result.variables)
+
+
+def _rows(history: dict[str, list[float]]) -> list[dict[str, float]]:
+    """Per-epoch rows from a history of columns."""
+    n = len(history.get("train_loss", []))
+    return [{k: v[i] for k, v in history.items() if i < len(v)} for i in range(n)]
 
 
 class SearchObjective:
@@ -208,26 +250,33 @@ class SearchObjective:
             return -math.inf  # failed (e.g. diverged): the worst fitness, and the search goes on
         return fitness(self.cfg.fitness, o.metric(self.cfg.fitness.metric), int(o.metric("param_count")))
 
-    def __call__(self, genomes: Sequence[Genome]) -> list[float]:
-        return [self._one(g) for g in genomes]
+    @property
+    def parallelism(self) -> int:
+        """How many genomes one call can evaluate at once (strategies may batch by it)."""
+        return self.evaluator.pool.n if self.evaluator.pool is not None else 1
 
-    def _one(self, genome: Genome) -> float:
-        if str(genome) in self.outcomes:
-            return self.fitness_of(self.outcomes[str(genome)])
-        known = self.evaluator.lookup(genome)
-        free = known is not None and known.parent_run_id not in self.own_searches
-        if not free:
-            if self.budget is not None and self.new >= self.budget:
-                self._exhausted = True
-                return -math.inf
-            self.new += 1
-            self.bar.update()
-        if known is None:
-            known = self.evaluator.evaluate(genome)
-        else:
+    def __call__(self, genomes: Sequence[Genome]) -> list[float]:
+        todo: list[Genome] = []
+        for g in dict.fromkeys(genomes):  # unique, in order
+            if str(g) in self.outcomes:
+                continue
+            known = self.evaluator.lookup(g)
+            free = known is not None and known.parent_run_id not in self.own_searches
+            if not free:
+                if self.budget is not None and self.new >= self.budget:
+                    self._exhausted = True
+                    continue
+                self.new += 1
+            if known is None:
+                todo.append(g)
+                continue
             self.evaluator.reused += 1
-        self.outcomes[str(genome)] = known
-        return self.fitness_of(known)
+            self.outcomes[str(g)] = known
+            if not free:
+                self.bar.update()
+        for o in self.evaluator.evaluate_many(todo, self.bar):
+            self.outcomes[o.genome] = o
+        return [self.fitness_of(self.outcomes[str(g)]) if str(g) in self.outcomes else -math.inf for g in genomes]
 
 
 def search_key(cfg: AppConfig) -> str:
@@ -324,9 +373,41 @@ def _search_params(cfg: AppConfig) -> dict[str, Any]:
     return flatten("", {k: asdict(getattr(cfg, k)) for k in keep}) | {"seed": cfg.seed}
 
 
+def evaluation_path(cfg: AppConfig) -> tuple[int, str]:
+    """(workers, description): one pinned process per core on a multi-core CPU, else in-process."""
+    import jax
+
+    backend = jax.default_backend()
+    n = cfg.workers or (cpu_workers() if backend == "cpu" else 1)
+    if n > 1:
+        return n, f"{n} worker processes, each pinned to one CPU core (fastest on {backend}; workers=1 to disable)"
+    return 1, f"in-process on {backend} ({platform_summary()})"
+
+
 def _search(cfg: AppConfig, store: Store, parent: str, own: set[str], config_yaml: str, out_dir: Path) -> Card:
-    sc, rng = cfg.search, np.random.default_rng(cfg.search.seed)
-    ev = Evaluator(store, cfg, cfg.trainer, cfg.data, parent, config_yaml)
+    rng = np.random.default_rng(cfg.search.seed)
+    n_workers, path = evaluation_path(cfg)
+    log.info("evaluation path: %s", path)
+    pool = WorkerPool(n_workers, cfg.cache_dir) if n_workers > 1 else None
+    try:
+        return _search_with(cfg, store, parent, own, config_yaml, out_dir, rng, pool)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _search_with(
+    cfg: AppConfig,
+    store: Store,
+    parent: str,
+    own: set[str],
+    config_yaml: str,
+    out_dir: Path,
+    rng: np.random.Generator,
+    pool: WorkerPool | None,
+) -> Card:
+    sc = cfg.search
+    ev = Evaluator(store, cfg, cfg.trainer, cfg.data, parent, config_yaml, pool=pool)
     planned = sc.population_size + (sc.budget if sc.strategy == "hillclimb" else 0)
     bar = tqdm(total=planned, desc="new evaluations (max)", unit="eval", disable=not cfg.progress, dynamic_ncols=True)
     objective = SearchObjective(ev, cfg, own, bar)
@@ -407,7 +488,8 @@ def _report(
     ]
     files = [write_csv(rows, out_dir / "results.csv")]
     title = f"{cfg.search.strategy} search, seed {cfg.search.seed}: {len(rows)} evaluations ({describe_budget(cfg.trainer, cfg.data)})"
-    files.append(plot_search(rows, [s.genome for s in climb.path], final.genome, out_dir / "params_vs_accuracy.png", title))
+    final_point = (int(final.metric("param_count")), final.metric("test_accuracy"))
+    files.append(plot_search(rows, [s.genome for s in climb.path], final.genome, out_dir / "params_vs_accuracy.png", title, final_point))
     (out_dir / "climb_path.json").write_text(json.dumps([s.__dict__ for s in climb.path], indent=1, default=float) + "\n")
     files.append(out_dir / "climb_path.json")
     if final.history:

@@ -1,20 +1,18 @@
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fmnas_jax import Genome
 from fmnas_jax.data import synthetic_dataset
-from fmnas_jax.model import GenomeCNN, init_variables
+from fmnas_jax.model import GenomeCNN
 from fmnas_jax.train import (
     TrainConfig,
-    TrainState,
     compiled_programs,
     evaluate_split,
+    init_state,
     lr_schedule,
-    make_optimizer,
     to_device,
     train_and_evaluate,
 )
@@ -28,8 +26,7 @@ def dd():
 
 
 def _state(genome, cfg):
-    v = init_variables(genome, jax.random.key(0))
-    return TrainState(v["params"], v["batch_stats"], make_optimizer(cfg).init(v["params"]))
+    return init_state(genome, cfg, 0)
 
 
 def test_train_steps_decrease_loss(dd):

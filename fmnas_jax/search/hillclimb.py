@@ -23,14 +23,7 @@ def _climb_once(start: Genome, space: SearchSpace, objective: Objective, rng: np
             best = int(np.argmax(scores))
             nxt, f_nxt = candidates[best], scores[best]
         else:
-            nxt, f_nxt = None, -math.inf
-            for cand in candidates:
-                f = objective([cand])[0]
-                if f > f_cur:
-                    nxt, f_nxt = cand, f
-                    break
-                if objective.exhausted:
-                    break
+            nxt, f_nxt = _first_better(candidates, f_cur, objective)
         if nxt is None or f_nxt <= f_cur:
             path.append(Step(restart, len(path), str(current), f_cur, "budget" if objective.exhausted else "optimum"))
             break
@@ -39,6 +32,19 @@ def _climb_once(start: Genome, space: SearchSpace, objective: Objective, rng: np
     else:
         path.append(Step(restart, len(path), str(current), f_cur, "budget"))
     return path
+
+
+def _first_better(candidates: list[Genome], f_cur: float, objective: Objective) -> tuple[Genome | None, float]:
+    """The first candidate (in order) that beats f_cur, asking in chunks of the objective's parallelism."""
+    k = max(1, getattr(objective, "parallelism", 1))
+    for i in range(0, len(candidates), k):
+        chunk = candidates[i : i + k]
+        for cand, f in zip(chunk, objective(chunk), strict=True):
+            if f > f_cur:
+                return cand, f
+        if objective.exhausted:
+            break
+    return None, -math.inf
 
 
 def hill_climb(

@@ -1,0 +1,94 @@
+"""Evaluate several genomes at once on a multi-core CPU: one worker process per core, pinned.
+
+Small CNNs do not keep two cores busy inside one XLA:CPU program, and vmapped convolutions ran
+2.5-5x slower there (docs/benchmarks.md); separate single-threaded processes on separate cores
+scale instead. Each worker loads the data once, keeps its compiled programs, and shares JAX's
+persistent compilation cache with the others. Only plain values cross the process boundary.
+
+No jax import at module level: a worker must set its XLA flags before jax loads.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from typing import TYPE_CHECKING, Any
+
+from fmnas_jax.data import DataConfig
+from fmnas_jax.genome import Genome, count_params
+
+if TYPE_CHECKING:
+    from fmnas_jax.train import EvalResult, TrainConfig
+
+_STATE: dict[str, Any] = {}
+
+
+def cpu_workers() -> int:
+    """Cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _init_worker(cores: Any, cache_dir: str | None) -> None:
+    core = cores.get()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {core})
+    # One thread per worker: the parallelism is across processes.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    ).strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from fmnas_jax.train import enable_compilation_cache
+
+    if cache_dir:
+        enable_compilation_cache(cache_dir)
+    _STATE["core"] = core
+
+
+def _device_data(data_cfg: DataConfig, seed: int, eval_batch: int) -> Any:
+    from fmnas_jax import data as data_mod
+    from fmnas_jax.train import to_device
+
+    key = (data_cfg, seed, eval_batch)
+    if _STATE.get("data_key") != key:
+        _STATE["data"] = to_device(data_mod.load(data_cfg, seed), eval_batch)
+        _STATE["data_key"] = key
+    return _STATE["data"]
+
+
+def _evaluate(genome: Genome, trainer: TrainConfig, data_cfg: DataConfig, seed: int, keep_variables: bool) -> EvalResult:
+    from fmnas_jax.train import EvalResult, train_and_evaluate
+
+    try:
+        dd = _device_data(data_cfg, seed, trainer.eval_batch_size)
+        return train_and_evaluate(genome, dd, trainer, seed, None, keep_variables)
+    except Exception as e:  # reported to the parent as a failed evaluation
+        return EvalResult(str(genome), "FAILED", count_params(genome), reason=f"{type(e).__name__} in worker {_STATE.get('core')}: {e}")
+
+
+class WorkerPool:
+    """`n` pinned single-threaded worker processes evaluating genomes."""
+
+    def __init__(self, n: int, cache_dir: str | None) -> None:
+        ctx = mp.get_context("spawn")  # a fresh interpreter: no forked XLA threads
+        cores = ctx.Queue()
+        allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(n))
+        for i in range(n):
+            cores.put(allowed[i % len(allowed)])
+        self.n = n
+        self._pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(cores, cache_dir))
+
+    def map_unordered(
+        self, genomes: Sequence[Genome], trainer: TrainConfig, data_cfg: DataConfig, seed: int, keep_variables: bool = False
+    ) -> Iterator[tuple[Genome, Any]]:
+        """Yield (genome, EvalResult) as evaluations finish."""
+        futures: dict[Future, Genome] = {self._pool.submit(_evaluate, g, trainer, data_cfg, seed, keep_variables): g for g in genomes}
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

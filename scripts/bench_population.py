@@ -1,0 +1,95 @@
+"""A population of genomes: one process (all cores) vs pinned worker processes, genomes/hour and compile share.
+
+    .venv/bin/python scripts/bench_population.py --genomes 24 --train-size 4000 --epochs 1
+    .venv/bin/python scripts/bench_population.py --genomes 120 --train-size 2000 --epochs 1 --modes pool
+
+Each mode runs in fresh processes with its own empty persistent compilation cache, then runs the
+same population again on that cache (the 'warm' rows: a second run compiles almost nothing).
+No MLflow is involved: this times the evaluation path the search uses (fmnas_jax.parallel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHILD = r"""
+import json, sys, time
+cfg = json.loads(sys.argv[1])
+import numpy as np
+from fmnas_jax.data import DataConfig
+from fmnas_jax.genome import SearchSpace, sample_population
+from fmnas_jax.train import TrainConfig
+genomes = sample_population(SearchSpace(), cfg["genomes"], np.random.default_rng(cfg["seed"]))
+trainer = TrainConfig(epochs=cfg["epochs"], batch_size=128)
+data = DataConfig(train_size=cfg["train_size"], val_size=cfg["val_size"])
+t0 = time.perf_counter()
+results = []
+if cfg["workers"] > 1:
+    from fmnas_jax.parallel import WorkerPool
+    pool = WorkerPool(cfg["workers"], cfg["cache"])
+    results = [r for _, r in pool.map_unordered(genomes, trainer, data, 0)]
+    pool.close()
+else:
+    from fmnas_jax import data as data_mod
+    from fmnas_jax.train import enable_compilation_cache, to_device, train_and_evaluate
+    enable_compilation_cache(cfg["cache"])
+    dd = to_device(data_mod.load(data, 0), trainer.eval_batch_size)
+    results = [train_and_evaluate(g, dd, trainer, 0) for g in genomes]
+wall = time.perf_counter() - t0
+print(json.dumps({"wall": wall, "compile": sum(r.compile_seconds for r in results), "train": sum(r.train_seconds for r in results),
+                  "hits": sum(r.cache_hits for r in results), "failed": sum(r.status != "FINISHED" for r in results),
+                  "val": [r.val_accuracy for r in results]}))
+"""
+
+
+def run_mode(workers: int, cache: str, args: argparse.Namespace) -> dict:
+    spec = {"genomes": args.genomes, "seed": args.seed, "epochs": args.epochs, "train_size": args.train_size,
+            "val_size": args.val_size, "workers": workers, "cache": cache}  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--genomes", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--train-size", type=int, default=4000)
+    p.add_argument("--val-size", type=int, default=1000)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--modes", default="single,pool", help="comma list of: single (one process, all cores), pool (pinned workers)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    rows = {}
+    for mode in args.modes.split(","):
+        workers = 1 if mode == "single" else args.workers
+        with tempfile.TemporaryDirectory() as cache:
+            cold = run_mode(workers, cache, args)
+            warm = run_mode(workers, cache, args)
+        rows[mode] = (cold, warm)
+
+    date = time.strftime("%Y-%m-%d")
+    print(f"{args.genomes} random genomes, {args.epochs} epoch(s) on {args.train_size} images, val {args.val_size}; {date}")
+    print(f"{'mode':<34} {'wall s':>8} {'genomes/h':>10} {'compile s':>10} {'compile %':>10} {'cache hits':>10}")
+    for mode, (cold, warm) in rows.items():
+        for tag, r in (("cold cache", cold), ("warm cache", warm)):
+            share = 100 * r["compile"] / max(r["compile"] + r["train"], 1e-9)
+            name = f"{mode} ({args.workers if mode == 'pool' else 1} proc), {tag}"
+            per_hour = 3600 * args.genomes / r["wall"]
+            print(f"{name:<34} {r['wall']:>8.1f} {per_hour:>10.0f} {r['compile']:>10.1f} {share:>9.1f}% {r['hits']:>10}")
+    if "single" in rows and "pool" in rows:
+        speedup = rows["single"][0]["wall"] / rows["pool"][0]["wall"]
+        print(f"summary: {args.workers} pinned workers evaluate {speedup:.2f}x the genomes/hour of one process (cold caches)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({m: {"cold": c, "warm": w} for m, (c, w) in rows.items()}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

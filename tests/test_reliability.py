@@ -1,0 +1,113 @@
+"""Crash safety and shared stores, through the real CLI on the real data (see docs/reliability.md)."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import needs_real_data
+from mlflow import MlflowClient
+from test_e2e import cli, runs
+
+pytestmark = [pytest.mark.slow, needs_real_data]
+SEARCH = ["+experiment=smoke", "search.population_size=4", "search.budget=4", "search.seed=5"]
+
+
+def _finished_evals(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=5) as con:
+            q = (
+                "SELECT COUNT(*) FROM runs r JOIN tags t ON r.run_uuid = t.run_uuid "
+                "WHERE t.key = 'fmnas.role' AND t.value = 'evaluation' AND r.status = 'FINISHED'"
+            )
+            return con.execute(q).fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0  # schema not created yet
+
+
+def _winner(cwd: Path) -> str:
+    (search,) = [r for r in runs(cwd, "search", "FINISHED")]
+    return search.data.tags["winner"]
+
+
+def test_kill_9_then_rerun_finishes_without_retraining(tmp_path):
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    reference.mkdir(), crashed.mkdir()
+    cli(reference, *SEARCH)
+
+    proc = subprocess.Popen([sys.executable, "-m", "fmnas_jax", *SEARCH, "progress=false"], cwd=crashed, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while _finished_evals(crashed / "mlflow.db") < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the search ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the main process and its evaluation workers
+    proc.wait()
+    before = {r.info.run_id for r in runs(crashed, "evaluation", "FINISHED")}
+    left_running = {r.info.run_id for r in runs(crashed) if r.info.status == "RUNNING"}
+    assert before and left_running  # killed mid-search: some results, some runs in flight
+
+    cli(crashed, *SEARCH)
+    after = runs(crashed, "evaluation", "FINISHED")
+    keys = Counter(r.data.tags["eval_key"] for r in after)
+    assert max(keys.values()) == 1  # exactly one FINISHED run per eval_key
+    assert before <= {r.info.run_id for r in after}  # nothing that had finished was retrained
+    client = MlflowClient(f"sqlite:///{crashed / 'mlflow.db'}")
+    for rid in left_running:
+        run = client.get_run(rid)
+        assert run.info.status == "KILLED" and "died" in run.data.tags["fmnas.reason"]
+    assert _winner(crashed) == _winner(reference)
+
+
+def test_parallel_joblib_sweep_on_one_fresh_sqlite_store(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmnas_jax", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", "+experiment=smoke",
+         "search.seed=0,1,2,3", "progress=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    assert "database is locked" not in out and "duplicate column" not in out
+    searches = runs(tmp_path, "search")
+    assert len(searches) == 4 and all(r.info.status == "FINISHED" for r in searches)
+    assert sorted(r.data.params["search.seed"] for r in searches) == ["0", "1", "2", "3"]
+    evals = runs(tmp_path, "evaluation")
+    assert all(r.info.status == "FINISHED" for r in evals)
+    by_key: dict[str, list] = {}
+    for r in evals:
+        by_key.setdefault(r.data.tags["eval_key"], []).append(r)
+    for group in by_key.values():  # a key trained twice keeps one authoritative run; the other is marked
+        unmarked = [r for r in group if "fmnas.duplicate_of" not in r.data.tags]
+        assert len(unmarked) == 1
+    for r in searches:  # every search's card points at a real finished run
+        assert r.data.tags["winner_run_id"] in {e.info.run_id for e in evals}
+
+
+def test_divergence_is_a_failed_run_and_the_search_goes_on(tmp_path):
+    cli(tmp_path, "+experiment=smoke", "trainer.learning_rate=1e4", "trainer.schedule=constant", "final.learning_rate=0.003")
+    failed = runs(tmp_path, "evaluation", "FAILED")
+    assert failed and all("diverged" in r.data.tags["fmnas.reason"] for r in failed)
+    (search,) = runs(tmp_path, "search", "FINISHED")
+    assert search.data.metrics["failed_evaluations"] == len(failed)
+
+
+def test_same_seed_same_search(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    cards = []
+    for d in (a, b):
+        proc = cli(d, "+experiment=smoke", "workers=1")
+        run_dir = Path(next(ln.split("Files: ")[1] for ln in proc.stdout.splitlines() if ln.startswith("Files: ")))
+        cards.append((json.loads((run_dir / "climb_path.json").read_text()), json.loads((run_dir / "result_card.json").read_text())))
+    (path_a, card_a), (path_b, card_b) = cards
+    assert path_a == path_b
+    for k in ("genome", "params", "train_accuracy", "val_accuracy", "test_accuracy", "eval_key"):
+        assert card_a[k] == card_b[k], k
