@@ -35,6 +35,8 @@ def to_app_config(cfg: DictConfig) -> AppConfig:
         if not app.genome:
             raise ConfigError("mode=train needs genome='NC 4 5 sigmoid;RC 64 3 relu;NC 4 5 sigmoid;RC 64 3 relu;FL gelu;' (or another)")
         Genome.parse(app.genome, app.search_space)
+    if app.mode == "predict" and not (app.run_id or app.checkpoint):
+        raise ConfigError("mode=predict needs run_id=<MLflow run id> or checkpoint=<path to checkpoint.msgpack>")
     return app
 
 
@@ -69,6 +71,7 @@ def main(cfg: DictConfig) -> float:
 
     from fmnas_jax import runner
     from fmnas_jax.data import DataError
+    from fmnas_jax.model import CheckpointError
     from fmnas_jax.store import StoreError
     from fmnas_jax.train import enable_compilation_cache, platform_summary
 
@@ -80,7 +83,7 @@ def main(cfg: DictConfig) -> float:
     try:
         with logging_redirect_tqdm():  # log lines print above the progress bars, not through them
             card = runner.run(app, OmegaConf.to_yaml(cfg, resolve=True), out_dir, f" on {platform}")
-    except (DataError, StoreError) as e:
+    except (DataError, StoreError, FileNotFoundError, CheckpointError) as e:
         print(f"fmnas_jax: {e}", file=sys.stderr)
         sys.exit(2)
     return card.val_accuracy

@@ -19,7 +19,7 @@ from fmnas_jax.search.base import SearchConfig
 from fmnas_jax.search.fitness import FitnessConfig
 from fmnas_jax.train import TrainConfig
 
-MODES = ("search", "train")
+MODES = ("search", "train", "predict")
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,9 @@ class AppConfig:
     mode: str = "search"
     seed: int = 0
     genome: str | None = None
+    run_id: str | None = None
+    checkpoint: str | None = None
+    images: str | None = None
     search_space: SearchSpace = field(default_factory=SearchSpace)
     trainer: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -176,3 +176,25 @@ def plot_curves(history: dict[str, list[float]], genome: str, out: Path) -> Path
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_confusion(cm: Sequence[Sequence[int]], class_names: Sequence[str], title: str, out: Path) -> Path:
+    """Confusion matrix (rows: true class, columns: predicted), counts and row-normalised colour."""
+    import numpy as np
+
+    cm = np.asarray(cm)
+    share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(8, 7), dpi=120)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(class_names)), class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(textwrap.fill(title, 70), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -10,24 +10,46 @@ import hashlib
 import json
 import logging
 import math
+import tempfile
 import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
 from fmnas_jax import data as data_mod
 from fmnas_jax.config import AppConfig
+from fmnas_jax.data import CLASS_NAMES
 from fmnas_jax.genome import Genome, count_params, sample_population
+from fmnas_jax.inference import (
+    CHECKPOINT_ARTIFACT,
+    TrainedModel,
+    confusion_matrix,
+    load_checkpoint,
+    load_run,
+    per_class_markdown,
+    read_images,
+)
+from fmnas_jax.model import CheckpointError, checkpoint_bytes
 from fmnas_jax.parallel import WorkerPool, cpu_workers
-from fmnas_jax.report import Card, Row, plot_curves, plot_search, write_card, write_csv
+from fmnas_jax.report import Card, Row, plot_confusion, plot_curves, plot_search, write_card, write_csv
 from fmnas_jax.search import fitness, hill_climb, table_climb
 from fmnas_jax.search.base import ClimbResult
-from fmnas_jax.store import BUDGET_KEY, DUPLICATE_OF, EVAL_KEY, GENOME, Store, flatten
-from fmnas_jax.train import DeviceData, EvalResult, TrainConfig, platform_summary, to_device, train_and_evaluate
+from fmnas_jax.store import BUDGET_KEY, CHECKPOINT, DUPLICATE_OF, EVAL_KEY, GENOME, Store, flatten
+from fmnas_jax.train import (
+    DeviceData,
+    EvalResult,
+    TrainConfig,
+    compiled_eval,
+    evaluate_split,
+    platform_summary,
+    to_device,
+    train_and_evaluate,
+)
 
 log = logging.getLogger("fmnas_jax")
 EVAL_VERSION = 1  # bump when the trainer or model changes what a setting produces
@@ -64,6 +86,7 @@ class Outcome:
     history: dict[str, list[float]] = field(default_factory=dict)
     variables: Any = None
     parent_run_id: str | None = None
+    normalisation: tuple[float, float] | None = None
 
     def metric(self, name: str) -> float:
         return self.metrics.get(name, math.nan)
@@ -189,6 +212,14 @@ class Evaluator:
         finally:
             epochs.close()
 
+    def _save_weights(self, genome: Genome, run_id: str, result: EvalResult) -> None:
+        """The trained variables as a msgpack artifact, with the genome and normalisation (no pickle)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(CHECKPOINT_ARTIFACT).name
+            path.write_bytes(checkpoint_bytes(genome, result.variables, result.normalisation))
+            self.store.log_file(run_id, path, str(Path(CHECKPOINT_ARTIFACT).parent))
+        self.store.log(run_id, tags={CHECKPOINT: CHECKPOINT_ARTIFACT})
+
     def _finish(self, genome: Genome, run_id: str, result: EvalResult) -> Outcome:
         key = eval_key(genome, self.budget)
         metrics = result.metrics()
@@ -200,6 +231,8 @@ class Evaluator:
             earlier = self.store.find_finished(key)  # another process may have finished it meanwhile
             if earlier is not None and earlier.run_id != run_id:
                 self.store.log(run_id, tags={DUPLICATE_OF: earlier.run_id})
+            if result.variables is not None:
+                self._save_weights(genome, run_id, result)
             self.store.end_run(run_id, "FINISHED")
             self.trained += 1
             log.info(
@@ -217,7 +250,8 @@ class Evaluator:
             self.store.end_run(run_id, "FAILED", result.reason)
             self.failed += 1
             log.warning("evaluation of %s FAILED: %s", genome, result.reason)
-        return Outcome(str(genome), key, run_id, result.status, metrics, False, result.history, result.variables)
+        return Outcome(str(genome), key, run_id, result.status, metrics, False, result.history, result.variables,
+                       normalisation=result.normalisation)  # fmt: skip
 
 
 def _rows(history: dict[str, list[float]]) -> list[dict[str, float]]:
@@ -308,11 +342,32 @@ def run_train(cfg: AppConfig, config_yaml: str, out_dir: Path) -> Card:
     files = write_card(card, out_dir)
     if outcome.history:
         files.append(plot_curves(outcome.history, str(genome), out_dir / "curves.png"))
+    files += _class_report(outcome, store, cfg, out_dir)
     if not outcome.reused:
         for f in files:
             store.log_file(outcome.run_id, f, "report")
     _print_card(card, out_dir)
     return card
+
+
+def _class_report(o: Outcome, store: Store, cfg: AppConfig, out_dir: Path) -> list[Path]:
+    """Per-class test accuracy and a confusion matrix with Fashion-MNIST's class names (needs the weights)."""
+    if o.variables is not None and o.normalisation is not None:
+        model = TrainedModel(Genome.parse(o.genome, cfg.search_space), o.variables, o.normalisation)
+    elif CHECKPOINT in store.get_run(o.run_id).data.tags:
+        model = load_run(o.run_id, store=store)
+    else:
+        return []
+    arrays, _ = data_mod.load_arrays(cfg.data.source, cfg.data.dir, cfg.data.verify)
+    x_test, y_test = arrays[2], arrays[3]
+    cm = confusion_matrix(y_test, model.predict_fn()(x_test))
+    table = out_dir / "per_class.md"
+    table.write_text(f"# Per-class test accuracy\n\n`{o.genome}`\n\n" + per_class_markdown(cm))
+    np.savetxt(out_dir / "confusion_matrix.csv", cm, fmt="%d", delimiter=",", header=",".join(CLASS_NAMES))
+    title = f"{o.genome}  test accuracy {100 * np.trace(cm) / cm.sum():.2f}%"
+    fig = plot_confusion(cm, CLASS_NAMES, title, out_dir / "confusion_matrix.png")
+    log.info("per-class test accuracy:\n%s", per_class_markdown(cm))
+    return [table, out_dir / "confusion_matrix.csv", fig]
 
 
 def _card(o: Outcome, store: Store, budget: str) -> Card:
@@ -375,8 +430,6 @@ def _search_params(cfg: AppConfig) -> dict[str, Any]:
 
 def evaluation_path(cfg: AppConfig) -> tuple[int, str]:
     """(workers, description): one pinned process per core on a multi-core CPU, else in-process."""
-    import jax
-
     backend = jax.default_backend()
     n = cfg.workers or (cpu_workers() if backend == "cpu" else 1)
     if n > 1:
@@ -496,6 +549,11 @@ def _report(
         files.append(plot_curves(final.history, final.genome, out_dir / "winner_curves.png"))
     card = _card(final, store, describe_budget(*_final_settings(cfg)))
     files += write_card(card, out_dir)
+    per_class = _class_report(final, store, cfg, out_dir)
+    if not final.reused:  # the winner's own run gets its per-class report too
+        for f in per_class:
+            store.log_file(final.run_id, f, "report")
+    files += per_class
     for f in files:
         store.log_file(parent, f, "report")
     store.log(
@@ -507,9 +565,47 @@ def _report(
     return card
 
 
+def run_predict(cfg: AppConfig, config_yaml: str, out_dir: Path) -> Card:
+    """Load saved weights, re-measure test accuracy with the evaluation program, classify `images`."""
+    del config_yaml  # nothing is logged: predicting writes no run
+    data_cfg, seed, logged, store = cfg.data, cfg.seed, math.nan, None
+    if cfg.run_id:
+        store = Store(cfg.tracking.uri, cfg.tracking.experiment)
+        run = store.get_run(cfg.run_id)
+        model = load_run(cfg.run_id, store=store)
+        p = run.data.params  # evaluate on exactly the split the run was trained with
+        train_size = None if p.get("data.train_size", "None") == "None" else int(p["data.train_size"])
+        data_cfg = replace(cfg.data, val_size=int(p.get("data.val_size", cfg.data.val_size)), train_size=train_size)
+        seed, logged = int(p.get("seed", cfg.seed)), run.data.metrics.get("test_accuracy", math.nan)
+    else:
+        model = load_checkpoint(cfg.checkpoint or "")
+    if cfg.genome and str(Genome.parse(cfg.genome, cfg.search_space)) != str(model.genome):
+        raise CheckpointError(f"genome {cfg.genome!r} does not match the checkpoint's {model.genome}")
+    dd = to_device(data_mod.load(data_cfg, seed), cfg.trainer.eval_batch_size)
+    variables = jax.device_put(model.variables)
+    _, test_acc = evaluate_split(compiled_eval(model.genome, variables, dd), variables, dd, dd.test_range)
+    same = "matches the logged value" if test_acc == logged else f"logged: {logged:.4f}" if math.isfinite(logged) else "no logged value"
+    print(f"\n{model.genome}: {count_params(model.genome):,} params, test accuracy {100 * test_acc:.2f}% ({same})")
+    if cfg.images:
+        images = read_images(cfg.images)
+        pred = model.predict_fn()(images)
+        with (out_dir / "predictions.csv").open("w") as f:
+            f.write("index,class_id,class_name\n")
+            f.writelines(f"{i},{c},{CLASS_NAMES[c]}\n" for i, c in enumerate(pred))
+        for i, c in enumerate(pred[:20]):
+            print(f"  image {i}: {CLASS_NAMES[c]}")
+        counts = ", ".join(f"{CLASS_NAMES[c]} {n}" for c, n in enumerate(np.bincount(pred, minlength=10)) if n)
+        print(f"{len(pred)} images classified ({counts}); all predictions: {(out_dir / 'predictions.csv').resolve()}")
+    uri = store.uri if store else str(cfg.checkpoint)
+    return Card(str(model.genome), count_params(model.genome), math.nan, math.nan, test_acc, "", cfg.run_id or "", uri,
+                describe_budget(cfg.trainer, data_cfg))  # fmt: skip
+
+
 def run(cfg: AppConfig, config_yaml: str, out_dir: Path, on_platform: str = "") -> Card:
     """Dispatch on cfg.mode."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.mode == "search":
         return run_search(cfg, config_yaml, out_dir, on_platform)
+    if cfg.mode == "predict":
+        return run_predict(cfg, config_yaml, out_dir)
     return run_train(cfg, config_yaml, out_dir)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our own bars say what runs
+
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 
 ROLE, GENOME, EVAL_KEY, BUDGET_KEY = "fmnas.role", "genome", "eval_key", "budget_key"
 HOST, PID, REASON, DUPLICATE_OF = "fmnas.host", "fmnas.pid", "fmnas.reason", "fmnas.duplicate_of"
+CHECKPOINT = "fmnas.checkpoint"  # artifact path of the saved weights
 PARENT, RUN_NAME = "mlflow.parentRunId", "mlflow.runName"
 PAGE = 1000  # search_runs' page limit
 

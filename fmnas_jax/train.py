@@ -10,6 +10,7 @@ epoch to read the loss, so the Python loop costs little on an accelerator as wel
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -273,6 +274,35 @@ def compiled_programs(genome: Genome, cfg: TrainConfig, state: TrainState, dd: D
         _PROGRAMS.clear()
     _PROGRAMS[key] = programs
     return programs
+
+
+def compiled_eval(genome: Genome, variables: dict, dd: DeviceData) -> Programs:
+    """Only the eval chunk (for a trained model): the same program evaluation uses, so scores match."""
+    key = (genome, "eval", dd.x_eval.shape, dd.eval_batch)
+    if key not in _PROGRAMS:
+        t0 = time.perf_counter()
+        chunk = _eval_fn(genome, dd.eval_batch).lower(variables, jnp.zeros(2), dd.x_eval, dd.y_eval, dd.norm, 0, 0).compile()
+        _PROGRAMS[key] = Programs(None, chunk, time.perf_counter() - t0)
+    return _PROGRAMS[key]
+
+
+@functools.lru_cache(maxsize=16)
+def _predict_fn(genome: Genome, batch: int) -> Callable:
+    model = GenomeCNN(genome)
+    return jax.jit(lambda variables, x, norm: model.apply(variables, _normalise(x, norm), train=False).argmax(-1))
+
+
+def predict_classes(
+    genome: Genome, variables: dict, normalisation: tuple[float, float], images: np.ndarray, batch: int = 1000
+) -> np.ndarray:
+    """Class ids (N,) for images (N, 28, 28, 1) given as uint8 0..255 (or floats on that scale)."""
+    x = np.asarray(images)
+    n = len(x)
+    pad = -n % batch
+    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+    norm, fn = jnp.asarray(normalisation, jnp.float32), _predict_fn(genome, batch)
+    out = [fn(variables, jnp.asarray(x[i : i + batch]), norm) for i in range(0, len(x), batch)]  # (batch,) each
+    return np.concatenate([np.asarray(o) for o in out])[:n].astype(np.int64)
 
 
 def evaluate_split(programs: Programs, variables: dict, dd: DeviceData, rows: tuple[int, int]) -> tuple[float, float]:

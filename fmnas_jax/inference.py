@@ -1,0 +1,102 @@
+"""Use a trained model: load it from an MLflow run or a checkpoint file, predict, and explain per class.
+
+from fmnas_jax.inference import load_run
+model = load_run("<run id>", tracking_uri="sqlite:///mlflow.db")
+predict = model.predict_fn()          # (N, 28, 28, 1) uint8 or float -> (N,) class ids
+"""
+
+from __future__ import annotations
+
+import gzip
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fmnas_jax.data import CLASS_NAMES
+from fmnas_jax.genome import Genome
+from fmnas_jax.model import read_checkpoint
+from fmnas_jax.store import CHECKPOINT, Store, StoreError
+
+CHECKPOINT_ARTIFACT = "model/checkpoint.msgpack"
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A genome with trained variables and the normalisation its inputs need."""
+
+    genome: Genome
+    variables: dict
+    normalisation: tuple[float, float]
+
+    def predict_fn(self) -> Callable[[np.ndarray], np.ndarray]:
+        """A function from images (N, 28, 28[, 1]) on the 0..255 scale to class ids (N,); jitted inside."""
+        from fmnas_jax.train import predict_classes
+
+        return lambda images: predict_classes(self.genome, self.variables, self.normalisation, as_images(images))
+
+
+def load_checkpoint(path: str | Path) -> TrainedModel:
+    """A model from a checkpoint file written by fmnas_jax (msgpack; never pickle)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist")
+    genome, variables, norm = read_checkpoint(p.read_bytes())
+    return TrainedModel(genome, variables, norm)
+
+
+def load_run(run_id: str, tracking_uri: str | None = None, experiment: str = "fmnas_jax", store: Store | None = None) -> TrainedModel:
+    """A model from the weights an MLflow run saved (trainer.save=true, and every retrained winner)."""
+    store = store or Store(tracking_uri, experiment)
+    run = store.get_run(run_id)
+    artifact = run.data.tags.get(CHECKPOINT)
+    if not artifact:
+        raise StoreError(f"run {run_id} has no saved weights (no {CHECKPOINT} tag); train with trainer.save=true")
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_checkpoint(store.download(run_id, artifact, tmp))
+
+
+def as_images(x: np.ndarray) -> np.ndarray:
+    """(N, 28, 28) or (N, 28, 28, 1) -> (N, 28, 28, 1); ValueError for anything else."""
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[1:] != (28, 28, 1):
+        raise ValueError(f"images must have shape (N, 28, 28) or (N, 28, 28, 1), got {x.shape}")
+    return x
+
+
+def read_images(path: str | Path) -> np.ndarray:
+    """Images from a .npy array or an IDX file (raw or .gz), as (N, 28, 28, 1)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"images file {str(p)!r} does not exist")
+    if p.suffix == ".npy":
+        return as_images(np.load(p, allow_pickle=False))
+    raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+    if len(raw) < 16 or int.from_bytes(raw[:4], "big") != 2051:
+        raise ValueError(f"{p} is neither a .npy array nor an IDX image file (magic 2051)")
+    n, rows, cols = (int.from_bytes(raw[i : i + 4], "big") for i in (4, 8, 12))
+    if (rows, cols) != (28, 28) or len(raw) != 16 + n * 784:
+        raise ValueError(f"{p}: IDX header says {n}x{rows}x{cols} but the file has {len(raw) - 16} pixel bytes")
+    return np.frombuffer(raw, np.uint8, offset=16).reshape(n, 28, 28, 1)
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: int = 10) -> np.ndarray:
+    """(classes, classes) counts: rows true class, columns predicted."""
+    cm = np.zeros((classes, classes), np.int64)
+    np.add.at(cm, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    return cm
+
+
+def per_class_markdown(cm: np.ndarray) -> str:
+    """Per-class accuracy table with Fashion-MNIST's class names."""
+    lines = ["| class | name | test images | correct | accuracy |", "|---|---|---|---|---|"]
+    for c, name in enumerate(CLASS_NAMES):
+        total = int(cm[c].sum())
+        acc = cm[c, c] / total if total else float("nan")
+        lines.append(f"| {c} | {name} | {total} | {int(cm[c, c])} | {100 * acc:.2f}% |")
+    lines.append(f"| all | | {int(cm.sum())} | {int(np.trace(cm))} | {100 * np.trace(cm) / max(cm.sum(), 1):.2f}% |")
+    return "\n".join(lines) + "\n"
