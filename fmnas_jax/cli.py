@@ -27,7 +27,8 @@ log = logging.getLogger("fmnas_jax")
 
 def to_app_config(cfg: DictConfig) -> AppConfig:
     """Resolve and validate the composed config; ValueError names the bad key and value."""
-    values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    ours = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # Hydra's own node may not resolve here
+    values = OmegaConf.to_container(ours, resolve=True, throw_on_missing=True)
     app = app_config(values)
     if app.mode == "train":
         from fmnas_jax.genome import Genome
@@ -48,8 +49,9 @@ class EnsureStore(Callback):
 
         try:
             app = to_app_config(config)
-        except ValueError:
-            return  # each job reports the bad value itself
+        except Exception as e:  # each job reports a bad value itself
+            log.warning("could not prepare the MLflow store before the sweep: %s", e)
+            return
         store = Store(app.tracking.uri, app.tracking.experiment)
         log.info("MLflow store ready for the sweep: %s (experiment %r)", store.uri, app.tracking.experiment)
 
@@ -76,6 +78,11 @@ def main(cfg: DictConfig) -> float:
     from fmnas_jax.train import enable_compilation_cache, platform_summary
 
     app = replace(app, cache_dir=app.cache_dir or os.path.expanduser("~/.cache/fmnas_jax/jax"))  # workers share it
+    launcher = str(HydraConfig.get().launcher.get("_target_", ""))
+    if app.workers == 0 and "BasicLauncher" not in launcher:
+        # A parallel launcher (joblib, submitit) already runs jobs side by side; no pools inside its workers.
+        log.info("workers=auto under %s: evaluating in-process", launcher.rsplit(".", 1)[-1])
+        app = replace(app, workers=1)
     enable_compilation_cache(app.cache_dir)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     platform = platform_summary()

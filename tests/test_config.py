@@ -23,10 +23,18 @@ def test_there_are_experiments():
     assert {"smoke", "train", "hillclimb", "paper"} <= set(EXPERIMENTS)
 
 
+REQUIRED = {"predict": ["run_id=0123456789abcdef"]}  # what an experiment's command must add
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(name):
-    app = to_app_config(_compose(f"+experiment={name}"))
+    app = to_app_config(_compose(f"+experiment={name}", *REQUIRED.get(name, [])))
     assert app.search.population_size >= 1
+
+
+def test_predict_needs_a_run_or_a_checkpoint():
+    with pytest.raises(ConfigError, match="run_id=<MLflow run id> or checkpoint="):
+        to_app_config(_compose("+experiment=predict"))
 
 
 def test_every_config_file_starts_with_its_command():
