@@ -92,3 +92,54 @@ class WorkerPool:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class DevicePool:
+    """One evaluation per accelerator at a time, several accelerators in one process.
+
+    Genomes have different shapes, so the population is split across devices by placement (each
+    evaluation runs whole on one device, its data placed there once) rather than by SPMD sharding of
+    one program. JAX releases the GIL while a device computes, so one thread per device keeps them
+    all busy. Results equal a single device's: the programs and inputs are the same.
+    """
+
+    def __init__(self, devices: Sequence[Any]) -> None:
+        import queue
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.devices = list(devices)
+        self.n = len(self.devices)
+        self._free: queue.Queue = queue.Queue()
+        for d in self.devices:
+            self._free.put(d)
+        self._pool = ThreadPoolExecutor(self.n, thread_name_prefix="fmnas-device")
+        self._data: dict[tuple, Any] = {}
+
+    def _run(self, genome: Genome, trainer: TrainConfig, data_cfg: DataConfig, seed: int, keep_variables: bool) -> EvalResult:
+        import jax
+
+        from fmnas_jax import data as data_mod
+        from fmnas_jax.train import EvalResult, to_device, train_and_evaluate
+
+        device = self._free.get()
+        try:
+            with jax.default_device(device):
+                key = (device.id, data_cfg, seed, trainer.eval_batch_size)
+                if key not in self._data:
+                    self._data[key] = to_device(data_mod.load(data_cfg, seed), trainer.eval_batch_size)
+                return train_and_evaluate(genome, self._data[key], trainer, seed, None, keep_variables)
+        except Exception as e:  # one broken genome must not end the search
+            return EvalResult(str(genome), "FAILED", count_params(genome), reason=f"{type(e).__name__} on {device}: {e}")
+        finally:
+            self._free.put(device)
+
+    def map_unordered(
+        self, genomes: Sequence[Genome], trainer: TrainConfig, data_cfg: DataConfig, seed: int, keep_variables: bool = False
+    ) -> Iterator[tuple[Genome, Any]]:
+        """Yield (genome, EvalResult) as evaluations finish."""
+        futures = {self._pool.submit(self._run, g, trainer, data_cfg, seed, keep_variables): g for g in genomes}
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -35,7 +35,7 @@ from fmnas_jax.inference import (
     read_images,
 )
 from fmnas_jax.model import CheckpointError, checkpoint_bytes
-from fmnas_jax.parallel import WorkerPool, cpu_workers
+from fmnas_jax.parallel import DevicePool, WorkerPool, cpu_workers
 from fmnas_jax.report import Card, Row, plot_confusion, plot_curves, plot_search, write_card, write_csv
 from fmnas_jax.search import fitness, hill_climb, table_climb
 from fmnas_jax.search.base import ClimbResult
@@ -104,7 +104,7 @@ class Evaluator:
         parent_run_id: str | None,
         config_yaml: str,
         keep_variables: bool = False,
-        pool: WorkerPool | None = None,
+        pool: WorkerPool | DevicePool | None = None,
     ) -> None:
         self.store, self.cfg, self.trainer, self.data = store, cfg, trainer, data
         self.parent_run_id, self.config_yaml, self.keep_variables = parent_run_id, config_yaml, keep_variables
@@ -428,20 +428,28 @@ def _search_params(cfg: AppConfig) -> dict[str, Any]:
     return flatten("", {k: asdict(getattr(cfg, k)) for k in keep}) | {"seed": cfg.seed}
 
 
-def evaluation_path(cfg: AppConfig) -> tuple[int, str]:
-    """(workers, description): one pinned process per core on a multi-core CPU, else in-process."""
-    backend = jax.default_backend()
+def evaluation_pool(cfg: AppConfig) -> tuple[WorkerPool | DevicePool | None, str]:
+    """The fastest evaluation path for this platform, and a description for the log.
+
+    Several devices (GPUs, or CPU devices made with JAX_NUM_CPU_DEVICES): one evaluation per device.
+    One multi-core CPU: one single-threaded worker process per core. Otherwise: in-process.
+    """
+    backend, devices = jax.default_backend(), jax.devices()
+    if cfg.workers == 1:
+        return None, f"in-process on {platform_summary()} (workers=1)"
+    if len(devices) > 1:
+        pool = DevicePool(devices[: cfg.workers or len(devices)])
+        return pool, f"{pool.n} devices, one evaluation on each at a time ({platform_summary()})"
     n = cfg.workers or (cpu_workers() if backend == "cpu" else 1)
-    if n > 1:
-        return n, f"{n} worker processes, each pinned to one CPU core (fastest on {backend}; workers=1 to disable)"
-    return 1, f"in-process on {backend} ({platform_summary()})"
+    if n > 1 and backend == "cpu":
+        return WorkerPool(n, cfg.cache_dir), f"{n} worker processes, each pinned to one CPU core (workers=1 to disable)"
+    return None, f"in-process on {platform_summary()}"
 
 
 def _search(cfg: AppConfig, store: Store, parent: str, own: set[str], config_yaml: str, out_dir: Path) -> Card:
     rng = np.random.default_rng(cfg.search.seed)
-    n_workers, path = evaluation_path(cfg)
+    pool, path = evaluation_pool(cfg)
     log.info("evaluation path: %s", path)
-    pool = WorkerPool(n_workers, cfg.cache_dir) if n_workers > 1 else None
     try:
         return _search_with(cfg, store, parent, own, config_yaml, out_dir, rng, pool)
     finally:
@@ -457,7 +465,7 @@ def _search_with(
     config_yaml: str,
     out_dir: Path,
     rng: np.random.Generator,
-    pool: WorkerPool | None,
+    pool: WorkerPool | DevicePool | None,
 ) -> Card:
     sc = cfg.search
     ev = Evaluator(store, cfg, cfg.trainer, cfg.data, parent, config_yaml, pool=pool)

@@ -260,7 +260,8 @@ def compiled_programs(genome: Genome, cfg: TrainConfig, state: TrainState, dd: D
     A cache hit reports 0 compile seconds; a miss may still be fast when JAX's persistent
     cache has the program from an earlier process.
     """
-    key = (genome, cfg.optimizer, cfg.weight_decay, cfg.batch_size, dd.x_train.shape, dd.x_eval.shape, dd.eval_batch)
+    device = next(iter(dd.x_train.devices()))  # programs are compiled for the device the data sit on
+    key = (genome, cfg.optimizer, cfg.weight_decay, cfg.batch_size, dd.x_train.shape, dd.x_eval.shape, dd.eval_batch, device)
     if key in _PROGRAMS:
         return _PROGRAMS[key]._replace(compile_seconds=0.0)
     t0 = time.perf_counter()
@@ -278,7 +279,7 @@ def compiled_programs(genome: Genome, cfg: TrainConfig, state: TrainState, dd: D
 
 def compiled_eval(genome: Genome, variables: dict, dd: DeviceData) -> Programs:
     """Only the eval chunk (for a trained model): the same program evaluation uses, so scores match."""
-    key = (genome, "eval", dd.x_eval.shape, dd.eval_batch)
+    key = (genome, "eval", dd.x_eval.shape, dd.eval_batch, next(iter(dd.x_eval.devices())))
     if key not in _PROGRAMS:
         t0 = time.perf_counter()
         chunk = _eval_fn(genome, dd.eval_batch).lower(variables, jnp.zeros(2), dd.x_eval, dd.y_eval, dd.norm, 0, 0).compile()
