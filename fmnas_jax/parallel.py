@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from typing import TYPE_CHECKING, Any
@@ -103,17 +104,19 @@ class DevicePool:
     all busy. Results equal a single device's: the programs and inputs are the same.
     """
 
-    def __init__(self, devices: Sequence[Any]) -> None:
+    def __init__(self, devices: Sequence[Any], per_device: int = 1) -> None:
         import queue
         from concurrent.futures import ThreadPoolExecutor
 
         self.devices = list(devices)
-        self.n = len(self.devices)
+        self.n = len(self.devices) * per_device  # per_device > 1: several small programs in flight on one GPU
         self._free: queue.Queue = queue.Queue()
-        for d in self.devices:
-            self._free.put(d)
+        for _ in range(per_device):
+            for d in self.devices:
+                self._free.put(d)
         self._pool = ThreadPoolExecutor(self.n, thread_name_prefix="fmnas-device")
         self._data: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
 
     def _run(self, genome: Genome, trainer: TrainConfig, data_cfg: DataConfig, seed: int, keep_variables: bool) -> EvalResult:
         import jax
@@ -125,8 +128,9 @@ class DevicePool:
         try:
             with jax.default_device(device):
                 key = (device.id, data_cfg, seed, trainer.eval_batch_size)
-                if key not in self._data:
-                    self._data[key] = to_device(data_mod.load(data_cfg, seed), trainer.eval_batch_size)
+                with self._lock:  # threads sharing a device share its copy of the data
+                    if key not in self._data:
+                        self._data[key] = to_device(data_mod.load(data_cfg, seed), trainer.eval_batch_size)
                 return train_and_evaluate(genome, self._data[key], trainer, seed, None, keep_variables)
         except Exception as e:  # one broken genome must not end the search
             return EvalResult(str(genome), "FAILED", count_params(genome), reason=f"{type(e).__name__} on {device}: {e}")

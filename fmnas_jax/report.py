@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from fmnas_jax.search.fitness import pareto_front
 
@@ -169,6 +170,7 @@ def plot_curves(history: dict[str, list[float]], genome: str, out: Path) -> Path
     a1.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     a2.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     for a in (a1, a2):
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
         a.grid(True, alpha=0.3)
         a.legend()
     fig.suptitle(genome, fontsize=9)

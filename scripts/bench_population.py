@@ -27,10 +27,18 @@ from fmnas_jax.genome import SearchSpace, sample_population
 from fmnas_jax.train import TrainConfig
 genomes = sample_population(SearchSpace(), cfg["genomes"], np.random.default_rng(cfg["seed"]))
 trainer = TrainConfig(epochs=cfg["epochs"], batch_size=128)
-data = DataConfig(train_size=cfg["train_size"], val_size=cfg["val_size"])
+data = DataConfig(train_size=cfg["train_size"], val_size=cfg["val_size"], dir=cfg["data_dir"])
 t0 = time.perf_counter()
 results = []
-if cfg["workers"] > 1:
+if cfg["mode"] == "devices":
+    import jax
+    from fmnas_jax.parallel import DevicePool
+    from fmnas_jax.train import enable_compilation_cache
+    enable_compilation_cache(cfg["cache"])
+    pool = DevicePool(jax.devices(), per_device=cfg["workers"])
+    results = [r for _, r in pool.map_unordered(genomes, trainer, data, 0)]
+    pool.close()
+elif cfg["workers"] > 1:
     from fmnas_jax.parallel import WorkerPool
     pool = WorkerPool(cfg["workers"], cfg["cache"])
     results = [r for _, r in pool.map_unordered(genomes, trainer, data, 0)]
@@ -48,9 +56,9 @@ print(json.dumps({"wall": wall, "compile": sum(r.compile_seconds for r in result
 """
 
 
-def run_mode(workers: int, cache: str, args: argparse.Namespace) -> dict:
+def run_mode(mode: str, workers: int, cache: str, args: argparse.Namespace) -> dict:
     spec = {"genomes": args.genomes, "seed": args.seed, "epochs": args.epochs, "train_size": args.train_size,
-            "val_size": args.val_size, "workers": workers, "cache": cache}  # fmt: skip
+            "val_size": args.val_size, "workers": workers, "cache": cache, "mode": mode, "data_dir": args.data_dir}  # fmt: skip
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -63,7 +71,12 @@ def main() -> None:
     p.add_argument("--train-size", type=int, default=4000)
     p.add_argument("--val-size", type=int, default=1000)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--modes", default="single,pool", help="comma list of: single (one process, all cores), pool (pinned workers)")
+    p.add_argument(
+        "--modes",
+        default="single,pool",
+        help="comma list: single (one process), pool (pinned CPU workers), devices (DevicePool, --workers programs per device)",
+    )
+    p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -71,8 +84,8 @@ def main() -> None:
     for mode in args.modes.split(","):
         workers = 1 if mode == "single" else args.workers
         with tempfile.TemporaryDirectory() as cache:
-            cold = run_mode(workers, cache, args)
-            warm = run_mode(workers, cache, args)
+            cold = run_mode(mode, workers, cache, args)
+            warm = run_mode(mode, workers, cache, args)
         rows[mode] = (cold, warm)
 
     date = time.strftime("%Y-%m-%d")
@@ -81,7 +94,7 @@ def main() -> None:
     for mode, (cold, warm) in rows.items():
         for tag, r in (("cold cache", cold), ("warm cache", warm)):
             share = 100 * r["compile"] / max(r["compile"] + r["train"], 1e-9)
-            name = f"{mode} ({args.workers if mode == 'pool' else 1} proc), {tag}"
+            name = f"{mode} ({1 if mode == 'single' else args.workers}), {tag}"
             per_hour = 3600 * args.genomes / r["wall"]
             print(f"{name:<34} {r['wall']:>8.1f} {per_hour:>10.0f} {r['compile']:>10.1f} {share:>9.1f}% {r['hits']:>10}")
     if "single" in rows and "pool" in rows:

@@ -131,10 +131,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--torch-python", default=None, help="a Python with torch installed (default: auto-detect)")
     p.add_argument("--json", default=None, help="also write the numbers to this file")
+    p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist", help="folder with the four Fashion-MNIST IDX files")
     args = p.parse_args()
 
     genome = Genome.parse(args.genome)
-    data = load(DataConfig(train_size=20000, val_size=1000), seed=0)
+    data = load(DataConfig(train_size=20000, val_size=1000, dir=args.data_dir), seed=0)
     dd = to_device(data)
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     np.save(tmp / "bench_x.npy", data.x_train)
@@ -154,6 +155,8 @@ def main() -> None:
 
     flops = train_flops_per_image(genome)
     peak, peak_desc = cpu_peak_flops()
+    if jax.default_backend() != "cpu":
+        peak, peak_desc = float("nan"), f"{jax.devices()[0].device_kind} (peak not computed)"
     j = statistics.median(jax_ips)
     rows = [("fmnas_jax (jax " + jax.__version__ + ", jitted step)", j)]
     if torch_ips:
