@@ -86,20 +86,48 @@ def test_table_strategy_trains_only_the_population(tmp_path):
     assert len(searches) == 1 and len(evals) == 4 + 1  # population + the retrained winner
 
 
-@pytest.mark.parametrize(
-    ("args", "fragment"),
-    [
-        (["+experiment=train", "genome=NC 4 8 sigmoid;RC 64 3 relu;NC 4 5 sigmoid;RC 64 3 relu;FL gelu;"], "kernel size 8 in layer 1 (NC)"),
-        (["+experiment=smoke", "search.population_size=0"], "search.population_size 0"),
-        (["+experiment=smoke", "trainer.epochs=-2"], "trainer.epochs -2"),
-        (["+experiment=smoke", "fitness.size_weight=abc"], "fitness.size_weight must be a number"),
-        (["+experiment=smoke", "trainer.epoch=2"], "epoch"),
-        (["+experiment=smoke", "search=anneal"], "anneal"),
-        (["+experiment=smoke", "data.dir=/nonexistent"], "/nonexistent"),
-    ],
-)
+G = "NC 4 5 sigmoid;RC 64 3 relu;NC 4 5 sigmoid;RC 64 3 relu;FL gelu;"
+BAD_INPUT = [
+    (["+experiment=train", "genome=" + G.replace("NC 4 5", "NC 4 0", 1)], "kernel size 0 in layer 1 (NC) is not in [1..7]"),
+    (["+experiment=train", "genome=" + G.replace("RC 64 3", "RC 64 8", 1)], "kernel size 8 in layer 2 (RC) is not in [1..7]"),
+    (["+experiment=train", "genome=" + G.replace("NC 4 5", "NC 5 5", 1)], "filters 5 in layer 1 (NC) is not in [4, 8, 16, 32, 64]"),
+    (["+experiment=train", "genome=" + G.replace("sigmoid", "elu", 1)], "activation 'elu' in layer 1 (NC) is not in"),
+    (["+experiment=train", "genome=NC 4 5 sigmoid;RC 64 3 relu;FL gelu;"], "has 3 layers; expected 5"),
+    (["+experiment=train", "genome=NC 4 5 sigmoid;" + G], "has 6 layers; expected 5"),
+    (["+experiment=train", "genome=" + G.replace("NC 4 5", "RC 4 5", 1)], "layer type 'RC' in layer 1 (NC) is not allowed"),
+    (["+experiment=train", "genome=hello;world"], "has 2 layers; expected 5"),
+    (["+experiment=train", "genome=''"], "mode=train needs genome="),
+    (["+experiment=smoke", "search.population_size=0"], "search.population_size 0 must be >= 1"),
+    (["+experiment=smoke", "search.population_size=-3"], "search.population_size -3 must be >= 1"),
+    (["+experiment=smoke", "trainer.epochs=-2"], "trainer.epochs -2 must be >= 1"),
+    (["+experiment=smoke", "fitness.size_weight=nan"], "fitness.size_weight must be a finite number"),
+    (["+experiment=smoke", "fitness.size_weight=abc"], "fitness.size_weight must be a number, got 'abc'"),
+    (["+experiment=smoke", "trainer.epoch=2"], "Key 'epoch' is not in struct"),
+    (["+experiment=smoke", "search=anneal"], "Could not find 'search/anneal'"),
+    (["+experiment=smoke", "data.dir=/nonexistent"], "data.dir '/nonexistent' does not exist"),
+    (["+experiment=smoke", "tracking.uri=sqlite:////etc/hostname/mlflow.db"], "does not exist"),
+]
+
+
+@pytest.mark.parametrize(("args", "fragment"), BAD_INPUT)
 def test_bad_input_exits_nonzero_and_writes_no_run(tmp_path, args, fragment):
     proc = cli(tmp_path, *args, check=False)
     assert proc.returncode != 0
     assert fragment in proc.stderr + proc.stdout
+    assert not (tmp_path / "mlflow.db").exists() or runs(tmp_path) == []
+
+
+@needs_real_data
+def test_corrupt_data_file_exits_nonzero_and_writes_no_run(tmp_path):
+    import gzip
+    import shutil
+
+    from conftest import REAL_DATA
+
+    data = tmp_path / "data"
+    shutil.copytree(REAL_DATA, data)
+    raw = gzip.decompress((data / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    (data / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(raw)[:-40])  # truncated gzip stream
+    proc = cli(tmp_path, "+experiment=smoke", f"data.dir={data}", check=False)
+    assert proc.returncode != 0 and "t10k-labels-idx1-ubyte.gz is truncated or corrupt" in proc.stderr
     assert not (tmp_path / "mlflow.db").exists() or runs(tmp_path) == []
