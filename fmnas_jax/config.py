@@ -72,7 +72,7 @@ class AppConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {list(MODES)}")
         if self.workers < 0:
-            raise ValueError(f"workers {self.workers} must be >= 0 (0 = auto: one pinned process per CPU core, 1 on an accelerator)")
+            raise ValueError(f"workers {self.workers} must be >= 0 (0 = auto: one pinned process per CPU core, 4 per GPU; 1 = in-process)")
 
 
 class ConfigError(ValueError):

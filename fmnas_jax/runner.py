@@ -44,6 +44,7 @@ from fmnas_jax.train import (
 )
 
 log = logging.getLogger("fmnas_jax")
+ACCELERATOR_SLOTS = 4  # evaluations in flight per GPU by default (unmeasured: see docs/benchmarks.md)
 
 
 def run_train(cfg: AppConfig, config_yaml: str, out_dir: Path) -> Card:
@@ -152,17 +153,23 @@ def _search_params(cfg: AppConfig) -> dict[str, Any]:
 def evaluation_pool(cfg: AppConfig) -> tuple[WorkerPool | DevicePool | None, str]:
     """The fastest evaluation path for this platform, and a description for the log.
 
-    Several devices (GPUs, or CPU devices made with JAX_NUM_CPU_DEVICES): one evaluation per device.
-    One multi-core CPU: one single-threaded worker process per core. Otherwise: in-process.
+    Several CPU devices (JAX_NUM_CPU_DEVICES): one evaluation per device. Accelerators: several
+    evaluations in flight per device (`workers` of them, default 4; a small CNN alone leaves a GPU
+    idle between kernel launches, and compiles overlap too). One multi-core CPU: one single-threaded
+    worker process per core. Otherwise, or workers=1: in-process.
     """
     backend, devices = jax.default_backend(), jax.devices()
     if cfg.workers == 1:
         return None, f"in-process on {platform_summary()} (workers=1)"
+    if backend != "cpu":
+        per_device = cfg.workers or ACCELERATOR_SLOTS
+        pool = DevicePool(devices, per_device=per_device)
+        return pool, f"{per_device} evaluations in flight on each of {len(devices)} device(s) ({platform_summary()}; workers=N to change)"
     if len(devices) > 1:
         pool = DevicePool(devices[: cfg.workers or len(devices)])
         return pool, f"{pool.n} devices, one evaluation on each at a time ({platform_summary()})"
-    n = cfg.workers or (cpu_workers() if backend == "cpu" else 1)
-    if n > 1 and backend == "cpu":
+    n = cfg.workers or cpu_workers()
+    if n > 1:
         return WorkerPool(n, cfg.cache_dir), f"{n} worker processes, each pinned to one CPU core (workers=1 to disable)"
     return None, f"in-process on {platform_summary()}"
 
