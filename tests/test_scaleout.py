@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import needs_real_data
 from mlflow import MlflowClient
+from test_e2e import cli
 
 pytestmark = [pytest.mark.slow, needs_real_data]
 PG_BIN = (
@@ -85,12 +86,8 @@ def tracking_server(tmp_path):
 def test_joblib_multirun_against_mlflow_server_on_postgresql(tmp_path, tracking_server):
     work = tmp_path / "work"
     work.mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-m", "fmnas_jax", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "+experiment=smoke",
-         "tracking=server", f"tracking.uri={tracking_server}", "search.seed=0,1", "progress=false"],
-        cwd=work, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    cli(work, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "+experiment=smoke", "tracking=server",
+        f"tracking.uri={tracking_server}", "search.seed=0,1")  # fmt: skip
     assert not (work / "mlflow.db").exists()  # nothing went to a local SQLite file
     client = MlflowClient(tracking_server)
     exp = client.get_experiment_by_name("fmnas_jax")
@@ -107,12 +104,7 @@ def test_joblib_multirun_against_mlflow_server_on_postgresql(tmp_path, tracking_
 
 
 def test_submitit_local_launcher(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "fmnas_jax", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "+experiment=smoke",
-         "search.seed=0,1", "progress=false"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    cli(tmp_path, "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "+experiment=smoke", "search.seed=0,1")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("fmnas_jax")
     searches = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("fmnas.role") == "search"]
