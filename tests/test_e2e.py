@@ -131,3 +131,10 @@ def test_corrupt_data_file_exits_nonzero_and_writes_no_run(tmp_path):
     proc = cli(tmp_path, "+experiment=smoke", f"data.dir={data}", check=False)
     assert proc.returncode != 0 and "t10k-labels-idx1-ubyte.gz is truncated or corrupt" in proc.stderr
     assert not (tmp_path / "mlflow.db").exists() or runs(tmp_path) == []
+
+
+def test_help_lists_the_experiments_and_groups(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fmnas_jax", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for text in ("+experiment=hillclimb", "experiment: hillclimb, paper, predict, smoke, train", "search: hillclimb, table", "127.0.0.1"):
+        assert text in proc.stdout, text
