@@ -107,17 +107,19 @@ def _read_idx_bytes(folder: Path, stem: str) -> bytes:
     raise DataError(f"Fashion-MNIST file {stem}[.gz] not found in {folder}. {HOW_TO_GET}")
 
 
-def _decode_idx(raw: bytes, stem: str) -> np.ndarray:
-    images = "images" in stem
+def decode_idx(raw: bytes, name: str, images: bool) -> np.ndarray:
+    """Decoded IDX bytes: (N, 28, 28) uint8 images or (N,) labels; ValueError names what is wrong."""
     header = 16 if images else 8
     magic = 2051 if images else 2049
     if len(raw) < header or int.from_bytes(raw[:4], "big") != magic:
-        raise DataError(f"{stem} is not an IDX file (bad header). {HOW_TO_GET}")
+        raise ValueError(f"{name} is not an IDX {'image' if images else 'label'} file (magic {magic} expected)")
     n = int.from_bytes(raw[4:8], "big")
+    if images and (int.from_bytes(raw[8:12], "big"), int.from_bytes(raw[12:16], "big")) != (28, 28):
+        raise ValueError(f"{name} holds images of another size than 28x28")
     shape = (n, 28, 28) if images else (n,)
     expected = header + int(np.prod(shape))
     if len(raw) != expected:
-        raise DataError(f"{stem} has {len(raw)} bytes, expected {expected}: truncated or corrupt. {HOW_TO_GET}")
+        raise ValueError(f"{name} has {len(raw)} bytes, expected {expected}: truncated or corrupt")
     return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
 
 
@@ -131,7 +133,10 @@ def load_idx_dir(folder: str | os.PathLike, verify: bool = True) -> tuple[np.nda
         raw = _read_idx_bytes(folder, stem)
         if verify and hashlib.sha256(raw).hexdigest() != digest:
             raise DataError(f"{stem} in {folder} fails its sha256 check (corrupt or not Fashion-MNIST). {HOW_TO_GET}")
-        arrays.append(_decode_idx(raw, stem))
+        try:
+            arrays.append(decode_idx(raw, stem, images="images" in stem))
+        except ValueError as e:
+            raise DataError(f"{e}. {HOW_TO_GET}") from e
     x_train, y_train, x_test, y_test = arrays
     return x_train[..., None], y_train.astype(np.int32), x_test[..., None], y_test.astype(np.int32)
 

@@ -296,8 +296,3 @@ def search_key(cfg: AppConfig) -> str:
     blob = {k: asdict(getattr(cfg, k)) for k in ("search_space", "search", "fitness")}
     blob["budget"] = budget_key(cfg.trainer, cfg.data, cfg.seed)
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------
-# Jobs
-# ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnas_jax.data import CLASS_NAMES
+from fmnas_jax.data import CLASS_NAMES, decode_idx
 from fmnas_jax.genome import Genome
 from fmnas_jax.model import read_checkpoint
 from fmnas_jax.store import CHECKPOINT, Store, StoreError
@@ -76,12 +76,7 @@ def read_images(path: str | Path) -> np.ndarray:
     if p.suffix == ".npy":
         return as_images(np.load(p, allow_pickle=False))
     raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
-    if len(raw) < 16 or int.from_bytes(raw[:4], "big") != 2051:
-        raise ValueError(f"{p} is neither a .npy array nor an IDX image file (magic 2051)")
-    n, rows, cols = (int.from_bytes(raw[i : i + 4], "big") for i in (4, 8, 12))
-    if (rows, cols) != (28, 28) or len(raw) != 16 + n * 784:
-        raise ValueError(f"{p}: IDX header says {n}x{rows}x{cols} but the file has {len(raw) - 16} pixel bytes")
-    return np.frombuffer(raw, np.uint8, offset=16).reshape(n, 28, 28, 1)
+    return decode_idx(raw, str(p), images=True)[..., None]
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: int = 10) -> np.ndarray:

@@ -71,6 +71,12 @@ def _evaluate(genome: Genome, trainer: TrainConfig, data_cfg: DataConfig, seed: 
         return EvalResult(str(genome), "FAILED", count_params(genome), reason=f"{type(e).__name__} in worker {_STATE.get('core')}: {e}")
 
 
+def _as_finished(futures: dict[Future, Genome]) -> Iterator[tuple[Genome, Any]]:
+    """(genome, EvalResult) in the order the evaluations finish."""
+    for fut in as_completed(futures):
+        yield futures[fut], fut.result()
+
+
 class WorkerPool:
     """`n` pinned single-threaded worker processes evaluating genomes."""
 
@@ -87,9 +93,7 @@ class WorkerPool:
         self, genomes: Sequence[Genome], trainer: TrainConfig, data_cfg: DataConfig, seed: int, keep_variables: bool = False
     ) -> Iterator[tuple[Genome, Any]]:
         """Yield (genome, EvalResult) as evaluations finish."""
-        futures: dict[Future, Genome] = {self._pool.submit(_evaluate, g, trainer, data_cfg, seed, keep_variables): g for g in genomes}
-        for fut in as_completed(futures):
-            yield futures[fut], fut.result()
+        return _as_finished({self._pool.submit(_evaluate, g, trainer, data_cfg, seed, keep_variables): g for g in genomes})
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -141,9 +145,7 @@ class DevicePool:
         self, genomes: Sequence[Genome], trainer: TrainConfig, data_cfg: DataConfig, seed: int, keep_variables: bool = False
     ) -> Iterator[tuple[Genome, Any]]:
         """Yield (genome, EvalResult) as evaluations finish."""
-        futures = {self._pool.submit(self._run, g, trainer, data_cfg, seed, keep_variables): g for g in genomes}
-        for fut in as_completed(futures):
-            yield futures[fut], fut.result()
+        return _as_finished({self._pool.submit(self._run, g, trainer, data_cfg, seed, keep_variables): g for g in genomes})
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

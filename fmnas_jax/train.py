@@ -144,22 +144,15 @@ def to_device(data: Dataset, eval_batch: int = 1000) -> DeviceData:
     )
 
 
-_CACHE_EVENTS = {"hits": 0, "misses": 0}
+_CACHE_EVENTS = {"hits": 0}  # programs this process loaded from the persistent cache
 
 
 def _count_cache_event(event: str, **_: object) -> None:
     if event == "/jax/compilation_cache/cache_hits":
         _CACHE_EVENTS["hits"] += 1
-    elif event == "/jax/compilation_cache/cache_misses":
-        _CACHE_EVENTS["misses"] += 1
 
 
 jax.monitoring.register_event_listener(_count_cache_event)
-
-
-def cache_events() -> dict[str, int]:
-    """Persistent compilation cache hits and misses seen by this process so far."""
-    return dict(_CACHE_EVENTS)
 
 
 def enable_compilation_cache(path: str) -> None:
@@ -288,7 +281,7 @@ def compiled_eval(genome: Genome, variables: dict, dd: DeviceData) -> Programs:
 
 
 @functools.lru_cache(maxsize=16)
-def _predict_fn(genome: Genome, batch: int) -> Callable:
+def _predict_fn(genome: Genome) -> Callable:
     model = GenomeCNN(genome)
     return jax.jit(lambda variables, x, norm: model.apply(variables, _normalise(x, norm), train=False).argmax(-1))
 
@@ -301,7 +294,7 @@ def predict_classes(
     n = len(x)
     pad = -n % batch
     x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
-    norm, fn = jnp.asarray(normalisation, jnp.float32), _predict_fn(genome, batch)
+    norm, fn = jnp.asarray(normalisation, jnp.float32), _predict_fn(genome)
     out = [fn(variables, jnp.asarray(x[i : i + batch]), norm) for i in range(0, len(x), batch)]  # (batch,) each
     return np.concatenate([np.asarray(o) for o in out])[:n].astype(np.int64)
 
