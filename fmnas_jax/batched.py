@@ -1,18 +1,30 @@
-"""Several genomes of one shape trained as one vmapped program (an accelerator path; opt-in).
+"""Several genomes trained as one vmapped program: same-shape groups and masked buckets (opt-in).
 
-Genomes that share every layer's type, filters and kernel size differ only in activations, which
-are chosen here by index (`lax.switch`; under `vmap` a select over the five). A hill climber's
-neighbourhood is mostly such genomes (20 of a genome's ~32 neighbours only change an activation).
-Each model keeps its own parameters, optimiser state and BatchNorm statistics and sees exactly the
-batches its solo run would see, so the results equal solo training up to float rounding (tested).
+A *bucket* is a group of genomes with one layout (NC, RC, NC, RC); each conv layer of the bucket has
+the group's largest filter count and kernel size, and every model carries masks that make the big
+program compute exactly its own small network:
+- kernel: the genome's k x k kernel sits inside the bucket's K x K kernel (zeros around it, kept zero
+  by a weight mask), at offset (K-1)//2 - (k-1)//2 for 'same' convs (XLA's SAME padding puts
+  (k-1)//2 zeros before) and at 0 for 'valid' stride-2 convs;
+- spatial: a 'valid' stride-2 conv's output size depends on k, so the bucket computes the largest
+  size the group needs (zero padding at the bottom/right) and a validity mask zeroes the rest; the
+  zeros then play the part of the next 'same' conv's padding;
+- channels: filters beyond the genome's are zeroed after BatchNorm, whose statistics (and the global
+  average pooling) count only valid positions;
+- activations: chosen by index (`lax.switch`; under `vmap` a select over the five).
+Padded weights get zero gradients, so Adam leaves them at zero; each model keeps its own parameters,
+optimiser state and BatchNorm statistics and sees exactly the batches its solo run would see, so
+results equal solo training up to float rounding (tests/test_batched.py). Genomes of one shape are the
+special case with all-ones masks (a hill climber's neighbourhood is mostly such genomes: 20 of ~32).
 
-On XLA:CPU vmapped convolutions ran 2.5-5x slower than one model after another (NOTES.md), so this
-is not used on CPU; on a GPU it is unmeasured so far (scripts/bench_gpu.sh measures it).
+On XLA:CPU vmapped convolutions ran 2.5-5x slower than one model after another (NOTES.md), so CPU
+searches do not use this; on a GPU it is unmeasured so far (scripts/bench_gpu.sh measures it).
 Imports jax/flax/optax/numpy only.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -22,51 +34,221 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmnas_jax.genome import ACTIVATIONS, HEAD_UNITS, NUM_CLASSES, Genome, count_params
-from fmnas_jax.model import ACTIVATION_FNS, BN_MOMENTUM
-from fmnas_jax.train import DIVERGED_LOSS, DeviceData, EvalResult, TrainConfig, _loss, _normalise, init_state, lr_schedule, make_optimizer
+from fmnas_jax.genome import ACTIVATIONS, HEAD_UNITS, NUM_CLASSES, ConvGene, Genome, count_params
+from fmnas_jax.model import ACTIVATION_FNS, BN_MOMENTUM, init_variables
+from fmnas_jax.train import DIVERGED_LOSS, DeviceData, EvalResult, TrainConfig, TrainState, _loss, _normalise, lr_schedule, make_optimizer
 
-Signature = tuple[tuple[str, int, int], ...]
+IMAGE_SIZE = 28
+BN_EPSILON = 1e-5  # flax.linen.BatchNorm's default, which GenomeCNN uses
+Bucket = tuple[tuple[str, int, int, int], ...]  # per conv: (type, filters, kernel, smallest kernel in the group)
 
 
-def signature(genome: Genome) -> Signature:
+def bucket_of(genomes: Sequence[Genome]) -> Bucket:
+    """The smallest bucket that holds every genome (they must share one layout)."""
+    layouts = {tuple(c.kind for c in g.convs) for g in genomes}
+    if len(layouts) != 1:
+        raise ValueError(f"a bucket needs genomes of one layout, got {sorted(layouts)}")
+    return tuple(
+        (layer[0].kind, max(c.filters for c in layer), max(c.kernel for c in layer), min(c.kernel for c in layer))
+        for layer in zip(*(g.convs for g in genomes), strict=True)
+    )
+
+
+def bucket_cost(bucket: Bucket) -> int:
+    """Forward multiply-adds per image of one model in the bucket (what each model pays when batched)."""
+    macs, c_in = 0, 1
+    for h, (_, f, k, _) in zip(_sizes(bucket), bucket, strict=True):
+        macs += h * h * k * k * c_in * f
+        c_in = f
+    return macs + c_in * HEAD_UNITS + HEAD_UNITS * NUM_CLASSES
+
+
+def plan_buckets(genomes: Sequence[Genome], max_models: int = 16, max_waste: float = 2.0) -> list[list[Genome]]:
+    """Group a population into buckets: cheapest first, each genome into the first group where the
+    bucket's cost for all its models stays within `max_waste` x what they would cost alone."""
+    if max_models < 1 or max_waste < 1:
+        raise ValueError(f"max_models {max_models} must be >= 1 and max_waste {max_waste} >= 1")
+    own = {g: bucket_cost(bucket_of([g])) for g in genomes}
+    groups: list[list[Genome]] = []
+    for g in sorted(dict.fromkeys(genomes), key=lambda g: (own[g], str(g))):
+        for group in groups:
+            cost = bucket_cost(bucket_of([*group, g])) * (len(group) + 1)
+            if len(group) < max_models and cost <= max_waste * sum(own[x] for x in (*group, g)):
+                group.append(g)
+                break
+        else:
+            groups.append([g])
+    return groups
+
+
+def _sizes(bucket: Bucket) -> list[int]:
+    """Spatial output size of each bucket layer: the largest any genome of the group needs."""
+    h, out = IMAGE_SIZE, []
+    for kind, _, _, k_min in bucket:
+        h = h if kind == "NC" else (h - k_min) // 2 + 1
+        out.append(h)
+    return out
+
+
+def _solo_sizes(genome: Genome) -> list[int]:
+    h, out = IMAGE_SIZE, []
+    for c in genome.convs:
+        h = h if c.kind == "NC" else (h - c.kernel) // 2 + 1
+        out.append(h)
+    return out
+
+
+def _offset(kind: str, big: int, k: int) -> int:
+    """Where a k x k kernel sits inside the bucket's big x big one."""
+    return (big - 1) // 2 - (k - 1) // 2 if kind == "NC" else 0
+
+
+def _offsets(genome: Genome, bucket: Bucket) -> dict[str, int]:
+    return {f"Conv_{i}": _offset(b[0], b[2], c.kernel) for i, (b, c) in enumerate(zip(bucket, genome.convs, strict=True))}
+
+
+def signature(genome: Genome) -> tuple[tuple[str, int, int], ...]:
     """What fixes the shapes of a genome's arrays: (type, filters, kernel) per conv."""
     return tuple((c.kind, c.filters, c.kernel) for c in genome.convs)
-
-
-def activation_indices(genome: Genome) -> list[int]:
-    """Index into ACTIVATIONS of each conv's activation, then the head's."""
-    return [ACTIVATIONS.index(c.activation) for c in genome.convs] + [ACTIVATIONS.index(genome.head_activation)]
 
 
 def _act(index: jax.Array, x: jax.Array) -> jax.Array:
     return jax.lax.switch(index, [ACTIVATION_FNS[a] for a in ACTIVATIONS], x)
 
 
-class ShapeCNN(nn.Module):
-    """GenomeCNN with activations given at call time; same variable tree as GenomeCNN."""
+def masks(genome: Genome, bucket: Bucket) -> dict[str, np.ndarray]:
+    """What tells the bucket program which network a model is (host arrays; stacked and vmapped)."""
+    out: dict[str, np.ndarray] = {"acts": np.asarray([ACTIVATIONS.index(c.activation) for c in genome.convs]
+                                                     + [ACTIVATIONS.index(genome.head_activation)], np.int32)}  # fmt: skip
+    if tuple(c.kind for c in genome.convs) != tuple(b[0] for b in bucket):
+        raise ValueError(f"genome {genome} does not fit bucket {bucket}: layouts differ")
+    layers = zip(genome.convs, bucket, _sizes(bucket), _solo_sizes(genome), strict=True)
+    for i, (c, (kind, big_f, big_k, k_min), size, solo) in enumerate(layers):
+        if c.filters > big_f or not k_min <= c.kernel <= big_k:
+            raise ValueError(f"genome {genome} does not fit bucket {bucket}: layer {i + 1} is {c.filters} filters, kernel {c.kernel}")
+        o = _offset(kind, big_k, c.kernel)
+        kernel = np.zeros((big_k, big_k, 1, big_f), np.float32)
+        kernel[o : o + c.kernel, o : o + c.kernel, :, : c.filters] = 1
+        valid = np.zeros((size, size, big_f), np.float32)
+        valid[:solo, :solo, : c.filters] = 1
+        out[f"kernel_{i}"], out[f"valid_{i}"] = kernel, valid
+    out["pool_count"] = np.float32(_solo_sizes(genome)[-1] ** 2)
+    return out
 
-    sig: Signature
+
+class MaskedBatchNorm(nn.Module):
+    """flax.linen.BatchNorm (same variables, fast-variance formula) over the valid positions only."""
+
+    momentum: float = BN_MOMENTUM
 
     @nn.compact
-    def __call__(self, x: jax.Array, acts: jax.Array, train: bool) -> jax.Array:
-        for i, (kind, filters, kernel) in enumerate(self.sig):
-            stride, padding = (1, "SAME") if kind == "NC" else (2, "VALID")
-            x = nn.Conv(filters, (kernel, kernel), strides=stride, padding=padding)(x)
-            x = _act(acts[i], x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM)(x)
-        x = x.mean(axis=(1, 2))
-        x = _act(acts[-1], nn.Dense(HEAD_UNITS)(x))
-        return nn.Dense(NUM_CLASSES)(x)
+    def __call__(self, x: jax.Array, valid: jax.Array, train: bool) -> jax.Array:
+        f = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(f, jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(f, jnp.float32))
+        scale = self.param("scale", nn.initializers.ones, (f,))
+        bias = self.param("bias", nn.initializers.zeros, (f,))
+        if train:
+            n = jnp.maximum(x.shape[0] * valid.sum((0, 1)), 1.0)  # per channel; padded channels count none
+            mean = (x * valid).sum((0, 1, 2)) / n
+            var = jnp.maximum(0.0, (x * x * valid).sum((0, 1, 2)) / n - mean * mean)
+            if not self.is_initializing():
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        y = (x - mean) * (jax.lax.rsqrt(var + BN_EPSILON) * scale) + bias
+        return y * valid
 
 
-def _programs(sig: Signature, cfg: TrainConfig, eval_batch: int) -> tuple:
-    model, tx, batch = ShapeCNN(sig), make_optimizer(cfg), cfg.batch_size
+class MaskedCNN(nn.Module):
+    """GenomeCNN for any genome of a bucket, told which one by `masks` (same variable names, bigger arrays)."""
 
-    def one_step(state, acts, x, y, lr):
+    bucket: Bucket
+
+    @nn.compact
+    def __call__(self, x: jax.Array, m: dict, train: bool) -> jax.Array:
+        h_in = IMAGE_SIZE
+        for i, ((kind, filters, big_k, _), h_out) in enumerate(zip(self.bucket, _sizes(self.bucket), strict=True)):
+            if kind == "NC":
+                stride, lo = 1, (big_k - 1) // 2
+                pads = ((lo, big_k - 1 - lo),) * 2
+            else:  # 'valid' stride 2, padded at the far side up to the group's largest output
+                stride = 2
+                pads = ((0, max(0, 2 * (h_out - 1) + big_k - h_in)),) * 2
+            weight_mask = jnp.broadcast_to(m[f"kernel_{i}"], (big_k, big_k, x.shape[-1], filters))
+            x = nn.Conv(filters, (big_k, big_k), strides=stride, padding=pads, mask=weight_mask, name=f"Conv_{i}")(x)
+            x = _act(m["acts"][i], x)
+            x = MaskedBatchNorm(name=f"BatchNorm_{i}")(x, m[f"valid_{i}"], train)
+            h_in = h_out
+        x = x.sum(axis=(1, 2)) / m["pool_count"]  # global average pooling over the valid positions
+        x = _act(m["acts"][-1], nn.Dense(HEAD_UNITS, name="Dense_0")(x))
+        return nn.Dense(NUM_CLASSES, name="Dense_1")(x)
+
+
+def _example_masks(bucket: Bucket) -> dict:
+    """Masks of the bucket's own largest genome, for shapes (init/eval_shape)."""
+    return {k: jnp.asarray(v) for k, v in masks(_widest(bucket), bucket).items()}
+
+
+def _widest(bucket: Bucket) -> Genome:
+    return Genome(tuple(ConvGene(kind, f, k, "relu") for kind, f, k, _ in bucket), "relu")
+
+
+def embed_variables(genome: Genome, bucket: Bucket, variables: dict) -> dict:
+    """A genome's variables (GenomeCNN tree) placed inside the bucket's arrays; padding is zero
+    (BatchNorm scale and running variance: one)."""
+    big = jax.eval_shape(lambda: MaskedCNN(bucket).init(jax.random.key(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1)),
+                                                          _example_masks(bucket), train=False))  # fmt: skip
+    offsets = _offsets(genome, bucket)
+
+    def leaf(path: tuple, small: np.ndarray) -> np.ndarray:
+        shape = big
+        for p in path:
+            shape = shape[p.key]
+        fill = 1.0 if path[-1].key in ("scale", "var") else 0.0
+        out = np.full(shape.shape, fill, np.float32)
+        o = offsets.get(path[-2].key, 0) if path[-1].key == "kernel" and small.ndim == 4 else 0
+        index = tuple(slice(o, o + n) if d < 2 and small.ndim == 4 else slice(0, n) for d, n in enumerate(small.shape))
+        out[index] = small
+        return out
+
+    return jax.tree_util.tree_map_with_path(leaf, jax.tree_util.tree_map(np.asarray, variables))
+
+
+def extract_variables(genome: Genome, bucket: Bucket, variables: dict) -> dict:
+    """The inverse of `embed_variables`: a genome's own (GenomeCNN) variables out of bucket arrays."""
+    small = init_variables(genome, 0)  # only for the shapes
+    offsets = _offsets(genome, bucket)
+
+    def leaf(path: tuple, s: np.ndarray) -> np.ndarray:
+        arr = variables
+        for p in path:
+            arr = arr[p.key]
+        arr = np.asarray(arr)
+        o = offsets.get(path[-2].key, 0) if path[-1].key == "kernel" and s.ndim == 4 else 0
+        return arr[tuple(slice(o, o + n) if d < 2 and s.ndim == 4 else slice(0, n) for d, n in enumerate(s.shape))]
+
+    return jax.tree_util.tree_map_with_path(leaf, small)
+
+
+def init_bucket_state(genome: Genome, bucket: Bucket, cfg: TrainConfig, seed: int) -> TrainState:
+    """The genome's solo initial variables (train.init_state's), embedded; optimiser state zero."""
+    v = embed_variables(genome, bucket, init_variables(genome, seed))
+    opt_shapes = jax.eval_shape(make_optimizer(cfg).init, v["params"])
+    opt_state = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), opt_shapes)
+    return TrainState(v["params"], v["batch_stats"], opt_state)
+
+
+@functools.lru_cache(maxsize=64)
+def _programs(bucket: Bucket, cfg: TrainConfig, eval_batch: int) -> tuple:
+    """The jitted step and eval chunk of a bucket (jit then caches one executable per model count)."""
+    model, tx, batch = MaskedCNN(bucket), make_optimizer(cfg), cfg.batch_size
+
+    def one_step(state, m, x, y, lr):
         def loss_fn(params):
             variables = {"params": params, "batch_stats": state.batch_stats}
-            logits, updates = model.apply(variables, x, acts, train=True, mutable=["batch_stats"])
+            logits, updates = model.apply(variables, x, m, train=True, mutable=["batch_stats"])
             return _loss(logits, y).mean(), (logits, updates["batch_stats"])
 
         (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -75,46 +257,49 @@ def _programs(sig: Signature, cfg: TrainConfig, eval_batch: int) -> tuple:
         correct = (logits.argmax(-1) == y).sum().astype(jnp.float32)
         return type(state)(params, stats, opt_state), jnp.stack([loss * batch, correct])
 
-    def step(state, acc, acts, x_all, y_all, norm, perm, lr, i):
+    def step(state, acc, m, x_all, y_all, norm, perm, lr, i):
         idx = jax.lax.dynamic_slice_in_dim(perm, i * batch, batch)
         x, y = _normalise(x_all[idx], norm), y_all[idx]  # one batch, shared by every model
-        state, sums = jax.vmap(one_step, in_axes=(0, 0, None, None, None))(state, acts, x, y, lr)
+        state, sums = jax.vmap(one_step, in_axes=(0, 0, None, None, None))(state, m, x, y, lr)
         return state, acc + sums  # acc: (models, 2)
 
-    def one_eval(variables, acts, x, y, mask):
-        logits = model.apply(variables, x, acts, train=False)
-        return jnp.stack([jnp.where(mask, _loss(logits, y), 0.0).sum(), jnp.where(mask, logits.argmax(-1) == y, False).sum()])
+    def one_eval(variables, m, x, y, rows):
+        logits = model.apply(variables, x, m, train=False)
+        return jnp.stack([jnp.where(rows, _loss(logits, y), 0.0).sum(), jnp.where(rows, logits.argmax(-1) == y, False).sum()])
 
-    def eval_chunk(variables, acc, acts, x_all, y_all, norm, start, stop):
+    def eval_chunk(variables, acc, m, x_all, y_all, norm, start, stop):
         x = _normalise(jax.lax.dynamic_slice_in_dim(x_all, start, eval_batch), norm)
         y = jax.lax.dynamic_slice_in_dim(y_all, start, eval_batch)
-        mask = (start + jnp.arange(eval_batch)) < stop
-        return acc + jax.vmap(one_eval, in_axes=(0, 0, None, None, None))(variables, acts, x, y, mask).astype(jnp.float32)
+        rows = (start + jnp.arange(eval_batch)) < stop
+        return acc + jax.vmap(one_eval, in_axes=(0, 0, None, None, None))(variables, m, x, y, rows).astype(jnp.float32)
 
     return jax.jit(step, donate_argnums=(0, 1)), jax.jit(eval_chunk)
 
 
-def _evaluate(eval_chunk, variables, acts, dd: DeviceData, rows: tuple[int, int], models: int) -> np.ndarray:
+def _evaluate(eval_chunk, variables, m, dd: DeviceData, rows: tuple[int, int], models: int) -> np.ndarray:
     start, stop = rows
     acc = jnp.zeros((models, 2))
     for s in range(start, stop, dd.eval_batch):
-        acc = eval_chunk(variables, acc, acts, dd.x_eval, dd.y_eval, dd.norm, s, stop)
+        acc = eval_chunk(variables, acc, m, dd.x_eval, dd.y_eval, dd.norm, s, stop)
     return np.asarray(acc) / (stop - start)  # (models, 2): mean loss, accuracy
 
 
-def train_batched(genomes: Sequence[Genome], dd: DeviceData, cfg: TrainConfig, seed: int) -> list[EvalResult]:
-    """Train genomes of one signature together; one EvalResult each, as train_and_evaluate would give."""
-    sig = signature(genomes[0])
-    if any(signature(g) != sig for g in genomes):
-        raise ValueError("train_batched needs genomes of one shape signature (types, filters, kernels)")
+def train_batched(
+    genomes: Sequence[Genome], dd: DeviceData, cfg: TrainConfig, seed: int, bucket: Bucket | None = None, keep: bool = False
+) -> list[EvalResult]:
+    """Train genomes of one layout together in one masked bucket (default: the smallest that holds
+    them); one EvalResult each, as train_and_evaluate would give. `keep` returns each genome's own
+    trained variables (GenomeCNN tree) in `EvalResult.variables`."""
+    bucket = bucket or bucket_of(genomes)
     n, m = int(dd.y_train.shape[0]), len(genomes)
     steps = n // cfg.batch_size
     key, lrs = jax.random.key(seed), lr_schedule(cfg, steps * cfg.epochs)
-    states = [init_state(g, cfg, seed) for g in genomes]
-    state = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)  # (models, ...) per leaf
-    acts = jnp.asarray([activation_indices(g) for g in genomes], jnp.int32)
+    model_masks = [masks(g, bucket) for g in genomes]  # raises if a genome does not fit
+    states = [init_bucket_state(g, bucket, cfg, seed) for g in genomes]
+    state = jax.tree_util.tree_map(lambda *xs: jnp.asarray(np.stack(xs)), *states)  # (models, ...) per leaf
+    mk = {k: jnp.asarray(np.stack([mm[k] for mm in model_masks])) for k in model_masks[0]}
     t0 = time.perf_counter()
-    step, eval_chunk = _programs(sig, cfg, dd.eval_batch)
+    step, eval_chunk = _programs(bucket, cfg, dd.eval_batch)
     norm = tuple(np.asarray(dd.norm).tolist())
     results = [EvalResult(str(g), "FINISHED", count_params(g), normalisation=norm) for g in genomes]
     histories = [{k: [] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")} for _ in genomes]
@@ -125,11 +310,11 @@ def train_batched(genomes: Sequence[Genome], dd: DeviceData, cfg: TrainConfig, s
         perm = jax.random.permutation(jax.random.fold_in(key, epoch + 1), n)  # the solo runs' order
         acc = jnp.zeros((m, 2))
         for i in range(steps):
-            state, acc = step(state, acc, acts, dd.x_train, dd.y_train, dd.norm, perm, lrs[epoch * steps + i], i)
+            state, acc = step(state, acc, mk, dd.x_train, dd.y_train, dd.norm, perm, lrs[epoch * steps + i], i)
         sums = np.asarray(acc) / (steps * cfg.batch_size)
         train_time += time.perf_counter() - t
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        val = _evaluate(eval_chunk, variables, acts, dd, dd.val_range, m)
+        val = _evaluate(eval_chunk, variables, mk, dd, dd.val_range, m)
         for j, r in enumerate(results):
             if r.status == "FAILED":
                 continue  # a diverged model keeps computing alongside the others but is no longer reported
@@ -141,7 +326,8 @@ def train_batched(genomes: Sequence[Genome], dd: DeviceData, cfg: TrainConfig, s
                 continue
             for k, v in zip(histories[j], (sums[j, 0], sums[j, 1], val[j, 0], val[j, 1]), strict=True):
                 histories[j][k].append(float(v))
-    test = _evaluate(eval_chunk, {"params": state.params, "batch_stats": state.batch_stats}, acts, dd, dd.test_range, m)
+    final = {"params": state.params, "batch_stats": state.batch_stats}
+    test = _evaluate(eval_chunk, final, mk, dd, dd.test_range, m)
     elapsed = time.perf_counter() - t0
     for j, r in enumerate(results):
         h = r.history = histories[j]
@@ -151,4 +337,7 @@ def train_batched(genomes: Sequence[Genome], dd: DeviceData, cfg: TrainConfig, s
         if r.status == "FINISHED":
             r.train_loss, r.train_accuracy, r.val_loss, r.val_accuracy = (h[k][-1] for k in h)
             r.test_accuracy = float(test[j, 1])
+            if keep:
+                own = jax.tree_util.tree_map(lambda a, j=j: np.asarray(a[j]), final)
+                r.variables = extract_variables(genomes[j], bucket, own)
     return results

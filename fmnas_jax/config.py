@@ -20,6 +20,7 @@ from fmnas_jax.search.fitness import FitnessConfig
 from fmnas_jax.train import TrainConfig
 
 MODES = ("search", "train", "predict")
+BATCHING = ("none", "buckets")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class AppConfig:
     fitness: FitnessConfig = field(default_factory=FitnessConfig)
     final: FinalConfig = field(default_factory=FinalConfig)
     workers: int = 0
+    batching: str = "none"
+    bucket_size: int = 16
+    bucket_waste: float = 2.0
     cache_dir: str | None = None
     progress: bool = True
 
@@ -73,6 +77,10 @@ class AppConfig:
             raise ValueError(f"mode {self.mode!r} is not one of {list(MODES)}")
         if self.workers < 0:
             raise ValueError(f"workers {self.workers} must be >= 0 (0 = auto: one pinned process per CPU core, 4 per GPU; 1 = in-process)")
+        if self.batching not in BATCHING:
+            raise ValueError(f"batching {self.batching!r} is not one of {list(BATCHING)}")
+        if self.bucket_size < 1 or not self.bucket_waste >= 1:
+            raise ValueError(f"bucket_size {self.bucket_size} must be >= 1 and bucket_waste {self.bucket_waste} >= 1")
 
 
 class ConfigError(ValueError):

@@ -24,7 +24,7 @@ from fmnas_jax.config import AppConfig
 from fmnas_jax.genome import Genome, count_params
 from fmnas_jax.inference import CHECKPOINT_ARTIFACT
 from fmnas_jax.model import checkpoint_bytes
-from fmnas_jax.parallel import DevicePool, WorkerPool
+from fmnas_jax.parallel import BucketPool, DevicePool, WorkerPool
 from fmnas_jax.search import fitness
 from fmnas_jax.store import BUDGET_KEY, CHECKPOINT, DUPLICATE_OF, EVAL_KEY, GENOME, Store, flatten
 from fmnas_jax.train import DeviceData, EvalResult, TrainConfig, to_device, train_and_evaluate
@@ -82,7 +82,7 @@ class Evaluator:
         parent_run_id: str | None,
         config_yaml: str,
         keep_variables: bool = False,
-        pool: WorkerPool | DevicePool | None = None,
+        pool: WorkerPool | DevicePool | BucketPool | None = None,
     ) -> None:
         self.store, self.cfg, self.trainer, self.data = store, cfg, trainer, data
         self.parent_run_id, self.config_yaml, self.keep_variables = parent_run_id, config_yaml, keep_variables

@@ -30,7 +30,7 @@ from fmnas_jax.inference import (
     read_images,
 )
 from fmnas_jax.model import CheckpointError
-from fmnas_jax.parallel import DevicePool, WorkerPool, cpu_workers
+from fmnas_jax.parallel import BucketPool, DevicePool, WorkerPool, cpu_workers
 from fmnas_jax.report import Card, Row, plot_confusion, plot_curves, plot_search, write_card, write_csv
 from fmnas_jax.search import hill_climb, table_climb
 from fmnas_jax.search.base import ClimbResult
@@ -150,15 +150,19 @@ def _search_params(cfg: AppConfig) -> dict[str, Any]:
     return flatten("", {k: asdict(getattr(cfg, k)) for k in keep}) | {"seed": cfg.seed}
 
 
-def evaluation_pool(cfg: AppConfig) -> tuple[WorkerPool | DevicePool | None, str]:
+def evaluation_pool(cfg: AppConfig) -> tuple[WorkerPool | DevicePool | BucketPool | None, str]:
     """The fastest evaluation path for this platform, and a description for the log.
 
     Several CPU devices (JAX_NUM_CPU_DEVICES): one evaluation per device. Accelerators: several
     evaluations in flight per device (`workers` of them, default 4; a small CNN alone leaves a GPU
     idle between kernel launches, and compiles overlap too). One multi-core CPU: one single-threaded
-    worker process per core. Otherwise, or workers=1: in-process.
+    worker process per core. Otherwise, or workers=1: in-process. `batching=buckets` (opt-in):
+    masked buckets on the first device.
     """
     backend, devices = jax.default_backend(), jax.devices()
+    if cfg.batching == "buckets":
+        pool = BucketPool(devices[0], cfg.bucket_size, cfg.bucket_waste)
+        return pool, f"masked buckets of up to {cfg.bucket_size} genomes on {platform_summary()} (batching=buckets)"
     if cfg.workers == 1:
         return None, f"in-process on {platform_summary()} (workers=1)"
     if backend != "cpu":

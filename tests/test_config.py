@@ -81,6 +81,8 @@ def test_command_line_overrides_win():
         ("data.val_size=3", "data.val_size 3"),
         ("search_space.kernel_sizes=[0,3]", "kernel sizes [0]"),
         ("search_space.activations=[relu,elu]", "['elu']"),
+        ("batching=vmap", "batching 'vmap' is not one of ['none', 'buckets']"),
+        ("bucket_waste=0.5", "bucket_waste 0.5"),
     ],
 )
 def test_bad_values_are_refused_with_their_name(override, fragment):

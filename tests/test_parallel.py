@@ -11,7 +11,7 @@ from conftest import needs_real_data
 
 from fmnas_jax.data import DataConfig, load
 from fmnas_jax.genome import SearchSpace, sample_population
-from fmnas_jax.parallel import WorkerPool
+from fmnas_jax.parallel import BucketPool, WorkerPool
 from fmnas_jax.train import TrainConfig, to_device, train_and_evaluate
 
 pytestmark = needs_real_data
@@ -21,6 +21,22 @@ TRAINER = TrainConfig(epochs=1, batch_size=100)
 
 def _genomes(n=3):
     return sample_population(SearchSpace(filters=(4, 8), kernel_sizes=(1, 3)), n, np.random.default_rng(0))
+
+
+def test_bucket_pool_matches_in_process():
+    """batching=buckets: genomes of different shapes in one masked bucket, results as if trained alone."""
+    import jax
+
+    genomes = _genomes(3)
+    dd = to_device(load(DATA, 0), TRAINER.eval_batch_size)
+    solo = {str(g): train_and_evaluate(g, dd, TRAINER, 0) for g in genomes}
+    pool = BucketPool(jax.devices()[0], max_models=3, max_waste=100)  # everything into one bucket
+    got = dict((str(g), r) for g, r in pool.map_unordered(genomes, TRAINER, DATA, 0))
+    assert set(got) == set(solo)
+    for k, r in got.items():
+        assert r.status == "FINISHED"
+        assert r.history["train_loss"] == pytest.approx(solo[k].history["train_loss"], rel=2e-4)
+        assert r.val_accuracy == pytest.approx(solo[k].val_accuracy, abs=2e-3)
 
 
 def test_worker_pool_matches_in_process(tmp_path):
