@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
@@ -35,6 +36,7 @@ def cpu_workers() -> int:
 
 
 def _init_worker(cores: Any, cache_dir: str | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent stops us
     core = cores.get()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {core})
@@ -95,8 +97,21 @@ class WorkerPool:
         """Yield (genome, EvalResult) as evaluations finish."""
         return _as_finished({self._pool.submit(_evaluate, g, trainer, data_cfg, seed, keep_variables): g for g in genomes})
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, now: bool = False) -> None:
+        """Let running evaluations finish; with `now` (an interrupted search) stop the workers at once."""
+        if not now:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            return
+        workers = list((getattr(self._pool, "_processes", None) or {}).values())  # CPython's executor keeps them there
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for p in workers:
+            p.terminate()
+        for p in workers:
+            p.join(timeout=10)
+
+
+class _Stopped(Exception):
+    """Raised at an epoch boundary inside an evaluation of a pool that is being closed."""
 
 
 class DevicePool:
@@ -121,6 +136,7 @@ class DevicePool:
         self._pool = ThreadPoolExecutor(self.n, thread_name_prefix="fmnas-device")
         self._data: dict[tuple, Any] = {}
         self._lock = threading.Lock()
+        self._stop = threading.Event()
 
     def _run(self, genome: Genome, trainer: TrainConfig, data_cfg: DataConfig, seed: int, keep_variables: bool) -> EvalResult:
         import jax
@@ -135,7 +151,7 @@ class DevicePool:
                 with self._lock:  # threads sharing a device share its copy of the data
                     if key not in self._data:
                         self._data[key] = to_device(data_mod.load(data_cfg, seed), trainer.eval_batch_size)
-                return train_and_evaluate(genome, self._data[key], trainer, seed, None, keep_variables)
+                return train_and_evaluate(genome, self._data[key], trainer, seed, self._check_stop, keep_variables)
         except Exception as e:  # one broken genome must not end the search
             return EvalResult(str(genome), "FAILED", count_params(genome), reason=f"{type(e).__name__} on {device}: {e}")
         finally:
@@ -147,7 +163,19 @@ class DevicePool:
         """Yield (genome, EvalResult) as evaluations finish."""
         return _as_finished({self._pool.submit(self._run, g, trainer, data_cfg, seed, keep_variables): g for g in genomes})
 
-    def close(self) -> None:
+    def _check_stop(self, epoch: int, row: dict[str, float]) -> None:
+        if self._stop.is_set():
+            raise _Stopped(f"stopped after epoch {epoch}: the search was interrupted")
+
+    def stop(self) -> None:
+        """Evaluations running or still to start end FAILED at their next epoch boundary."""
+        self._stop.set()
+
+    def close(self, now: bool = False) -> None:
+        """Let running evaluations finish; with `now` they stop at their next epoch boundary
+        (threads cannot be killed, and the interpreter waits for them before it exits)."""
+        if now:
+            self.stop()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -184,5 +212,6 @@ class BucketPool:
                     results = [EvalResult(str(g), "FAILED", count_params(g), reason=f"{type(e).__name__} in a bucket: {e}") for g in group]
                 yield from zip(group, results, strict=True)
 
-    def close(self) -> None:
+    def close(self, now: bool = False) -> None:
+        """Buckets train in the caller's thread: an interrupt has already stopped them."""
         self._data.clear()

@@ -182,11 +182,15 @@ def _search(cfg: AppConfig, store: Store, parent: str, own: set[str], config_yam
     rng = np.random.default_rng(cfg.search.seed)
     pool, path = evaluation_pool(cfg)
     log.info("evaluation path: %s", path)
+    interrupted = False
     try:
         return _search_with(cfg, store, parent, own, config_yaml, out_dir, rng, pool)
+    except BaseException:
+        interrupted = True  # Ctrl-C or an error: stop the evaluations in flight instead of waiting for them
+        raise
     finally:
         if pool is not None:
-            pool.close()
+            pool.close(now=interrupted)
 
 
 def _search_with(

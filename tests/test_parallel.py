@@ -81,3 +81,16 @@ def test_population_split_across_two_devices_matches_one_device():
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res == {"same": True, "devices": [0, 1]}
+
+
+def test_a_stopped_device_pool_ends_evaluations_at_the_next_epoch():
+    """What an interrupted search does to its GPU evaluations: they end FAILED after at most one epoch."""
+    import jax
+
+    from fmnas_jax.parallel import DevicePool
+
+    pool = DevicePool(jax.devices()[:1])
+    pool.stop()
+    ((_, r),) = list(pool.map_unordered(_genomes(1), TrainConfig(epochs=50, batch_size=100), DATA, 0))
+    pool.close()
+    assert r.status == "FAILED" and "interrupted" in r.reason and "after epoch 1" in r.reason

@@ -67,6 +67,55 @@ def test_kill_9_then_rerun_finishes_without_retraining(tmp_path):
     assert _winner(crashed) == _winner(reference)
 
 
+def _running_evals(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=5) as con:
+            q = (
+                "SELECT COUNT(*) FROM runs r JOIN tags t ON r.run_uuid = t.run_uuid "
+                "WHERE t.key = 'fmnas.role' AND t.value = 'evaluation' AND r.status = 'RUNNING'"
+            )
+            return con.execute(q).fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_ctrl_c_stops_the_worker_pool_at_once(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) during long evaluations on two
+    worker processes: the search exits without waiting for them, leaves no process behind and no run
+    RUNNING; the evaluations in flight and the search end KILLED."""
+    args = ["+experiment=smoke", "search.population_size=4", "trainer.epochs=200", "data.train_size=5000", "workers=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "fmnas_jax", *args, "progress=false"], cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while _running_evals(tmp_path / "mlflow.db") < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None and _running_evals(tmp_path / "mlflow.db") >= 2
+    time.sleep(8)  # the workers are inside training now (each evaluation takes minutes)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        rc = proc.wait(timeout=90)  # waiting for the evaluations instead would take minutes
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the search did not stop within 90 s of Ctrl-C")
+    assert rc != 0
+    for _ in range(50):  # the workers were terminated with it
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("worker processes outlived the search")
+    evals = runs(tmp_path, "evaluation")
+    assert not [r for r in evals if r.info.status == "RUNNING"]
+    killed = [r for r in evals if r.info.status == "KILLED"]
+    assert len(killed) >= 2 and all("interrupted" in r.data.tags["fmnas.reason"] for r in killed)
+    assert [r.info.status for r in runs(tmp_path, "search")] == ["KILLED"]
+
+
 def test_parallel_joblib_sweep_on_one_fresh_sqlite_store(tmp_path):
     proc = cli(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", "+experiment=smoke", "search.seed=0,1,2,3")
     out = proc.stdout + proc.stderr
