@@ -74,7 +74,7 @@ def main(cfg: DictConfig) -> float:
     from fmnas_jax import runner
     from fmnas_jax.data import DataError
     from fmnas_jax.model import CheckpointError
-    from fmnas_jax.store import StoreError
+    from fmnas_jax.store import StoreError, resolve_uri
     from fmnas_jax.train import enable_compilation_cache, platform_summary
 
     app = replace(app, cache_dir=app.cache_dir or os.path.expanduser("~/.cache/fmnas_jax/jax"))  # workers share it
@@ -93,6 +93,12 @@ def main(cfg: DictConfig) -> float:
     except (DataError, StoreError, FileNotFoundError, CheckpointError) as e:
         print(f"fmnas_jax: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        log.warning(
+            "interrupted: runs in flight are marked KILLED in %s; run the same command again to resume (finished evaluations are reused)",
+            resolve_uri(app.tracking.uri),
+        )
+        sys.exit(130)
     return card.val_accuracy
 
 

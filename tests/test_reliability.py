@@ -86,8 +86,9 @@ def test_ctrl_c_stops_the_worker_pool_at_once(tmp_path):
     worker processes: the search exits without waiting for them, leaves no process behind and no run
     RUNNING; the evaluations in flight and the search end KILLED."""
     args = ["+experiment=smoke", "search.population_size=4", "trainer.epochs=200", "data.train_size=5000", "workers=2"]
+    log = (tmp_path / "log.txt").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "fmnas_jax", *args, "progress=false"], cwd=tmp_path, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     deadline = time.time() + 300
     while _running_evals(tmp_path / "mlflow.db") < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -99,7 +100,10 @@ def test_ctrl_c_stops_the_worker_pool_at_once(tmp_path):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("the search did not stop within 90 s of Ctrl-C")
-    assert rc != 0
+    log.close()
+    assert rc == 130
+    out = (tmp_path / "log.txt").read_text()
+    assert "run the same command again to resume" in out and "Traceback" not in out
     for _ in range(50):  # the workers were terminated with it
         try:
             os.killpg(proc.pid, 0)
