@@ -25,7 +25,6 @@ Imports jax/flax/optax/numpy only.
 from __future__ import annotations
 
 import functools
-import math
 import time
 from collections.abc import Sequence
 
@@ -35,8 +34,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmnas_jax.genome import ACTIVATIONS, HEAD_UNITS, NUM_CLASSES, ConvGene, Genome, count_params
-from fmnas_jax.model import ACTIVATION_FNS, BN_MOMENTUM, init_variables
-from fmnas_jax.train import DIVERGED_LOSS, DeviceData, EvalResult, TrainConfig, TrainState, _loss, _normalise, lr_schedule, make_optimizer
+from fmnas_jax.model import ACTIVATION_FNS, BN_MOMENTUM, init_variables, variable_shapes
+from fmnas_jax.train import (
+    DeviceData,
+    EvalResult,
+    TrainConfig,
+    TrainState,
+    _normalise,
+    divergence,
+    lr_schedule,
+    make_optimizer,
+    masked_sums,
+    train_update,
+)
 
 IMAGE_SIZE = 28
 BN_EPSILON = 1e-5  # flax.linen.BatchNorm's default, which GenomeCNN uses
@@ -90,14 +100,6 @@ def _sizes(bucket: Bucket) -> list[int]:
     return out
 
 
-def _solo_sizes(genome: Genome) -> list[int]:
-    h, out = IMAGE_SIZE, []
-    for c in genome.convs:
-        h = h if c.kind == "NC" else (h - c.kernel) // 2 + 1
-        out.append(h)
-    return out
-
-
 def _offset(kind: str, big: int, k: int) -> int:
     """Where a k x k kernel sits inside the bucket's big x big one."""
     return (big - 1) // 2 - (k - 1) // 2 if kind == "NC" else 0
@@ -122,7 +124,8 @@ def masks(genome: Genome, bucket: Bucket) -> dict[str, np.ndarray]:
                                                      + [ACTIVATIONS.index(genome.head_activation)], np.int32)}  # fmt: skip
     if tuple(c.kind for c in genome.convs) != tuple(b[0] for b in bucket):
         raise ValueError(f"genome {genome} does not fit bucket {bucket}: layouts differ")
-    layers = zip(genome.convs, bucket, _sizes(bucket), _solo_sizes(genome), strict=True)
+    solo_sizes = _sizes(bucket_of([genome]))  # a genome alone is its own smallest bucket
+    layers = zip(genome.convs, bucket, _sizes(bucket), solo_sizes, strict=True)
     for i, (c, (kind, big_f, big_k, k_min), size, solo) in enumerate(layers):
         if c.filters > big_f or not k_min <= c.kernel <= big_k:
             raise ValueError(f"genome {genome} does not fit bucket {bucket}: layer {i + 1} is {c.filters} filters, kernel {c.kernel}")
@@ -132,7 +135,7 @@ def masks(genome: Genome, bucket: Bucket) -> dict[str, np.ndarray]:
         valid = np.zeros((size, size, big_f), np.float32)
         valid[:solo, :solo, : c.filters] = 1
         out[f"kernel_{i}"], out[f"valid_{i}"] = kernel, valid
-    out["pool_count"] = np.float32(_solo_sizes(genome)[-1] ** 2)
+    out["pool_count"] = np.float32(solo_sizes[-1] ** 2)
     return out
 
 
@@ -195,22 +198,35 @@ def _widest(bucket: Bucket) -> Genome:
     return Genome(tuple(ConvGene(kind, f, k, "relu") for kind, f, k, _ in bucket), "relu")
 
 
+@functools.lru_cache(maxsize=64)
+def _bucket_shapes(bucket: Bucket) -> dict:
+    """The bucket model's variables tree as ShapeDtypeStructs (traced once per bucket, never compiled)."""
+    x = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1))
+    return jax.eval_shape(lambda: MaskedCNN(bucket).init(jax.random.key(0), x, _example_masks(bucket), train=False))
+
+
+def _at(tree: dict, path: tuple) -> object:
+    for p in path:
+        tree = tree[p.key]
+    return tree
+
+
+def _region(path: tuple, shape: tuple[int, ...], offsets: dict[str, int]) -> tuple[slice, ...]:
+    """Where a genome's variable of `shape` at `path` sits inside the bucket's bigger one: conv kernels
+    at their tap offset in the two spatial dims, everything else at the start of every dim."""
+    o = offsets.get(path[-2].key, 0) if path[-1].key == "kernel" and len(shape) == 4 else 0
+    return tuple(slice(o, o + n) if d < 2 and len(shape) == 4 else slice(0, n) for d, n in enumerate(shape))
+
+
 def embed_variables(genome: Genome, bucket: Bucket, variables: dict) -> dict:
     """A genome's variables (GenomeCNN tree) placed inside the bucket's arrays; padding is zero
     (BatchNorm scale and running variance: one)."""
-    big = jax.eval_shape(lambda: MaskedCNN(bucket).init(jax.random.key(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1)),
-                                                          _example_masks(bucket), train=False))  # fmt: skip
-    offsets = _offsets(genome, bucket)
+    big, offsets = _bucket_shapes(bucket), _offsets(genome, bucket)
 
     def leaf(path: tuple, small: np.ndarray) -> np.ndarray:
-        shape = big
-        for p in path:
-            shape = shape[p.key]
         fill = 1.0 if path[-1].key in ("scale", "var") else 0.0
-        out = np.full(shape.shape, fill, np.float32)
-        o = offsets.get(path[-2].key, 0) if path[-1].key == "kernel" and small.ndim == 4 else 0
-        index = tuple(slice(o, o + n) if d < 2 and small.ndim == 4 else slice(0, n) for d, n in enumerate(small.shape))
-        out[index] = small
+        out = np.full(_at(big, path).shape, fill, np.float32)
+        out[_region(path, small.shape, offsets)] = small
         return out
 
     return jax.tree_util.tree_map_with_path(leaf, jax.tree_util.tree_map(np.asarray, variables))
@@ -218,18 +234,12 @@ def embed_variables(genome: Genome, bucket: Bucket, variables: dict) -> dict:
 
 def extract_variables(genome: Genome, bucket: Bucket, variables: dict) -> dict:
     """The inverse of `embed_variables`: a genome's own (GenomeCNN) variables out of bucket arrays."""
-    small = init_variables(genome, 0)  # only for the shapes
     offsets = _offsets(genome, bucket)
 
-    def leaf(path: tuple, s: np.ndarray) -> np.ndarray:
-        arr = variables
-        for p in path:
-            arr = arr[p.key]
-        arr = np.asarray(arr)
-        o = offsets.get(path[-2].key, 0) if path[-1].key == "kernel" and s.ndim == 4 else 0
-        return arr[tuple(slice(o, o + n) if d < 2 and s.ndim == 4 else slice(0, n) for d, n in enumerate(s.shape))]
+    def leaf(path: tuple, small: jax.ShapeDtypeStruct) -> np.ndarray:
+        return np.asarray(_at(variables, path))[_region(path, small.shape, offsets)]
 
-    return jax.tree_util.tree_map_with_path(leaf, small)
+    return jax.tree_util.tree_map_with_path(leaf, variable_shapes(genome))
 
 
 def init_bucket_state(genome: Genome, bucket: Bucket, cfg: TrainConfig, seed: int) -> TrainState:
@@ -246,16 +256,7 @@ def _programs(bucket: Bucket, cfg: TrainConfig, eval_batch: int) -> tuple:
     model, tx, batch = MaskedCNN(bucket), make_optimizer(cfg), cfg.batch_size
 
     def one_step(state, m, x, y, lr):
-        def loss_fn(params):
-            variables = {"params": params, "batch_stats": state.batch_stats}
-            logits, updates = model.apply(variables, x, m, train=True, mutable=["batch_stats"])
-            return _loss(logits, y).mean(), (logits, updates["batch_stats"])
-
-        (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        direction, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = jax.tree_util.tree_map(lambda p, d: p - lr * d, state.params, direction)
-        correct = (logits.argmax(-1) == y).sum().astype(jnp.float32)
-        return type(state)(params, stats, opt_state), jnp.stack([loss * batch, correct])
+        return train_update(lambda v, x, **kw: model.apply(v, x, m, **kw), tx, state, x, y, lr)
 
     def step(state, acc, m, x_all, y_all, norm, perm, lr, i):
         idx = jax.lax.dynamic_slice_in_dim(perm, i * batch, batch)
@@ -264,14 +265,13 @@ def _programs(bucket: Bucket, cfg: TrainConfig, eval_batch: int) -> tuple:
         return state, acc + sums  # acc: (models, 2)
 
     def one_eval(variables, m, x, y, rows):
-        logits = model.apply(variables, x, m, train=False)
-        return jnp.stack([jnp.where(rows, _loss(logits, y), 0.0).sum(), jnp.where(rows, logits.argmax(-1) == y, False).sum()])
+        return masked_sums(model.apply(variables, x, m, train=False), y, rows)
 
     def eval_chunk(variables, acc, m, x_all, y_all, norm, start, stop):
         x = _normalise(jax.lax.dynamic_slice_in_dim(x_all, start, eval_batch), norm)
         y = jax.lax.dynamic_slice_in_dim(y_all, start, eval_batch)
         rows = (start + jnp.arange(eval_batch)) < stop
-        return acc + jax.vmap(one_eval, in_axes=(0, 0, None, None, None))(variables, m, x, y, rows).astype(jnp.float32)
+        return acc + jax.vmap(one_eval, in_axes=(0, 0, None, None, None))(variables, m, x, y, rows)
 
     return jax.jit(step, donate_argnums=(0, 1)), jax.jit(eval_chunk)
 
@@ -318,11 +318,8 @@ def train_batched(
         for j, r in enumerate(results):
             if r.status == "FAILED":
                 continue  # a diverged model keeps computing alongside the others but is no longer reported
-            if not math.isfinite(sums[j, 0]) or sums[j, 0] > DIVERGED_LOSS:
-                r.status, r.reason = (
-                    "FAILED",
-                    f"train loss became {sums[j, 0]:.4g} in epoch {epoch + 1} (diverged; limit {DIVERGED_LOSS:g})",
-                )
+            if (reason := divergence(float(sums[j, 0]), epoch + 1)) is not None:
+                r.status, r.reason = "FAILED", reason
                 continue
             for k, v in zip(histories[j], (sums[j, 0], sums[j, 1], val[j, 0], val[j, 1]), strict=True):
                 histories[j][k].append(float(v))

@@ -201,7 +201,7 @@ def _search_with(
     config_yaml: str,
     out_dir: Path,
     rng: np.random.Generator,
-    pool: WorkerPool | DevicePool | None,
+    pool: WorkerPool | DevicePool | BucketPool | None,
 ) -> Card:
     sc = cfg.search
     ev = Evaluator(store, cfg, cfg.trainer, cfg.data, parent, config_yaml, pool=pool)

@@ -194,6 +194,37 @@ def _loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def train_update(apply: Callable, tx: optax.GradientTransformation, state: TrainState, x: jax.Array, y: jax.Array, lr: jax.Array):
+    """One optimiser step on one batch: (new state, [summed loss, correct count]).
+
+    `apply(variables, x, train=..., mutable=...)` is the model's apply; the batched path passes its
+    masked model here too, so a bucket computes exactly what solo training computes."""
+
+    def loss_fn(params):
+        logits, updates = apply({"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"])
+        return _loss(logits, y).mean(), (logits, updates["batch_stats"])
+
+    (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    direction, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree_util.tree_map(lambda p, d: p - lr * d, state.params, direction)
+    correct = (logits.argmax(-1) == y).sum()
+    return TrainState(params, stats, opt_state), jnp.stack([loss * y.shape[0], correct.astype(jnp.float32)])
+
+
+def masked_sums(logits: jax.Array, y: jax.Array, rows: jax.Array) -> jax.Array:
+    """[summed loss, correct count] over the rows that belong to the split (eval chunks are padded)."""
+    loss = jnp.where(rows, _loss(logits, y), 0.0).sum()
+    correct = jnp.where(rows, logits.argmax(-1) == y, False).sum()
+    return jnp.stack([loss, correct.astype(jnp.float32)])
+
+
+def divergence(mean_loss: float, epoch: int) -> str | None:
+    """Why an epoch's mean training loss means the run diverged, or None."""
+    if math.isfinite(mean_loss) and mean_loss <= DIVERGED_LOSS:
+        return None
+    return f"train loss became {mean_loss:.4g} in epoch {epoch} (diverged; limit {DIVERGED_LOSS:g})"
+
+
 def _step_fn(genome: Genome, cfg: TrainConfig) -> Callable:
     model, tx = GenomeCNN(genome), make_optimizer(cfg)
     batch = cfg.batch_size
@@ -201,16 +232,8 @@ def _step_fn(genome: Genome, cfg: TrainConfig) -> Callable:
     def step(state: TrainState, acc: jax.Array, x_all, y_all, norm, perm, lr, i):
         idx = jax.lax.dynamic_slice_in_dim(perm, i * batch, batch)
         x, y = _normalise(x_all[idx], norm), y_all[idx]  # (batch, 28, 28, 1), (batch,)
-
-        def loss_fn(params):
-            logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"])
-            return _loss(logits, y).mean(), (logits, updates["batch_stats"])
-
-        (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        direction, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = jax.tree_util.tree_map(lambda p, d: p - lr * d, state.params, direction)
-        correct = (logits.argmax(-1) == y).sum()
-        return TrainState(params, stats, opt_state), acc + jnp.stack([loss * batch, correct.astype(jnp.float32)])
+        state, sums = train_update(model.apply, tx, state, x, y, lr)
+        return state, acc + sums
 
     return jax.jit(step, donate_argnums=(0, 1))
 
@@ -221,11 +244,8 @@ def _eval_fn(genome: Genome, eval_batch: int) -> Callable:
     def chunk(variables, acc, x_all, y_all, norm, start, stop):
         x = _normalise(jax.lax.dynamic_slice_in_dim(x_all, start, eval_batch), norm)
         y = jax.lax.dynamic_slice_in_dim(y_all, start, eval_batch)
-        logits = model.apply(variables, x, train=False)
-        mask = (start + jnp.arange(eval_batch)) < stop  # rows past the split do not count
-        loss = jnp.where(mask, _loss(logits, y), 0.0).sum()
-        correct = jnp.where(mask, logits.argmax(-1) == y, False).sum()
-        return acc + jnp.stack([loss, correct.astype(jnp.float32)])
+        rows = (start + jnp.arange(eval_batch)) < stop  # rows past the split do not count
+        return acc + masked_sums(model.apply(variables, x, train=False), y, rows)
 
     return jax.jit(chunk, donate_argnums=(1,))
 
@@ -347,9 +367,8 @@ def train_and_evaluate(
         loss_sum, correct = np.asarray(acc)
         train_time += time.perf_counter() - t0
         seen = steps * cfg.batch_size
-        if not math.isfinite(loss_sum) or loss_sum / seen > DIVERGED_LOSS:
-            result.status = "FAILED"
-            result.reason = f"train loss became {loss_sum / seen:.4g} in epoch {epoch + 1} (diverged; limit {DIVERGED_LOSS:g})"
+        if (reason := divergence(loss_sum / seen, epoch + 1)) is not None:
+            result.status, result.reason = "FAILED", reason
             break
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         val_loss, val_acc = evaluate_split(programs, variables, dd, dd.val_range)
