@@ -19,16 +19,17 @@ pytestmark = [pytest.mark.slow, needs_real_data]
 SEARCH = ["+experiment=smoke", "search.population_size=4", "search.budget=4", "search.seed=5"]
 
 
-def _finished_evals(db: Path) -> int:
+def _evals(db: Path, status: str) -> int:
+    """Evaluation runs with this status in the SQLite store (0 before the schema exists)."""
     if not db.exists():
         return 0
     try:
         with sqlite3.connect(db, timeout=5) as con:
             q = (
                 "SELECT COUNT(*) FROM runs r JOIN tags t ON r.run_uuid = t.run_uuid "
-                "WHERE t.key = 'fmnas.role' AND t.value = 'evaluation' AND r.status = 'FINISHED'"
+                "WHERE t.key = 'fmnas.role' AND t.value = 'evaluation' AND r.status = ?"
             )
-            return con.execute(q).fetchone()[0]
+            return con.execute(q, (status,)).fetchone()[0]
     except sqlite3.OperationalError:
         return 0  # schema not created yet
 
@@ -46,7 +47,7 @@ def test_kill_9_then_rerun_finishes_without_retraining(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "fmnas_jax", *SEARCH, "progress=false"], cwd=crashed, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 300
-    while _finished_evals(crashed / "mlflow.db") < 2 and time.time() < deadline and proc.poll() is None:
+    while _evals(crashed / "mlflow.db", "FINISHED") < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, "the search ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)  # the main process and its evaluation workers
@@ -67,20 +68,6 @@ def test_kill_9_then_rerun_finishes_without_retraining(tmp_path):
     assert _winner(crashed) == _winner(reference)
 
 
-def _running_evals(db: Path) -> int:
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(db, timeout=5) as con:
-            q = (
-                "SELECT COUNT(*) FROM runs r JOIN tags t ON r.run_uuid = t.run_uuid "
-                "WHERE t.key = 'fmnas.role' AND t.value = 'evaluation' AND r.status = 'RUNNING'"
-            )
-            return con.execute(q).fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-
-
 def test_ctrl_c_stops_the_worker_pool_at_once(tmp_path):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) during long evaluations on two
     worker processes: the search exits without waiting for them, leaves no process behind and no run
@@ -90,9 +77,9 @@ def test_ctrl_c_stops_the_worker_pool_at_once(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "fmnas_jax", *args, "progress=false"], cwd=tmp_path, start_new_session=True,
                             stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     deadline = time.time() + 300
-    while _running_evals(tmp_path / "mlflow.db") < 2 and time.time() < deadline and proc.poll() is None:
+    while _evals(tmp_path / "mlflow.db", "RUNNING") < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    assert proc.poll() is None and _running_evals(tmp_path / "mlflow.db") >= 2
+    assert proc.poll() is None and _evals(tmp_path / "mlflow.db", "RUNNING") >= 2
     time.sleep(8)  # the workers are inside training now (each evaluation takes minutes)
     os.killpg(proc.pid, signal.SIGINT)
     try:
