@@ -17,7 +17,7 @@ optimiser state and BatchNorm statistics and sees exactly the batches its solo r
 results equal solo training up to float rounding (tests/test_batched.py). Genomes of one shape are the
 special case with all-ones masks (a hill climber's neighbourhood is mostly such genomes: 20 of ~32).
 
-On XLA:CPU vmapped convolutions ran 2.5-5x slower than one model after another (NOTES.md), so CPU
+On XLA:CPU vmapped convolutions ran 2.5-5x slower than one model after another (docs/benchmarks.md), so CPU
 searches do not use this; on a GPU it is unmeasured so far (scripts/bench_gpu.sh measures it).
 Imports jax/flax/optax/numpy only.
 """
@@ -33,22 +33,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmnas_jax.genome import ACTIVATIONS, HEAD_UNITS, NUM_CLASSES, ConvGene, Genome, count_params
+from fmnas_jax.genome import ACTIVATIONS, HEAD_UNITS, IMAGE_SIZE, NUM_CLASSES, ConvGene, Genome, count_params
 from fmnas_jax.model import ACTIVATION_FNS, BN_MOMENTUM, init_variables, variable_shapes
 from fmnas_jax.train import (
+    AUGMENT_STREAM,
     DeviceData,
     EvalResult,
+    StepSettings,
     TrainConfig,
     TrainState,
-    _normalise,
+    batch_at,
     divergence,
     lr_schedule,
     make_optimizer,
     masked_sums,
+    normalise,
     train_update,
 )
 
-IMAGE_SIZE = 28
 BN_EPSILON = 1e-5  # flax.linen.BatchNorm's default, which GenomeCNN uses
 Bucket = tuple[tuple[str, int, int, int], ...]  # per conv: (type, filters, kernel, smallest kernel in the group)
 
@@ -73,11 +75,16 @@ def bucket_cost(bucket: Bucket) -> int:
     return macs + c_in * HEAD_UNITS + HEAD_UNITS * NUM_CLASSES
 
 
+def check_bucket_limits(max_models: int, max_waste: float) -> None:
+    """ValueError unless a bucket may hold >= 1 genome and spend >= 1x their own compute (bucket_size, bucket_waste)."""
+    if max_models < 1 or not max_waste >= 1:
+        raise ValueError(f"bucket_size {max_models} must be >= 1 and bucket_waste {max_waste} >= 1")
+
+
 def plan_buckets(genomes: Sequence[Genome], max_models: int = 16, max_waste: float = 2.0) -> list[list[Genome]]:
     """Group a population into buckets: cheapest first, each genome into the first group where the
     bucket's cost for all its models stays within `max_waste` x what they would cost alone."""
-    if max_models < 1 or max_waste < 1:
-        raise ValueError(f"max_models {max_models} must be >= 1 and max_waste {max_waste} >= 1")
+    check_bucket_limits(max_models, max_waste)
     own = {g: bucket_cost(bucket_of([g])) for g in genomes}
     groups: list[list[Genome]] = []
     for g in sorted(dict.fromkeys(genomes), key=lambda g: (own[g], str(g))):
@@ -243,24 +250,22 @@ def extract_variables(genome: Genome, bucket: Bucket, variables: dict) -> dict:
 
 
 def init_bucket_state(genome: Genome, bucket: Bucket, cfg: TrainConfig, seed: int) -> TrainState:
-    """The genome's solo initial variables (train.init_state's), embedded; optimiser state zero."""
+    """The genome's solo initial variables (train.init_state's), embedded, and optax's initial optimiser state."""
     v = embed_variables(genome, bucket, init_variables(genome, seed))
-    opt_shapes = jax.eval_shape(make_optimizer(cfg).init, v["params"])
-    opt_state = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), opt_shapes)
-    return TrainState(v["params"], v["batch_stats"], opt_state)
+    opt_state = make_optimizer(cfg.optimizer, cfg.weight_decay).init(v["params"])
+    return TrainState(v["params"], v["batch_stats"], jax.tree_util.tree_map(np.asarray, opt_state))
 
 
 @functools.lru_cache(maxsize=64)
-def _programs(bucket: Bucket, cfg: TrainConfig, eval_batch: int) -> tuple:
+def _programs(bucket: Bucket, settings: StepSettings, eval_batch: int) -> tuple:
     """The jitted step and eval chunk of a bucket (jit then caches one executable per model count)."""
-    model, tx, batch = MaskedCNN(bucket), make_optimizer(cfg), cfg.batch_size
+    model, tx = MaskedCNN(bucket), make_optimizer(settings.optimizer)
 
     def one_step(state, m, x, y, lr):
-        return train_update(lambda v, x, **kw: model.apply(v, x, m, **kw), tx, state, x, y, lr)
+        return train_update(lambda v, x, **kw: model.apply(v, x, m, **kw), tx, state, x, y, lr, settings.label_smoothing)
 
-    def step(state, acc, m, x_all, y_all, norm, perm, lr, i):
-        idx = jax.lax.dynamic_slice_in_dim(perm, i * batch, batch)
-        x, y = _normalise(x_all[idx], norm), y_all[idx]  # one batch, shared by every model
+    def step(state, acc, m, x_all, y_all, norm, perm, key, lr, epoch, i):
+        x, y = batch_at(settings, x_all, y_all, norm, perm, key, epoch, i)  # one batch, shared by every model
         state, sums = jax.vmap(one_step, in_axes=(0, 0, None, None, None))(state, m, x, y, lr)
         return state, acc + sums  # acc: (models, 2)
 
@@ -268,7 +273,7 @@ def _programs(bucket: Bucket, cfg: TrainConfig, eval_batch: int) -> tuple:
         return masked_sums(model.apply(variables, x, m, train=False), y, rows)
 
     def eval_chunk(variables, acc, m, x_all, y_all, norm, start, stop):
-        x = _normalise(jax.lax.dynamic_slice_in_dim(x_all, start, eval_batch), norm)
+        x = normalise(jax.lax.dynamic_slice_in_dim(x_all, start, eval_batch), norm)
         y = jax.lax.dynamic_slice_in_dim(y_all, start, eval_batch)
         rows = (start + jnp.arange(eval_batch)) < stop
         return acc + jax.vmap(one_eval, in_axes=(0, 0, None, None, None))(variables, m, x, y, rows)
@@ -294,12 +299,13 @@ def train_batched(
     n, m = int(dd.y_train.shape[0]), len(genomes)
     steps = n // cfg.batch_size
     key, lrs = jax.random.key(seed), lr_schedule(cfg, steps * cfg.epochs)
+    aug_key = jax.random.fold_in(key, AUGMENT_STREAM)  # the solo runs' augmentation
     model_masks = [masks(g, bucket) for g in genomes]  # raises if a genome does not fit
     states = [init_bucket_state(g, bucket, cfg, seed) for g in genomes]
     state = jax.tree_util.tree_map(lambda *xs: jnp.asarray(np.stack(xs)), *states)  # (models, ...) per leaf
     mk = {k: jnp.asarray(np.stack([mm[k] for mm in model_masks])) for k in model_masks[0]}
     t0 = time.perf_counter()
-    step, eval_chunk = _programs(bucket, cfg, dd.eval_batch)
+    step, eval_chunk = _programs(bucket, cfg.step_settings(), dd.eval_batch)
     norm = tuple(np.asarray(dd.norm).tolist())
     results = [EvalResult(str(g), "FINISHED", count_params(g), normalisation=norm) for g in genomes]
     histories = [{k: [] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")} for _ in genomes]
@@ -310,7 +316,7 @@ def train_batched(
         perm = jax.random.permutation(jax.random.fold_in(key, epoch + 1), n)  # the solo runs' order
         acc = jnp.zeros((m, 2))
         for i in range(steps):
-            state, acc = step(state, acc, mk, dd.x_train, dd.y_train, dd.norm, perm, lrs[epoch * steps + i], i)
+            state, acc = step(state, acc, mk, dd.x_train, dd.y_train, dd.norm, perm, aug_key, lrs[epoch * steps + i], epoch, i)
         sums = np.asarray(acc) / (steps * cfg.batch_size)
         train_time += time.perf_counter() - t
         variables = {"params": state.params, "batch_stats": state.batch_stats}

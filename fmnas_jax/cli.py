@@ -31,10 +31,10 @@ def to_app_config(cfg: DictConfig) -> AppConfig:
     values = OmegaConf.to_container(ours, resolve=True, throw_on_missing=True)
     app = app_config(values)
     if app.mode == "train":
-        from fmnas_jax.genome import Genome
+        from fmnas_jax.genome import PAPER_GENOME, Genome
 
         if not app.genome:
-            raise ConfigError("mode=train needs genome='NC 4 5 sigmoid;RC 64 3 relu;NC 4 5 sigmoid;RC 64 3 relu;FL gelu;' (or another)")
+            raise ConfigError(f"mode=train needs genome='{PAPER_GENOME}' (or another)")
         Genome.parse(app.genome, app.search_space)
     if app.mode == "predict" and not (app.run_id or app.checkpoint):
         raise ConfigError("mode=predict needs run_id=<MLflow run id> or checkpoint=<path to checkpoint.msgpack>")
@@ -71,11 +71,11 @@ def main(cfg: DictConfig) -> float:
         print(f"fmnas_jax: invalid configuration: {e}", file=sys.stderr)
         sys.exit(2)
 
-    from fmnas_jax import runner
+    from fmnas_jax import jobs
+    from fmnas_jax.checkpoint import CheckpointError
     from fmnas_jax.data import DataError
-    from fmnas_jax.model import CheckpointError
+    from fmnas_jax.runtime import enable_compilation_cache, platform_summary
     from fmnas_jax.store import StoreError, resolve_uri
-    from fmnas_jax.train import enable_compilation_cache, platform_summary
 
     app = replace(app, cache_dir=app.cache_dir or os.path.expanduser("~/.cache/fmnas_jax/jax"))  # workers share it
     launcher = str(HydraConfig.get().launcher.get("_target_", ""))
@@ -85,11 +85,10 @@ def main(cfg: DictConfig) -> float:
         app = replace(app, workers=1)
     enable_compilation_cache(app.cache_dir)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    platform = platform_summary()
-    log.info("platform: %s; run directory: %s", platform, out_dir)
+    log.info("platform: %s; run directory: %s", platform_summary(), out_dir)
     try:
         with logging_redirect_tqdm():  # log lines print above the progress bars, not through them
-            card = runner.run(app, OmegaConf.to_yaml(cfg, resolve=True), out_dir, f" on {platform}")
+            card = jobs.run(app, OmegaConf.to_yaml(cfg, resolve=True), out_dir)
     except (DataError, StoreError, FileNotFoundError, CheckpointError) as e:
         print(f"fmnas_jax: {e}", file=sys.stderr)
         sys.exit(2)

@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from fmnas_jax.batched import check_bucket_limits
 from fmnas_jax.data import DataConfig
 from fmnas_jax.genome import SearchSpace
 from fmnas_jax.search.base import SearchConfig
@@ -37,15 +38,33 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class FinalConfig:
-    """Budget for retraining the winner; null fields fall back to trainer.* / data.*."""
+    """Budget and recipe for retraining the winner. Null epochs, learning rate and recipe fields fall back
+    to trainer.*; train_size null means every training image (data.val_size is kept)."""
 
     epochs: int | None = None
     train_size: int | None = None
     learning_rate: float | None = None
+    label_smoothing: float | None = None
+    augment_crop: int | None = None
+    augment_flip: bool | None = None
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"final.epochs {self.epochs} must be >= 1")
+        if self.learning_rate is not None and not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"final.learning_rate {self.learning_rate} must be a positive finite number")
+
+    def trainer(self, base: TrainConfig) -> TrainConfig:
+        """The winner's trainer: `base` with this section's non-null settings, weights kept."""
+        overrides = {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "train_size"}
+        try:
+            return dataclasses.replace(base, **overrides, save=True)
+        except ValueError as e:
+            raise ValueError(str(e).replace("trainer.", "final.")) from None
+
+    def data(self, base: DataConfig) -> DataConfig:
+        """The winner's data: every training image unless final.train_size says otherwise."""
+        return dataclasses.replace(base, train_size=self.train_size)
 
 
 @dataclass(frozen=True)
@@ -79,8 +98,9 @@ class AppConfig:
             raise ValueError(f"workers {self.workers} must be >= 0 (0 = auto: one pinned process per CPU core, 4 per GPU; 1 = in-process)")
         if self.batching not in BATCHING:
             raise ValueError(f"batching {self.batching!r} is not one of {list(BATCHING)}")
-        if self.bucket_size < 1 or not self.bucket_waste >= 1:
-            raise ValueError(f"bucket_size {self.bucket_size} must be >= 1 and bucket_waste {self.bucket_waste} >= 1")
+        check_bucket_limits(self.bucket_size, self.bucket_waste)
+        if self.mode == "search":
+            self.final.trainer(self.trainer)  # a bad final.* value fails now, named as final.*
 
 
 class ConfigError(ValueError):
@@ -119,6 +139,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             raise ConfigError(f"{name} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)  # e.g. search.time_budget=600 (a duration that may also be '10m')
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
         return value

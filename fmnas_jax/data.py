@@ -222,3 +222,8 @@ def synthetic_dataset(n_train: int = 512, n_val: int = 256, n_test: int = 256, s
 
     (xt, yt), (xv, yv), (xs, ys) = make(n_train), make(n_val), make(n_test)
     return Dataset(xt, yt, xv, yv, xs, ys, float(xt.mean() / 255), float(xt.std() / 255), "synthetic")
+
+
+def synthetic_load(cfg: DataConfig, seed: int) -> Dataset:
+    """A loader with `load`'s signature returning SYNTHETIC data (train_size or 512 images), for tests of the evaluation paths."""
+    return synthetic_dataset(cfg.train_size or 512, cfg.val_size, 256, seed)

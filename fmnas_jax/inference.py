@@ -7,6 +7,7 @@ predict = model.predict_fn()          # (N, 28, 28, 1) uint8 or float -> (N,) cl
 
 from __future__ import annotations
 
+import functools
 import gzip
 import tempfile
 from collections.abc import Callable
@@ -15,12 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fmnas_jax.checkpoint import read_checkpoint
 from fmnas_jax.data import CLASS_NAMES, decode_idx
-from fmnas_jax.genome import Genome
-from fmnas_jax.model import read_checkpoint
+from fmnas_jax.genome import IMAGE_SIZE, Genome
 from fmnas_jax.store import CHECKPOINT, Store, StoreError
-
-CHECKPOINT_ARTIFACT = "model/checkpoint.msgpack"
 
 
 @dataclass(frozen=True)
@@ -33,8 +32,6 @@ class TrainedModel:
 
     def predict_fn(self) -> Callable[[np.ndarray], np.ndarray]:
         """A function from images (N, 28, 28[, 1]) on the 0..255 scale to class ids (N,); jitted inside."""
-        from fmnas_jax.train import predict_classes
-
         return lambda images: predict_classes(self.genome, self.variables, self.normalisation, as_images(images))
 
 
@@ -50,8 +47,7 @@ def load_checkpoint(path: str | Path) -> TrainedModel:
 def load_run(run_id: str, tracking_uri: str | None = None, experiment: str = "fmnas_jax", store: Store | None = None) -> TrainedModel:
     """A model from the weights an MLflow run saved (trainer.save=true, and every retrained winner)."""
     store = store or Store(tracking_uri, experiment)
-    run = store.get_run(run_id)
-    artifact = run.data.tags.get(CHECKPOINT)
+    artifact = store.get_run(run_id).checkpoint
     if not artifact:
         raise StoreError(f"run {run_id} has no saved weights (no {CHECKPOINT} tag); train with trainer.save=true")
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,7 +59,7 @@ def as_images(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim == 3:
         x = x[..., None]
-    if x.ndim != 4 or x.shape[1:] != (28, 28, 1):
+    if x.ndim != 4 or x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 1):
         raise ValueError(f"images must have shape (N, 28, 28) or (N, 28, 28, 1), got {x.shape}")
     return x
 
@@ -77,6 +73,32 @@ def read_images(path: str | Path) -> np.ndarray:
         return as_images(np.load(p, allow_pickle=False))
     raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
     return decode_idx(raw, str(p), images=True)[..., None]
+
+
+@functools.lru_cache(maxsize=16)
+def _predict_fn(genome: Genome) -> Callable:
+    import jax
+
+    from fmnas_jax.model import GenomeCNN
+    from fmnas_jax.train import normalise
+
+    model = GenomeCNN(genome)
+    return jax.jit(lambda variables, x, norm: model.apply(variables, normalise(x, norm), train=False).argmax(-1))
+
+
+def predict_classes(
+    genome: Genome, variables: dict, normalisation: tuple[float, float], images: np.ndarray, batch: int = 1000
+) -> np.ndarray:
+    """Class ids (N,) for images (N, 28, 28, 1) given as uint8 0..255 (or floats on that scale)."""
+    import jax.numpy as jnp
+
+    x = np.asarray(images)
+    n = len(x)
+    pad = -n % batch
+    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+    norm, fn = jnp.asarray(normalisation, jnp.float32), _predict_fn(genome)
+    out = [fn(variables, jnp.asarray(x[i : i + batch]), norm) for i in range(0, len(x), batch)]  # (batch,) each
+    return np.concatenate([np.asarray(o) for o in out])[:n].astype(np.int64)
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: int = 10) -> np.ndarray:

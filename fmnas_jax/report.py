@@ -16,9 +16,10 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
+from fmnas_jax.genome import PAPER_GENOME
 from fmnas_jax.search.fitness import pareto_front
 
-PAPER_BEST = {"genome": "NC 4 5 sigmoid;RC 64 3 relu;NC 4 5 sigmoid;RC 64 3 relu;FL gelu;", "params": 16598, "test_accuracy": 0.8855}
+PAPER_BEST = {"genome": PAPER_GENOME, "params": 16598, "test_accuracy": 0.8855}
 CSV_COLUMNS = ("genome", "params", "train_accuracy", "test_accuracy", "val_accuracy", "fitness", "pareto", "source", "eval_key", "run_id")
 
 

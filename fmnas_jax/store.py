@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 ROLE, GENOME, EVAL_KEY, BUDGET_KEY = "fmnas.role", "genome", "eval_key", "budget_key"
 HOST, PID, REASON, DUPLICATE_OF = "fmnas.host", "fmnas.pid", "fmnas.reason", "fmnas.duplicate_of"
 CHECKPOINT = "fmnas.checkpoint"  # artifact path of the saved weights
+RUNG = "fmnas.rung"  # multi-fidelity searches: the rung (0 = cheapest budget) an evaluation belongs to
 PARENT, RUN_NAME = "mlflow.parentRunId", "mlflow.runName"
 PAGE = 1000  # search_runs' page limit
 
@@ -47,10 +49,36 @@ class StoredEval:
     eval_key: str
     metrics: dict[str, float]
     parent_run_id: str | None
-    start_time: int
 
     def metric(self, name: str) -> float:
         return self.metrics.get(name, math.nan)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run as the rest of the package sees it (never an mlflow object)."""
+
+    run_id: str
+    name: str
+    status: str
+    role: str | None
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
+    parent_run_id: str | None
+
+    @property
+    def checkpoint(self) -> str | None:
+        """Artifact path of the saved weights, if the run kept them."""
+        return self.tags.get(CHECKPOINT)
+
+    def metric(self, name: str) -> float:
+        return self.metrics.get(name, math.nan)
+
+    def int_param(self, name: str, default: int | None = None) -> int | None:
+        """An integer param; absent (or logged as 'None' by older versions) gives `default`."""
+        value = self.params.get(name)
+        return default if value in (None, "None") else int(value)
 
 
 def resolve_uri(uri: str | None, cwd: str | None = None) -> str:
@@ -118,12 +146,6 @@ class Store:
                 raise
             return exp.experiment_id
 
-    def ui_url_hint(self) -> str:
-        """The command that opens the MLflow UI on this store."""
-        if _sqlite_path(self.uri):
-            return f"mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1 --port 5000"
-        return f"open {self.uri}"
-
     # -- reading ------------------------------------------------------------------
 
     def _search(self, filter_string: str, order_by: list[str] | None = None, max_results: int | None = None) -> list:
@@ -143,7 +165,7 @@ class Store:
     @staticmethod
     def _stored(run: Any) -> StoredEval:
         tags = run.data.tags
-        return StoredEval(run.info.run_id, tags[GENOME], tags[EVAL_KEY], dict(run.data.metrics), tags.get(PARENT), run.info.start_time)
+        return StoredEval(run.info.run_id, tags[GENOME], tags[EVAL_KEY], dict(run.data.metrics), tags.get(PARENT))
 
     def find_finished(self, eval_key: str) -> StoredEval | None:
         """The authoritative (earliest) FINISHED evaluation for `eval_key`, or None."""
@@ -165,13 +187,15 @@ class Store:
             out.setdefault(s.eval_key, s)
         return list(out.values())
 
+    def cost_samples(self, host: str, limit: int = 500) -> list[tuple[str, int, float]]:
+        """(genome, images trained, wall seconds) of this host's most recent finished evaluations (for the cost model)."""
+        f = f"attributes.status = 'FINISHED' AND tags.`{ROLE}` = 'evaluation' AND tags.`{HOST}` = '{host}' AND metrics.wall_seconds > 0"
+        runs = self._search(f, ["attributes.start_time DESC"], max_results=limit)
+        return [(r.data.tags[GENOME], int(r.data.metrics.get("images_trained", 0)), r.data.metrics["wall_seconds"]) for r in reversed(runs)]
+
     def run_ids(self, role: str, tag: str, value: str) -> set[str]:
         """Ids of runs of one role with tag == value (any status)."""
         return {r.info.run_id for r in self._search(f"tags.`{ROLE}` = '{role}' AND tags.`{tag}` = '{value}'")}
-
-    def runs_of(self, parent_run_id: str) -> list[Any]:
-        """All runs nested under a parent (any status)."""
-        return self._search(f"tags.`{PARENT}` = '{parent_run_id}'")
 
     # -- writing ------------------------------------------------------------------
 
@@ -183,6 +207,27 @@ class Store:
         run = _retry(lambda: self.client.create_run(self.experiment_id, tags=all_tags, run_name=name), "create_run")
         return run.info.run_id
 
+    def start_evaluation(
+        self, genome: str, eval_key: str, budget_key: str, parent_run_id: str | None, params: dict[str, Any], rung: int | None = None
+    ) -> str:
+        """A RUNNING evaluation run of `genome` with its keys, params and fidelity rung; returns its id."""
+        tags = {GENOME: genome, EVAL_KEY: eval_key, BUDGET_KEY: budget_key} | ({RUNG: str(rung)} if rung is not None else {})
+        run_id = self.start_run(genome, "evaluation", tags, parent_run_id)
+        self.log(run_id, params=params)
+        return run_id
+
+    def mark_duplicate(self, run_id: str, of_run_id: str) -> None:
+        """Tag a run that repeated an evaluation another process finished first."""
+        self.log(run_id, tags={DUPLICATE_OF: of_run_id})
+
+    def save_checkpoint(self, run_id: str, blob: bytes, artifact: str) -> None:
+        """Store the weights as artifact `artifact` of the run and point the checkpoint tag at it."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact).name
+            path.write_bytes(blob)
+            self.log_file(run_id, path, str(Path(artifact).parent))
+        self.log(run_id, tags={CHECKPOINT: artifact})
+
     def log(
         self,
         run_id: str,
@@ -191,10 +236,10 @@ class Store:
         tags: dict[str, str] | None = None,
         step: int = 0,
     ) -> None:
-        """Log finite metrics, params and tags, in batches within log_batch's limits."""
+        """Log finite metrics, params (None ones left out) and tags, in batches within log_batch's limits."""
         now = int(time.time() * 1000)
         ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None and math.isfinite(float(v))]
-        ps = [Param(k, str(v)) for k, v in (params or {}).items()]
+        ps = [Param(k, str(v)) for k, v in (params or {}).items() if v is not None]
         ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         for kind, items, size in (("metrics", ms, 1000), ("params", ps, 100), ("tags", ts, 100)):
             for i in range(0, len(items), size):
@@ -217,11 +262,15 @@ class Store:
         """Download one artifact of a run into `dst`; returns the local path."""
         return _retry(lambda: self.client.download_artifacts(run_id, path, dst), "download")
 
-    def get_run(self, run_id: str) -> Any:
+    def get_run(self, run_id: str) -> RunRecord:
+        """The run's record; StoreError if there is no such run."""
         try:
-            return self.client.get_run(run_id)
+            run = self.client.get_run(run_id)
         except MlflowException as e:
             raise StoreError(f"run {run_id!r} not found in {self.uri}: {e.message}") from e
+        tags = dict(run.data.tags)
+        return RunRecord(run.info.run_id, run.info.run_name, run.info.status, tags.get(ROLE), tags, dict(run.data.params),
+                         dict(run.data.metrics), tags.get(PARENT))  # fmt: skip
 
     # -- recovery -----------------------------------------------------------------
 

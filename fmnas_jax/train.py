@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,19 +23,22 @@ import numpy as np
 import optax
 
 from fmnas_jax.data import Dataset
-from fmnas_jax.genome import Genome, count_params
-from fmnas_jax.model import GenomeCNN, init_variables
+from fmnas_jax.genome import IMAGE_SIZE, Genome, count_params
+from fmnas_jax.model import GenomeCNN, init_variables, variable_shapes
+from fmnas_jax.runtime import cache_hits
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
 # Mean training cross-entropy above which a run counts as diverged (chance level is ln 10 = 2.3):
 # Adam bounds each update, so a far too large learning rate can leave the loss huge but finite.
 DIVERGED_LOSS = 1e4
-SCHEDULES = ("cosine", "constant")
+AUGMENT_STREAM = 0xA06  # fold_in constant: the augmentation's random stream, apart from init and shuffling
+PROGRAM_CACHE = 64  # compiled (train step, eval chunk) pairs kept per process, least recently used dropped
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training budget and optimiser; everything except `save` and `eval_batch_size` changes results."""
+    """Training budget, optimiser and recipe; everything except `save` and `eval_batch_size` changes results."""
 
     optimizer: str = "adam"
     learning_rate: float = 3e-3
@@ -44,6 +46,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     batch_size: int = 128
     epochs: int = 10
+    label_smoothing: float = 0.0
+    augment_crop: int = 0  # random crop from the image padded by this many pixels (0 = off)
+    augment_flip: bool = False  # random horizontal flip
     eval_batch_size: int = 1000
     save: bool = False
 
@@ -60,12 +65,28 @@ class TrainConfig:
             raise ValueError(f"trainer.batch_size {self.batch_size} and eval_batch_size {self.eval_batch_size} must be >= 1")
         if self.epochs < 1:
             raise ValueError(f"trainer.epochs {self.epochs} must be >= 1")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"trainer.label_smoothing {self.label_smoothing} must be in [0, 1)")
+        if not 0 <= self.augment_crop <= 8:
+            raise ValueError(f"trainer.augment_crop {self.augment_crop} must be in [0..8] pixels (0 = off)")
 
     def result_settings(self) -> dict:
         """Settings that change an evaluation's result (for the eval key)."""
         d = asdict(self)
         del d["save"], d["eval_batch_size"]
         return d
+
+    def step_settings(self) -> StepSettings:
+        """What the compiled train step depends on (epochs, learning rate and schedule are fed at run time)."""
+        return StepSettings(self.optimizer, self.batch_size, self.label_smoothing, self.augment_crop, self.augment_flip)
+
+
+class StepSettings(NamedTuple):
+    optimizer: str
+    batch_size: int
+    label_smoothing: float
+    augment_crop: int
+    augment_flip: bool
 
 
 class TrainState(NamedTuple):
@@ -91,15 +112,22 @@ class EvalResult:
     cache_hits: int = 0  # programs loaded from JAX's persistent cache instead of compiled
     train_seconds: float = 0.0
     images_per_second: float = 0.0
+    images_trained: int = 0  # epochs x images per epoch (what the cost model predicts from)
+    wall_seconds: float = 0.0  # the whole evaluation: compile, training, validation and test
     history: dict[str, list[float]] = field(default_factory=dict)
     variables: Any = None  # numpy tree {'params', 'batch_stats'} when kept
     normalisation: tuple[float, float] = (0.0, 1.0)
 
-    def metrics(self) -> dict[str, float]:
-        """Final scalar metrics, by MLflow name."""
+    def summary(self) -> dict[str, float]:
+        """The final scalar values (finite ones only)."""
         keys = ("param_count", "train_accuracy", "val_accuracy", "test_accuracy", "train_loss", "val_loss")
-        keys += ("compile_seconds", "cache_hits", "train_seconds", "images_per_second")
+        keys += ("compile_seconds", "cache_hits", "train_seconds", "images_per_second", "images_trained", "wall_seconds")
         return {k: float(getattr(self, k)) for k in keys if math.isfinite(float(getattr(self, k)))}
+
+
+def failed(genome: Genome, reason: str) -> EvalResult:
+    """A FAILED result for a genome that could not be evaluated."""
+    return EvalResult(str(genome), "FAILED", count_params(genome), reason=reason)
 
 
 class DeviceData(NamedTuple):
@@ -123,6 +151,10 @@ class DeviceData(NamedTuple):
     def test_range(self) -> tuple[int, int]:
         return self.n_val, self.n_val + self.n_test
 
+    @property
+    def device(self) -> Any:
+        return next(iter(self.x_train.devices()))
+
 
 def to_device(data: Dataset, eval_batch: int = 1000) -> DeviceData:
     """Put every split on the default device (uint8 images: 47 MB for all of Fashion-MNIST)."""
@@ -132,83 +164,89 @@ def to_device(data: Dataset, eval_batch: int = 1000) -> DeviceData:
     x_eval = np.concatenate([x_eval, np.zeros((extra, *x_eval.shape[1:]), np.uint8)])
     y_eval = np.concatenate([y_eval, np.zeros(extra, np.int32)])
     norm = np.asarray([data.mean, data.std], np.float32)
-    return DeviceData(
-        jax.device_put(data.x_train),
-        jax.device_put(data.y_train),
-        jax.device_put(x_eval),
-        jax.device_put(y_eval),
-        len(data.y_val),
-        len(data.y_test),
-        jax.device_put(norm),
-        eval_batch,
-    )
-
-
-_CACHE_EVENTS = {"hits": 0}  # programs this process loaded from the persistent cache
-
-
-def _count_cache_event(event: str, **_: object) -> None:
-    if event == "/jax/compilation_cache/cache_hits":
-        _CACHE_EVENTS["hits"] += 1
-
-
-jax.monitoring.register_event_listener(_count_cache_event)
-
-
-def enable_compilation_cache(path: str) -> None:
-    """Turn on JAX's persistent cache for every program (the 1 s default skips small steps)."""
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    put = jax.device_put
+    return DeviceData(put(data.x_train), put(data.y_train), put(x_eval), put(y_eval), len(data.y_val), len(data.y_test), put(norm),
+                      eval_batch)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
-# Compiled functions, one set per (genome, optimiser, shapes)
+# The pieces of a step (shared with the batched path, so a bucket computes what solo training does)
 # ---------------------------------------------------------------------------
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """The update direction; the step scales it by the scheduled learning rate."""
-    if cfg.optimizer == "sgd":
-        return optax.trace(decay=0.9, nesterov=True)
-    if cfg.optimizer == "adamw":
-        return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(cfg.weight_decay))
-    return optax.scale_by_adam()
+def make_optimizer(optimizer: str, weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """optax's optimiser with its learning rate injected as state, set per step (see `train_update`)."""
+    if optimizer == "sgd":
+        base = functools.partial(optax.sgd, momentum=0.9, nesterov=True)
+    elif optimizer == "adamw":
+        base = functools.partial(optax.adamw, weight_decay=weight_decay)
+    else:
+        base = optax.adam
+    return optax.inject_hyperparams(base)(learning_rate=0.0)
 
 
 def lr_schedule(cfg: TrainConfig, total_steps: int) -> np.ndarray:
     """Per-step learning rates, (total_steps,) float32. Fed to the step as a scalar, so that
     budgets of different lengths share one compiled program."""
     if cfg.schedule == "constant":
-        return np.full(total_steps, cfg.learning_rate, np.float32)
-    t = np.arange(total_steps) / max(total_steps, 1)
-    return (cfg.learning_rate * 0.5 * (1 + np.cos(np.pi * t))).astype(np.float32)
+        schedule = optax.constant_schedule(cfg.learning_rate)
+    else:
+        schedule = optax.cosine_decay_schedule(cfg.learning_rate, max(total_steps, 1))
+    return np.asarray(jax.vmap(schedule)(jnp.arange(total_steps)), np.float32)
 
 
-def _normalise(x: jax.Array, norm: jax.Array) -> jax.Array:
+def normalise(x: jax.Array, norm: jax.Array) -> jax.Array:
+    """uint8 images -> float32, standardised with the training split's mean and std."""
     return (x.astype(jnp.float32) / 255.0 - norm[0]) / norm[1]
 
 
-def _loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+def augment(x: jax.Array, key: jax.Array, crop: int, flip: bool) -> jax.Array:
+    """Random crops from the zero-padded images and random horizontal flips; x (batch, 28, 28, 1) uint8."""
+    n = x.shape[0]
+    k_crop, k_flip = jax.random.split(key)
+    if crop:
+        padded = jnp.pad(x, ((0, 0), (crop, crop), (crop, crop), (0, 0)))  # (batch, 28 + 2 crop, ..., 1)
+        offsets = jax.random.randint(k_crop, (n, 2), 0, 2 * crop + 1)
+        cut = functools.partial(jax.lax.dynamic_slice, slice_sizes=(IMAGE_SIZE, IMAGE_SIZE, 1))
+        x = jax.vmap(lambda img, o: cut(img, (o[0], o[1], 0)))(padded, offsets)
+    if flip:
+        mirrored = jax.random.bernoulli(k_flip, 0.5, (n, 1, 1, 1))
+        x = jnp.where(mirrored, x[:, :, ::-1], x)
+    return x
 
 
-def train_update(apply: Callable, tx: optax.GradientTransformation, state: TrainState, x: jax.Array, y: jax.Array, lr: jax.Array):
+def batch_at(settings: StepSettings, x_all, y_all, norm, perm, key, epoch, i) -> tuple[jax.Array, jax.Array]:
+    """Training batch i of an epoch (shuffled by `perm`, augmented from `key`), normalised."""
+    idx = jax.lax.dynamic_slice_in_dim(perm, i * settings.batch_size, settings.batch_size)
+    x = x_all[idx]  # (batch, 28, 28, 1) uint8
+    if settings.augment_crop or settings.augment_flip:
+        x = augment(x, jax.random.fold_in(jax.random.fold_in(key, epoch), i), settings.augment_crop, settings.augment_flip)
+    return normalise(x, norm), y_all[idx]
+
+
+def _loss(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
+    if not smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_update(apply: Callable, tx: optax.GradientTransformation, state: TrainState, x, y, lr, smoothing: float = 0.0):
     """One optimiser step on one batch: (new state, [summed loss, correct count]).
 
     `apply(variables, x, train=..., mutable=...)` is the model's apply; the batched path passes its
-    masked model here too, so a bucket computes exactly what solo training computes."""
+    masked model here too. The reported loss is the plain cross-entropy, whatever the smoothing."""
 
     def loss_fn(params):
         logits, updates = apply({"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"])
-        return _loss(logits, y).mean(), (logits, updates["batch_stats"])
+        return _loss(logits, y, smoothing).mean(), (logits, updates["batch_stats"])
 
-    (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    direction, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = jax.tree_util.tree_map(lambda p, d: p - lr * d, state.params, direction)
-    correct = (logits.argmax(-1) == y).sum()
-    return TrainState(params, stats, opt_state), jnp.stack([loss * y.shape[0], correct.astype(jnp.float32)])
+    (_, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    opt_state = state.opt_state._replace(hyperparams={**state.opt_state.hyperparams, "learning_rate": lr})
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    sums = jnp.stack([_loss(logits, y).sum(), (logits.argmax(-1) == y).sum().astype(jnp.float32)])
+    return TrainState(params, stats, opt_state), sums
 
 
 def masked_sums(logits: jax.Array, y: jax.Array, rows: jax.Array) -> jax.Array:
@@ -225,37 +263,16 @@ def divergence(mean_loss: float, epoch: int) -> str | None:
     return f"train loss became {mean_loss:.4g} in epoch {epoch} (diverged; limit {DIVERGED_LOSS:g})"
 
 
-def _step_fn(genome: Genome, cfg: TrainConfig) -> Callable:
-    model, tx = GenomeCNN(genome), make_optimizer(cfg)
-    batch = cfg.batch_size
-
-    def step(state: TrainState, acc: jax.Array, x_all, y_all, norm, perm, lr, i):
-        idx = jax.lax.dynamic_slice_in_dim(perm, i * batch, batch)
-        x, y = _normalise(x_all[idx], norm), y_all[idx]  # (batch, 28, 28, 1), (batch,)
-        state, sums = train_update(model.apply, tx, state, x, y, lr)
-        return state, acc + sums
-
-    return jax.jit(step, donate_argnums=(0, 1))
-
-
-def _eval_fn(genome: Genome, eval_batch: int) -> Callable:
-    model = GenomeCNN(genome)
-
-    def chunk(variables, acc, x_all, y_all, norm, start, stop):
-        x = _normalise(jax.lax.dynamic_slice_in_dim(x_all, start, eval_batch), norm)
-        y = jax.lax.dynamic_slice_in_dim(y_all, start, eval_batch)
-        rows = (start + jnp.arange(eval_batch)) < stop  # rows past the split do not count
-        return acc + masked_sums(model.apply(variables, x, train=False), y, rows)
-
-    return jax.jit(chunk, donate_argnums=(1,))
-
-
 def init_state(genome: Genome, cfg: TrainConfig, seed: int) -> TrainState:
-    """Fresh variables and optimiser state, built on the host (no per-genome compile)."""
+    """Fresh variables (drawn on the host: no per-genome compile) and optax's initial optimiser state."""
     v = init_variables(genome, seed)
-    opt_shapes = jax.eval_shape(make_optimizer(cfg).init, v["params"])
-    opt_state = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), opt_shapes)  # Adam/SGD state starts at 0
+    opt_state = make_optimizer(cfg.optimizer, cfg.weight_decay).init(v["params"])
     return jax.device_put(TrainState(v["params"], v["batch_stats"], opt_state))
+
+
+# ---------------------------------------------------------------------------
+# Compiled programs, one pair per (genome, step settings, shapes, device)
+# ---------------------------------------------------------------------------
 
 
 class Programs(NamedTuple):
@@ -264,59 +281,72 @@ class Programs(NamedTuple):
     compile_seconds: float
 
 
-_PROGRAMS: dict[tuple, Programs] = {}
+def _on(device: Any, tree: Any) -> Any:
+    """Abstract values of `tree` placed on `device` (what AOT lowering needs, without arrays)."""
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(np.shape(s), s.dtype, sharding=sharding), tree)
 
 
-def compiled_programs(genome: Genome, cfg: TrainConfig, state: TrainState, dd: DeviceData) -> Programs:
-    """AOT-compiled train step and eval chunk for this genome and these shapes, cached in-process.
+def _eval_fn(genome: Genome, eval_batch: int) -> Callable:
+    model = GenomeCNN(genome)
 
-    A cache hit reports 0 compile seconds; a miss may still be fast when JAX's persistent
+    def chunk(variables, acc, x_all, y_all, norm, start, stop):
+        x = normalise(jax.lax.dynamic_slice_in_dim(x_all, start, eval_batch), norm)
+        y = jax.lax.dynamic_slice_in_dim(y_all, start, eval_batch)
+        rows = (start + jnp.arange(eval_batch)) < stop  # rows past the split do not count
+        return acc + masked_sums(model.apply(variables, x, train=False), y, rows)
+
+    return jax.jit(chunk, donate_argnums=(1,))
+
+
+@functools.lru_cache(maxsize=PROGRAM_CACHE)
+def _compiled_eval(genome: Genome, eval_shape: tuple[int, ...], eval_batch: int, device: Any) -> Callable:
+    variables = _on(device, variable_shapes(genome))
+    vec = jax.ShapeDtypeStruct((2,), jnp.float32)  # the accumulator, and the normalisation
+    x, y = jax.ShapeDtypeStruct(eval_shape, jnp.uint8), jax.ShapeDtypeStruct(eval_shape[:1], jnp.int32)
+    return _eval_fn(genome, eval_batch).lower(variables, *_on(device, (vec, x, y, vec)), 0, 0).compile()  # start/stop: Python ints
+
+
+@functools.lru_cache(maxsize=PROGRAM_CACHE)
+def _compiled_step(genome: Genome, settings: StepSettings, train_shape: tuple[int, ...], device: Any) -> Callable:
+    model, tx = GenomeCNN(genome), make_optimizer(settings.optimizer)
+
+    def step(state: TrainState, acc: jax.Array, x_all, y_all, norm, perm, key, lr, epoch, i):
+        x, y = batch_at(settings, x_all, y_all, norm, perm, key, epoch, i)
+        state, sums = train_update(model.apply, tx, state, x, y, lr, settings.label_smoothing)
+        return state, acc + sums
+
+    v = variable_shapes(genome)
+    state = TrainState(v["params"], v["batch_stats"], jax.eval_shape(tx.init, v["params"]))
+    n, vec = train_shape[0], jax.ShapeDtypeStruct((2,), jnp.float32)
+    arrays = (
+        vec,
+        jax.ShapeDtypeStruct(train_shape, jnp.uint8),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+        vec,
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+    key, lr = _on(device, jax.eval_shape(lambda: jax.random.key(0))), jax.ShapeDtypeStruct((), jnp.float32)
+    return jax.jit(step, donate_argnums=(0, 1)).lower(_on(device, state), *_on(device, arrays), key, lr, 0, 0).compile()  # epoch, i: ints
+
+
+def compiled_programs(genome: Genome, cfg: TrainConfig, dd: DeviceData) -> Programs:
+    """AOT-compiled train step and eval chunk for this genome and these shapes (an in-process LRU cache).
+
+    An in-process hit reports 0 compile seconds; a miss may still be fast when JAX's persistent
     cache has the program from an earlier process.
     """
-    device = next(iter(dd.x_train.devices()))  # programs are compiled for the device the data sit on
-    key = (genome, cfg.optimizer, cfg.weight_decay, cfg.batch_size, dd.x_train.shape, dd.x_eval.shape, dd.eval_batch, device)
-    if key in _PROGRAMS:
-        return _PROGRAMS[key]._replace(compile_seconds=0.0)
+    misses = _compiled_step.cache_info().misses + _compiled_eval.cache_info().misses
     t0 = time.perf_counter()
-    acc, lr = jnp.zeros(2), jnp.float32(0)
-    perm = jnp.arange(dd.x_train.shape[0])
-    step = _step_fn(genome, cfg).lower(state, acc, dd.x_train, dd.y_train, dd.norm, perm, lr, 0).compile()
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    chunk = _eval_fn(genome, dd.eval_batch).lower(variables, acc, dd.x_eval, dd.y_eval, dd.norm, 0, 0).compile()
-    programs = Programs(step, chunk, time.perf_counter() - t0)
-    if len(_PROGRAMS) > 256:
-        _PROGRAMS.clear()
-    _PROGRAMS[key] = programs
-    return programs
+    step = _compiled_step(genome, cfg.step_settings(), tuple(dd.x_train.shape), dd.device)
+    chunk = _compiled_eval(genome, tuple(dd.x_eval.shape), dd.eval_batch, dd.device)
+    fresh = _compiled_step.cache_info().misses + _compiled_eval.cache_info().misses > misses
+    return Programs(step, chunk, time.perf_counter() - t0 if fresh else 0.0)
 
 
-def compiled_eval(genome: Genome, variables: dict, dd: DeviceData) -> Programs:
+def compiled_eval(genome: Genome, dd: DeviceData) -> Programs:
     """Only the eval chunk (for a trained model): the same program evaluation uses, so scores match."""
-    key = (genome, "eval", dd.x_eval.shape, dd.eval_batch, next(iter(dd.x_eval.devices())))
-    if key not in _PROGRAMS:
-        t0 = time.perf_counter()
-        chunk = _eval_fn(genome, dd.eval_batch).lower(variables, jnp.zeros(2), dd.x_eval, dd.y_eval, dd.norm, 0, 0).compile()
-        _PROGRAMS[key] = Programs(None, chunk, time.perf_counter() - t0)
-    return _PROGRAMS[key]
-
-
-@functools.lru_cache(maxsize=16)
-def _predict_fn(genome: Genome) -> Callable:
-    model = GenomeCNN(genome)
-    return jax.jit(lambda variables, x, norm: model.apply(variables, _normalise(x, norm), train=False).argmax(-1))
-
-
-def predict_classes(
-    genome: Genome, variables: dict, normalisation: tuple[float, float], images: np.ndarray, batch: int = 1000
-) -> np.ndarray:
-    """Class ids (N,) for images (N, 28, 28, 1) given as uint8 0..255 (or floats on that scale)."""
-    x = np.asarray(images)
-    n = len(x)
-    pad = -n % batch
-    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
-    norm, fn = jnp.asarray(normalisation, jnp.float32), _predict_fn(genome)
-    out = [fn(variables, jnp.asarray(x[i : i + batch]), norm) for i in range(0, len(x), batch)]  # (batch,) each
-    return np.concatenate([np.asarray(o) for o in out])[:n].astype(np.int64)
+    return Programs(None, _compiled_eval(genome, tuple(dd.x_eval.shape), dd.eval_batch, dd.device), 0.0)
 
 
 def evaluate_split(programs: Programs, variables: dict, dd: DeviceData, rows: tuple[int, int]) -> tuple[float, float]:
@@ -343,18 +373,20 @@ def train_and_evaluate(
     keep_variables: bool = False,
 ) -> EvalResult:
     """Train `genome` for cfg.epochs and report train/val/test metrics; NaN/inf loss -> FAILED."""
+    started = time.perf_counter()
     n_train = int(dd.y_train.shape[0])
     steps = n_train // cfg.batch_size
     if steps < 1:
         raise ValueError(f"trainer.batch_size {cfg.batch_size} exceeds the {n_train} training images")
     key = jax.random.key(seed)
+    aug_key = jax.device_put(jax.random.fold_in(key, AUGMENT_STREAM), dd.device)
     state = init_state(genome, cfg, seed)
     lrs = lr_schedule(cfg, steps * cfg.epochs)
     result = EvalResult(str(genome), "FINISHED", count_params(genome), normalisation=tuple(np.asarray(dd.norm).tolist()))
     history: dict[str, list[float]] = {k: [] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")}
-    hits = _CACHE_EVENTS["hits"]
-    programs = compiled_programs(genome, cfg, state, dd)
-    result.compile_seconds, result.cache_hits = programs.compile_seconds, _CACHE_EVENTS["hits"] - hits
+    hits = cache_hits()
+    programs = compiled_programs(genome, cfg, dd)
+    result.compile_seconds, result.cache_hits = programs.compile_seconds, cache_hits() - hits
 
     # TRAIN: steps dispatch asynchronously; one host sync per epoch reads the sums.
     train_time = 0.0
@@ -363,7 +395,7 @@ def train_and_evaluate(
         perm = jax.random.permutation(jax.random.fold_in(key, epoch + 1), n_train)
         acc = jnp.zeros(2)
         for i in range(steps):
-            state, acc = programs.step(state, acc, dd.x_train, dd.y_train, dd.norm, perm, lrs[epoch * steps + i], i)
+            state, acc = programs.step(state, acc, dd.x_train, dd.y_train, dd.norm, perm, aug_key, lrs[epoch * steps + i], epoch, i)
         loss_sum, correct = np.asarray(acc)
         train_time += time.perf_counter() - t0
         seen = steps * cfg.batch_size
@@ -381,7 +413,8 @@ def train_and_evaluate(
     result.history = history
     result.train_seconds = train_time
     done_epochs = len(history["train_loss"]) + (result.status == "FAILED")
-    result.images_per_second = done_epochs * steps * cfg.batch_size / max(train_time, 1e-9)
+    result.images_trained = done_epochs * steps * cfg.batch_size
+    result.images_per_second = result.images_trained / max(train_time, 1e-9)
     if result.status == "FAILED":
         return result
     if not math.isfinite(history["val_loss"][-1]):
@@ -393,11 +426,5 @@ def train_and_evaluate(
     _, result.test_accuracy = evaluate_split(programs, variables, dd, dd.test_range)
     if keep_variables:
         result.variables = jax.tree_util.tree_map(np.asarray, variables)
+    result.wall_seconds = time.perf_counter() - started
     return result
-
-
-def platform_summary() -> str:
-    """e.g. 'cpu (2 devices)' or 'gpu: NVIDIA H100 80GB HBM3'."""
-    devices = jax.devices()
-    kinds = sorted({d.device_kind for d in devices})
-    return f"{jax.default_backend()}: {', '.join(kinds)} x{len(devices)}"

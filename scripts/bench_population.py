@@ -5,7 +5,7 @@
 
 Each mode runs in fresh processes with its own empty persistent compilation cache, then runs the
 same population again on that cache (the 'warm' rows: a second run compiles almost nothing).
-No MLflow is involved: this times the evaluation path the search uses (fmnas_jax.parallel).
+No MLflow is involved: this times the evaluation path the search uses (fmnas_jax.backends).
 """
 
 from __future__ import annotations
@@ -28,35 +28,22 @@ from fmnas_jax.train import TrainConfig
 genomes = sample_population(SearchSpace(), cfg["genomes"], np.random.default_rng(cfg["seed"]))
 trainer = TrainConfig(epochs=cfg["epochs"], batch_size=128)
 data = DataConfig(train_size=cfg["train_size"], val_size=cfg["val_size"], dir=cfg["data_dir"])
+from fmnas_jax.backends import Buckets, Devices, EvalSpec, InProcess, Workers
+from fmnas_jax.runtime import enable_compilation_cache
+enable_compilation_cache(cfg["cache"])
 t0 = time.perf_counter()
-results = []
 if cfg["mode"] == "devices":
     import jax
-    from fmnas_jax.parallel import DevicePool
-    from fmnas_jax.train import enable_compilation_cache
-    enable_compilation_cache(cfg["cache"])
-    pool = DevicePool(jax.devices(), per_device=cfg["workers"])
-    results = [r for _, r in pool.map_unordered(genomes, trainer, data, 0)]
-    pool.close()
+    backend = Devices(jax.devices(), per_device=cfg["workers"])
 elif cfg["mode"] == "buckets":  # masked buckets (fmnas_jax.batched): one vmapped program per group
-    from fmnas_jax import data as data_mod
-    from fmnas_jax.batched import plan_buckets, train_batched
-    from fmnas_jax.train import enable_compilation_cache, to_device
-    enable_compilation_cache(cfg["cache"])
-    dd = to_device(data_mod.load(data, 0), trainer.eval_batch_size)
-    for group in plan_buckets(genomes, max_models=cfg["workers"], max_waste=cfg["max_waste"]):
-        results += train_batched(group, dd, trainer, 0)
+    import jax
+    backend = Buckets(jax.devices()[0], max_models=cfg["workers"], max_waste=cfg["max_waste"])
 elif cfg["workers"] > 1:
-    from fmnas_jax.parallel import WorkerPool
-    pool = WorkerPool(cfg["workers"], cfg["cache"])
-    results = [r for _, r in pool.map_unordered(genomes, trainer, data, 0)]
-    pool.close()
+    backend = Workers(cfg["workers"], cfg["cache"])
 else:
-    from fmnas_jax import data as data_mod
-    from fmnas_jax.train import enable_compilation_cache, to_device, train_and_evaluate
-    enable_compilation_cache(cfg["cache"])
-    dd = to_device(data_mod.load(data, 0), trainer.eval_batch_size)
-    results = [train_and_evaluate(g, dd, trainer, 0) for g in genomes]
+    backend = InProcess()
+results = [r for _, r in backend.evaluate(genomes, EvalSpec(trainer, data, 0))]
+backend.close()
 wall = time.perf_counter() - t0
 print(json.dumps({"wall": wall, "compile": sum(r.compile_seconds for r in results), "train": sum(r.train_seconds for r in results),
                   "hits": sum(r.cache_hits for r in results), "failed": sum(r.status != "FINISHED" for r in results),

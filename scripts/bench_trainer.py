@@ -26,10 +26,10 @@ import numpy as np
 
 from fmnas_jax import Genome
 from fmnas_jax.data import DataConfig, load
+from fmnas_jax.genome import PAPER_GENOME as PAPER
 from fmnas_jax.genome import train_flops_per_image
 from fmnas_jax.train import TrainConfig, TrainState, compiled_programs, init_state, to_device
 
-PAPER = "NC 4 5 sigmoid;RC 64 3 relu;NC 4 5 sigmoid;RC 64 3 relu;FL gelu;"
 TORCH_CANDIDATES = (os.environ.get("FMNAS_TORCH_PYTHON", ""), "/opt/torchvenv/bin/python", "python3.11")
 
 TORCH_SIDE = r"""
@@ -87,15 +87,15 @@ def jax_rounds(genome: Genome, dd, batch: int, steps: int, rounds: int, warmup: 
     """Images/s of the package's compiled train step over `rounds` timed windows of `steps` steps."""
     cfg = TrainConfig(batch_size=batch)
     state = init_state(genome, cfg, 0)
-    programs = compiled_programs(genome, cfg, state, dd)
+    programs = compiled_programs(genome, cfg, dd)
     n = dd.x_train.shape[0]
-    perm, per_epoch = jnp.arange(n), n // batch
+    perm, per_epoch, key = jnp.arange(n), n // batch, jax.random.key(0)
     lr = np.float32(1e-3)
 
     def run(k: int, state: TrainState) -> TrainState:
         acc = jnp.zeros(2)
         for i in range(k):
-            state, acc = programs.step(state, acc, dd.x_train, dd.y_train, dd.norm, perm, lr, i % per_epoch)
+            state, acc = programs.step(state, acc, dd.x_train, dd.y_train, dd.norm, perm, key, lr, 0, i % per_epoch)
         acc.block_until_ready()
         return state
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -136,5 +137,64 @@ def test_corrupt_data_file_exits_nonzero_and_writes_no_run(tmp_path):
 def test_help_lists_the_experiments_and_groups(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fmnas_jax", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
-    for text in ("+experiment=hillclimb", "experiment: hillclimb, paper, predict, smoke, train", "search: hillclimb, table", "127.0.0.1"):
+    for text in (
+        "+experiment=hillclimb",
+        "experiment: hillclimb, paper, predict, smoke, train",
+        "search: evolution, hillclimb, random, table",
+        "search/fidelity: halving, none",
+        "127.0.0.1",
+    ):
         assert text in proc.stdout, text
+
+
+HALVING = ["+experiment=smoke", "search/fidelity=halving", "search.fidelity.rungs=[{epochs: 1, train_size: 300}]",
+           "search.population_size=6", "search.budget=6", "search.seed=3"]  # fmt: skip
+
+
+def test_multi_fidelity_search_tags_rungs_and_a_rerun_trains_nothing(tmp_path):
+    first = cli(tmp_path, *HALVING)
+    evals = runs(tmp_path, "evaluation", "FINISHED")
+    by_rung = Counter(r.data.tags.get("fmnas.rung") for r in evals)
+    assert by_rung["0"] >= 6 and 1 <= by_rung["1"] < by_rung["0"]  # the population halved: a third promoted
+    assert by_rung[None] == 1  # the retrained winner
+    assert len({r.data.tags["budget_key"] for r in evals if r.data.tags.get("fmnas.rung") == "0"}) == 1
+    promoted = {r.data.tags["genome"] for r in evals if r.data.tags.get("fmnas.rung") == "1"}
+    assert promoted <= {r.data.tags["genome"] for r in evals if r.data.tags.get("fmnas.rung") == "0"}  # every rung-1 genome passed rung 0
+    winner = json.loads(next(Path(line.split("Files: ")[1]) for line in first.stdout.splitlines() if line.startswith("Files: "))
+                        .joinpath("result_card.json").read_text())["genome"]  # fmt: skip
+    assert winner in promoted  # selected at the full budget only
+    cli(tmp_path, *HALVING)
+    assert len(runs(tmp_path, "evaluation")) == len(evals)  # every (genome, rung) reused
+
+
+def test_time_budget_is_kept(tmp_path):
+    """A 75-second budget for search and retrain on a tiny real search (startup excluded): the job stops
+    asking for evaluations in time and says how long it took."""
+    args = ["+experiment=smoke", "search.time_budget=75", "search.population_size=4", "data.train_size=2000", "final.train_size=2000"]
+    cli(tmp_path, *args)
+    (search,) = runs(tmp_path, "search", "FINISHED")
+    seconds = search.data.metrics["search_seconds"]
+    evals = runs(tmp_path, "evaluation", "FINISHED")
+    assert len(evals) > 4 + 1  # it used the time: more than the population and the retrain
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    ends = [client.get_run(r.info.run_id).info.end_time for r in evals]
+    job = (max(ends) - search.info.start_time) / 1000
+    assert job <= 75 * 1.15, f"search and retrain took {job:.0f} s of a 75 s budget (search {seconds:.0f} s)"
+
+
+def test_table_climber_ignores_evaluations_outside_its_space(tmp_path):
+    """The table climber reads every stored evaluation of its budget. One stored by a search over another
+    space (64 filters, outside search_space=small), with the best accuracy of all, must not win."""
+    from fmnas_jax.store import Store
+
+    table = ["+experiment=smoke", "search=table", "search.population_size=3", "fitness.size_weight=0"]
+    cli(tmp_path, *table)
+    budget = runs(tmp_path, "evaluation", "FINISHED")[0].data.tags["budget_key"]
+    store = Store(f"sqlite:///{tmp_path / 'mlflow.db'}", "fmnas_jax")
+    big = "NC 64 7 relu;RC 64 7 relu;NC 64 7 relu;RC 64 7 relu;FL relu;"
+    rid = store.start_evaluation(big, "outside-the-small-space", budget, None, {})
+    store.log(rid, metrics={"val_accuracy": 0.99, "test_accuracy": 0.99, "train_accuracy": 0.99, "param_count": 113_994})
+    store.end_run(rid)
+    cli(tmp_path, *table, "search.seed=1")
+    winners = [r.data.tags["winner"] for r in runs(tmp_path, "search", "FINISHED")]
+    assert len(winners) == 2 and big not in winners

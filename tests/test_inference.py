@@ -11,9 +11,10 @@ from mlflow import MlflowClient
 from test_e2e import cli, runs
 
 from fmnas_jax import Genome
+from fmnas_jax.checkpoint import CheckpointError, checkpoint_bytes, read_checkpoint
 from fmnas_jax.data import synthetic_dataset
 from fmnas_jax.inference import as_images, confusion_matrix, load_checkpoint, load_run, per_class_markdown, read_images
-from fmnas_jax.model import CheckpointError, GenomeCNN, checkpoint_bytes, read_checkpoint
+from fmnas_jax.model import GenomeCNN
 from fmnas_jax.store import Store, StoreError
 from fmnas_jax.train import TrainConfig, to_device, train_and_evaluate
 

@@ -60,8 +60,8 @@ def test_orphans_of_dead_processes_are_marked_killed(tracking_uri):
     mine = store.start_run("G2", "evaluation", {"genome": "G2", "eval_key": "k2", "budget_key": "b"})
     assert store.reap_orphans() == [rid]
     run = store.get_run(rid)
-    assert run.info.status == "KILLED" and "died" in run.data.tags["fmnas.reason"]
-    assert store.get_run(mine).info.status == "RUNNING"
+    assert run.status == "KILLED" and "died" in run.tags["fmnas.reason"]
+    assert store.get_run(mine).status == "RUNNING"
 
 
 def test_default_uri_is_mlflow_db_in_the_launch_dir(tmp_path):
@@ -85,3 +85,14 @@ def test_missing_folder_is_refused(tmp_path):
 
 def test_flatten():
     assert flatten("", {"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+
+
+def test_records_are_typed_and_none_params_are_left_out(tracking_uri):
+    store = Store(tracking_uri, "exp")
+    rid = store.start_evaluation("G", "k", "b", None, {"data.train_size": None, "data.val_size": 500}, rung=1)
+    store.log(rid, metrics={"test_accuracy": 0.5})
+    store.end_run(rid)
+    run = store.get_run(rid)
+    assert (run.status, run.role, run.name, run.parent_run_id, run.checkpoint) == ("FINISHED", "evaluation", "G", None, None)
+    assert run.params == {"data.val_size": "500"} and run.tags["fmnas.rung"] == "1"
+    assert run.int_param("data.train_size") is None and run.int_param("data.val_size") == 500 and run.metric("test_accuracy") == 0.5

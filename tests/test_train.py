@@ -1,5 +1,7 @@
 import math
+from dataclasses import replace
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,6 +11,9 @@ from fmnas_jax.data import synthetic_dataset
 from fmnas_jax.model import GenomeCNN
 from fmnas_jax.train import (
     TrainConfig,
+    _compiled_eval,
+    _compiled_step,
+    augment,
     compiled_programs,
     evaluate_split,
     init_state,
@@ -31,12 +36,12 @@ def _state(genome, cfg):
 
 def test_train_steps_decrease_loss(dd):
     cfg = TrainConfig(batch_size=64, epochs=1, learning_rate=3e-3)
-    programs = compiled_programs(SMALL, cfg, _state(SMALL, cfg), dd)
-    state, perm = _state(SMALL, cfg), jnp.arange(512)
+    programs = compiled_programs(SMALL, cfg, dd)
+    state, perm, key = _state(SMALL, cfg), jnp.arange(512), jax.random.key(0)
     losses = []
     for i in range(8):
         acc = jnp.zeros(2)
-        state, acc = programs.step(state, acc, dd.x_train, dd.y_train, dd.norm, perm, np.float32(3e-3), i % 8)
+        state, acc = programs.step(state, acc, dd.x_train, dd.y_train, dd.norm, perm, key, np.float32(3e-3), 0, i % 8)
         losses.append(float(acc[0]) / 64)
     assert all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
@@ -70,17 +75,61 @@ def test_programs_are_compiled_once_per_shape(dd):
     assert second.compile_seconds == 0.0  # another budget, same shapes: no recompilation
 
 
+def test_one_trace_per_genome_shape_across_budgets_and_recipes_values(dd):
+    """The step is traced once per (genome, step settings, shapes): epochs, learning rate, schedule and
+    weight decay are run-time values (optax's injected hyperparameters), so budgets share it."""
+    g = Genome.parse("NC 4 2 relu;RC 4 2 relu;NC 4 2 relu;RC 4 2 relu;FL relu;")
+    before = _compiled_step.cache_info().misses, _compiled_eval.cache_info().misses
+    budgets = [
+        TrainConfig(batch_size=64, epochs=1),
+        TrainConfig(batch_size=64, epochs=2, learning_rate=1e-3, schedule="constant"),
+        TrainConfig(batch_size=64, epochs=1, learning_rate=5e-3),
+    ]
+    for cfg in budgets:
+        assert train_and_evaluate(g, dd, cfg, seed=0).status == "FINISHED"
+    after = _compiled_step.cache_info().misses, _compiled_eval.cache_info().misses
+    assert after == (before[0] + 1, before[1] + 1)
+    train_and_evaluate(g, dd, TrainConfig(batch_size=64, epochs=1, augment_flip=True), seed=0)  # a new program: flips
+    assert _compiled_step.cache_info().misses == before[0] + 2 and _compiled_eval.cache_info().misses == before[1] + 1
+
+
+def test_augmentation_is_deterministic_for_a_seed_and_changes_images():
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1)), jnp.uint8)
+    a = augment(x, jax.random.key(1), crop=2, flip=True)
+    assert a.shape == x.shape and a.dtype == x.dtype
+    assert np.array_equal(np.asarray(a), np.asarray(augment(x, jax.random.key(1), crop=2, flip=True)))
+    assert not np.array_equal(np.asarray(a), np.asarray(augment(x, jax.random.key(2), crop=2, flip=True)))
+    flipped = np.asarray(augment(x, jax.random.key(3), crop=0, flip=True))
+    for img, orig in zip(flipped, np.asarray(x), strict=True):  # each image is itself or its mirror
+        assert np.array_equal(img, orig) or np.array_equal(img, orig[:, ::-1])
+    shifted = np.asarray(augment(x, jax.random.key(4), crop=2, flip=False))
+    for img, orig in zip(shifted, np.asarray(x), strict=True):  # a window of the zero-padded image
+        padded = np.pad(orig, ((2, 2), (2, 2), (0, 0)))
+        assert any(np.array_equal(img, padded[dy : dy + 28, dx : dx + 28]) for dy in range(5) for dx in range(5))
+
+
+def test_recipe_settings_train_and_enter_the_result(dd):
+    base = TrainConfig(batch_size=64, epochs=2)
+    plain = train_and_evaluate(SMALL, dd, base, seed=0)
+    recipe = replace(base, augment_crop=2, augment_flip=True, label_smoothing=0.1, optimizer="adamw", weight_decay=0.05)
+    r1, r2 = train_and_evaluate(SMALL, dd, recipe, seed=0), train_and_evaluate(SMALL, dd, recipe, seed=0)
+    assert r1.status == "FINISHED" and r1.val_accuracy > 0.3  # still learns (chance 0.1)
+    assert r1.history == r2.history  # deterministic for a seed
+    assert r1.history != plain.history
+    assert r1.images_trained == 2 * (512 // 64) * 64 and r1.wall_seconds >= r1.train_seconds
+
+
 def test_divergence_is_a_failed_result_not_an_exception(dd):
     r = train_and_evaluate(SMALL, dd, TrainConfig(batch_size=64, epochs=2, learning_rate=1e4, schedule="constant"), seed=0)
     assert r.status == "FAILED"
     assert "diverged" in r.reason
-    assert "metrics" not in r.metrics() and "test_accuracy" not in r.metrics()
+    assert "metrics" not in r.summary() and "test_accuracy" not in r.summary()
 
 
 def test_eval_masks_padding(dd):
     cfg = TrainConfig(batch_size=64, epochs=1)
     state = _state(SMALL, cfg)
-    programs = compiled_programs(SMALL, cfg, state, dd)
+    programs = compiled_programs(SMALL, cfg, dd)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     _, acc = evaluate_split(programs, variables, dd, dd.test_range)
     x = (dd.x_eval[200:500].astype(jnp.float32) / 255 - dd.norm[0]) / dd.norm[1]
@@ -102,6 +151,8 @@ def test_schedules():
         ({"learning_rate": float("nan")}, "trainer.learning_rate nan"),
         ({"optimizer": "lion"}, "'lion' is not one of"),
         ({"batch_size": 0}, "trainer.batch_size 0"),
+        ({"label_smoothing": 1.0}, "trainer.label_smoothing 1.0"),
+        ({"augment_crop": 9}, r"trainer.augment_crop 9 must be in \[0..8\]"),
     ],
 )
 def test_train_config_validation(kwargs, fragment):

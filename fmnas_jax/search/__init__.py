@@ -1,8 +1,24 @@
-"""Search strategies: population sampling, hill climbing in genome space, and the paper's table climber."""
+"""Search strategies: population sampling, hill climbing in genome space, the paper's table climber, and the baselines."""
 
-from fmnas_jax.search.base import ClimbResult, Objective, SearchConfig, Step
+from fmnas_jax.search.base import ClimbResult, FidelityConfig, Objective, Rung, SearchConfig, Step
+from fmnas_jax.search.evolution import regularized_evolution
 from fmnas_jax.search.fitness import FitnessConfig, fitness, pareto_front
 from fmnas_jax.search.hillclimb import hill_climb
+from fmnas_jax.search.random_search import random_search
 from fmnas_jax.search.table import table_climb
 
-__all__ = ["ClimbResult", "FitnessConfig", "Objective", "SearchConfig", "Step", "fitness", "hill_climb", "pareto_front", "table_climb"]
+__all__ = [
+    "ClimbResult",
+    "FidelityConfig",
+    "FitnessConfig",
+    "Objective",
+    "Rung",
+    "SearchConfig",
+    "Step",
+    "fitness",
+    "hill_climb",
+    "pareto_front",
+    "random_search",
+    "regularized_evolution",
+    "table_climb",
+]

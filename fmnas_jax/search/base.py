@@ -7,13 +7,44 @@ whether a genome is trained or read from the store, and reports when the budget 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from fmnas_jax.cost import parse_duration
 from fmnas_jax.genome import Genome
 
-STRATEGIES = ("hillclimb", "table")
+STRATEGIES = ("hillclimb", "table", "random", "evolution")
+FIDELITY_MODES = ("none", "halving")
 MOVES = ("first", "steepest")
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One cheaper budget of a multi-fidelity search: epochs and training images (null = all)."""
+
+    epochs: int = 1
+    train_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or (self.train_size is not None and self.train_size < 10):
+            raise ValueError(f"search.fidelity rung epochs {self.epochs} must be >= 1 and train_size {self.train_size} null or >= 10")
+
+
+@dataclass(frozen=True)
+class FidelityConfig:
+    """Successive halving: `rungs` (cheapest first) below the search's own budget, the best 1/eta promoted each time."""
+
+    mode: str = "none"
+    eta: int = 3
+    rungs: tuple[Rung, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in FIDELITY_MODES:
+            raise ValueError(f"search.fidelity.mode {self.mode!r} is not one of {list(FIDELITY_MODES)}")
+        if self.eta < 2:
+            raise ValueError(f"search.fidelity.eta {self.eta} must be >= 2")
+        if self.mode == "halving" and not self.rungs:
+            raise ValueError("search.fidelity.mode 'halving' needs at least one rung in search.fidelity.rungs")
 
 
 @dataclass(frozen=True)
@@ -27,8 +58,23 @@ class SearchConfig:
     move: str = "first"
     patience: int = 2
     max_restarts: int = 10
+    tournament_size: int = 5
+    time_budget: str | None = None  # the whole job (search and final retrain): 600, '12m', '1.5h'; null = no limit
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
+
+    @property
+    def time_budget_seconds(self) -> float | None:
+        return None if self.time_budget is None else parse_duration(self.time_budget)
 
     def __post_init__(self) -> None:
+        if self.time_budget is not None:
+            object.__setattr__(self, "time_budget", str(self.time_budget))
+            try:
+                parse_duration(self.time_budget)
+            except ValueError as e:
+                raise ValueError(f"search.time_budget: {e}") from None
+        if self.tournament_size < 1:
+            raise ValueError(f"search.tournament_size {self.tournament_size} must be >= 1")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"search.strategy {self.strategy!r} is not one of {list(STRATEGIES)}")
         if self.move not in MOVES:
@@ -49,6 +95,11 @@ class Objective(Protocol):
     @property
     def exhausted(self) -> bool: ...
 
+    @property
+    def parallelism(self) -> int:
+        """How many genomes one call evaluates at once; strategies may ask for that many together."""
+        ...
+
 
 @dataclass(frozen=True)
 class Step:
@@ -56,13 +107,13 @@ class Step:
 
     restart: int
     step: int
-    genome: str
+    genome: Genome
     fitness: float
     move: str  # start | left | right | improve | optimum | budget
 
 
 @dataclass(frozen=True)
 class ClimbResult:
-    best: str
+    best: Genome
     best_fitness: float
     path: tuple[Step, ...]

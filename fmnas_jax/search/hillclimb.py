@@ -13,7 +13,7 @@ from fmnas_jax.search.base import ClimbResult, Objective, SearchConfig, Step
 def _climb_once(start: Genome, space: SearchSpace, objective: Objective, rng: np.random.Generator, move: str, restart: int) -> list[Step]:
     """Climb from `start` to a local optimum (or until the budget runs out)."""
     current, f_cur = start, objective([start])[0]
-    path = [Step(restart, 0, str(current), f_cur, "start")]
+    path = [Step(restart, 0, current, f_cur, "start")]
     while not objective.exhausted:
         nbrs = neighbours(current, space)
         order = rng.permutation(len(nbrs))
@@ -25,18 +25,18 @@ def _climb_once(start: Genome, space: SearchSpace, objective: Objective, rng: np
         else:
             nxt, f_nxt = _first_better(candidates, f_cur, objective)
         if nxt is None or f_nxt <= f_cur:
-            path.append(Step(restart, len(path), str(current), f_cur, "budget" if objective.exhausted else "optimum"))
+            path.append(Step(restart, len(path), current, f_cur, "budget" if objective.exhausted else "optimum"))
             break
         current, f_cur = nxt, f_nxt
-        path.append(Step(restart, len(path), str(current), f_cur, "improve"))
+        path.append(Step(restart, len(path), current, f_cur, "improve"))
     else:
-        path.append(Step(restart, len(path), str(current), f_cur, "budget"))
+        path.append(Step(restart, len(path), current, f_cur, "budget"))
     return path
 
 
 def _first_better(candidates: list[Genome], f_cur: float, objective: Objective) -> tuple[Genome | None, float]:
     """The first candidate (in order) that beats f_cur, asking in chunks of the objective's parallelism."""
-    k = max(1, getattr(objective, "parallelism", 1))
+    k = max(1, objective.parallelism)
     for i in range(0, len(candidates), k):
         chunk = candidates[i : i + k]
         for cand, f in zip(chunk, objective(chunk), strict=True):
@@ -65,4 +65,4 @@ def hill_climb(
             stale += 1
         if objective.exhausted or stale >= cfg.patience:
             break
-    return ClimbResult(best or str(start), best_f, tuple(path))
+    return ClimbResult(best or path[0].genome, best_f, tuple(path))

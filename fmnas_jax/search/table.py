@@ -13,16 +13,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fmnas_jax.genome import Genome
 from fmnas_jax.search.base import ClimbResult, Step
 
 
 def table_climb(
-    rows: Sequence[tuple[str, int, float, float]], rng: np.random.Generator, patience: int, max_restarts: int = 1000
+    rows: Sequence[tuple[Genome, int, float, float]], rng: np.random.Generator, patience: int, max_restarts: int = 1000
 ) -> ClimbResult:
     """Climb `rows` of (genome, params, accuracy, fitness); returns the best row seen and the path."""
     if not rows:
         raise ValueError("the table climber needs at least one recorded evaluation")
-    table = sorted(rows, key=lambda r: (r[1], r[0]))
+    table = sorted(rows, key=lambda r: (r[1], str(r[0])))
     acc = [r[2] if math.isfinite(r[2]) else -math.inf for r in table]
     fit = [r[3] for r in table]
     best_i, best_f, stale, path = -1, -math.inf, 0, []

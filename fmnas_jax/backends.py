@@ -1,0 +1,345 @@
+"""Where genomes are trained: one `Backend` interface, four implementations, one data cache.
+
+- `InProcess`: one at a time in this process (epochs stream to the caller).
+- `Workers`: one pinned single-threaded process per CPU core. Small CNNs do not keep two cores
+  busy inside one XLA:CPU program, and vmapped convolutions ran 2.5-5x slower there
+  (docs/benchmarks.md); separate processes on separate cores scale instead.
+- `Devices`: several evaluations in flight per accelerator, one thread each (JAX releases the
+  GIL while a device computes).
+- `Buckets`: the genomes asked for together train in masked buckets (fmnas_jax.batched), one
+  vmapped program per bucket; opt-in, meant for GPUs.
+
+Every backend loads data through a `DataCache` (with an injectable loader, so tests can use
+synthetic data) and turns an exception into a FAILED result with a reason (`safe_evaluate`),
+so one broken genome never ends a search. No jax import at module level: a worker process
+must set its XLA flags before jax loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
+import threading
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fmnas_jax import data as data_mod
+from fmnas_jax.data import DataConfig, Dataset
+from fmnas_jax.genome import Genome
+
+if TYPE_CHECKING:
+    from fmnas_jax.train import DeviceData, EvalResult, TrainConfig
+
+log = logging.getLogger("fmnas_jax")
+ACCELERATOR_SLOTS = 4  # evaluations in flight per GPU by default (unmeasured: see docs/benchmarks.md)
+Loader = Callable[[DataConfig, int], Dataset]
+OnEpoch = Callable[[Genome, int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Everything besides the genome that an evaluation needs: trainer, data split, seed."""
+
+    trainer: TrainConfig
+    data: DataConfig
+    seed: int
+    keep_variables: bool = False
+
+
+class Backend(Protocol):
+    """Trains genomes under one spec and yields (genome, result) as each finishes."""
+
+    parallelism: int  # evaluations it runs at once (strategies may ask for this many together)
+    description: str  # for the log
+    streams_epochs: bool  # True: on_epoch is called as epochs end; False: results carry their whole history
+
+    def evaluate(self, genomes: Sequence[Genome], spec: EvalSpec, on_epoch: OnEpoch | None = None) -> Iterator[tuple[Genome, EvalResult]]:
+        """Yield (genome, EvalResult) in the order evaluations finish; never raises for one genome's failure."""
+        ...
+
+    def close(self, now: bool = False) -> None:
+        """Release the backend; `now` (an interrupted search) stops evaluations in flight."""
+        ...
+
+
+class DataCache:
+    """Datasets placed on devices, each loaded once per (device, data settings, seed, eval batch); thread-safe."""
+
+    def __init__(self, loader: Loader = data_mod.load) -> None:
+        self.loader = loader
+        self._placed: dict[tuple, DeviceData] = {}
+        self._lock = threading.Lock()
+
+    def get(self, spec: EvalSpec, device: Any = None) -> DeviceData:
+        import jax
+
+        from fmnas_jax.train import to_device
+
+        device = device or jax.devices()[0]
+        key = (device.id, device.platform, spec.data, spec.seed, spec.trainer.eval_batch_size)
+        with self._lock:  # evaluations sharing a device share its copy of the data
+            if key not in self._placed:
+                if len(self._placed) >= 4:  # a few splits at most (rungs, the final budget), not one per budget forever
+                    self._placed.clear()
+                dataset = self.loader(spec.data, spec.seed)
+                log.info("data: %s", dataset.summary())
+                with jax.default_device(device):
+                    self._placed[key] = to_device(dataset, spec.trainer.eval_batch_size)
+            return self._placed[key]
+
+
+def safe_evaluate(
+    genome: Genome, spec: EvalSpec, cache: DataCache, where: str = "", on_epoch: Callable | None = None, device: Any = None
+) -> EvalResult:
+    """train_and_evaluate on `device`; an exception becomes a FAILED result whose reason says where."""
+    import jax
+
+    from fmnas_jax.train import failed, train_and_evaluate
+
+    try:
+        dd = cache.get(spec, device)
+        with jax.default_device(dd.device):
+            return train_and_evaluate(genome, dd, spec.trainer, spec.seed, on_epoch, spec.keep_variables)
+    except Exception as e:  # one broken genome must not end a search of many
+        log.error("evaluation of %s raised%s:\n%s", genome, where, traceback.format_exc())
+        return failed(genome, f"{type(e).__name__}{where}: {e}")
+
+
+class InProcess:
+    """One evaluation at a time, in this process."""
+
+    parallelism, streams_epochs = 1, True
+
+    def __init__(self, loader: Loader = data_mod.load, description: str = "in-process") -> None:
+        self.cache, self.description = DataCache(loader), description
+
+    def evaluate(self, genomes: Sequence[Genome], spec: EvalSpec, on_epoch: OnEpoch | None = None) -> Iterator[tuple[Genome, EvalResult]]:
+        for g in genomes:
+            per_epoch = None if on_epoch is None else (lambda epoch, row, g=g: on_epoch(g, epoch, row))
+            yield g, safe_evaluate(g, spec, self.cache, "", per_epoch)
+
+    def close(self, now: bool = False) -> None:
+        self.cache = DataCache(self.cache.loader)
+
+
+# -- worker processes ---------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(cores: Any, cache_dir: str | None, loader: Loader) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent stops us
+    core = cores.get()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {core})
+    # One thread per worker: the parallelism is across processes.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    ).strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from fmnas_jax.runtime import enable_compilation_cache
+
+    if cache_dir:
+        enable_compilation_cache(cache_dir)
+    _WORKER.update(core=core, cache=DataCache(loader))
+
+
+def _worker_evaluate(genome: Genome, spec: EvalSpec) -> EvalResult:
+    return safe_evaluate(genome, spec, _WORKER["cache"], f" in worker {_WORKER['core']}")
+
+
+def cpu_workers() -> int:
+    """Cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class Workers:
+    """`n` spawned single-threaded worker processes, each pinned to one core."""
+
+    streams_epochs = False
+
+    def __init__(self, n: int, cache_dir: str | None, loader: Loader = data_mod.load) -> None:
+        ctx = mp.get_context("spawn")  # a fresh interpreter: no forked XLA threads
+        cores = ctx.Queue()
+        allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(n))
+        for i in range(n):
+            cores.put(allowed[i % len(allowed)])
+        self.parallelism = n
+        self.description = f"{n} worker processes, each pinned to one CPU core (workers=1 to disable)"
+        self._pool = ctx.Pool(n, initializer=_init_worker, initargs=(cores, cache_dir, loader))
+
+    def evaluate(self, genomes: Sequence[Genome], spec: EvalSpec, on_epoch: OnEpoch | None = None) -> Iterator[tuple[Genome, EvalResult]]:
+        from fmnas_jax.train import failed
+
+        done: queue.Queue = queue.Queue()
+        for g in genomes:
+            self._pool.apply_async(
+                _worker_evaluate,
+                (g, spec),
+                callback=lambda r, g=g: done.put((g, r)),
+                error_callback=lambda e, g=g: done.put((g, failed(g, f"{type(e).__name__} in a worker process: {e}"))),
+            )
+        for _ in genomes:
+            yield done.get()
+
+    def close(self, now: bool = False) -> None:
+        """Let running evaluations finish; with `now` (an interrupted search) stop the workers at once."""
+        if now:
+            self._pool.terminate()
+        else:
+            self._pool.close()
+        self._pool.join()
+
+
+# -- several evaluations in flight on each device -----------------------------------
+
+
+class _Stopped(Exception):
+    """Raised at an epoch boundary inside an evaluation of a pool that is being closed."""
+
+
+class Devices:
+    """`per_device` evaluations in flight on each device, a thread each.
+
+    Genomes have different shapes, so the population is split across devices by placement (each
+    evaluation runs whole on one device, its data placed there once) rather than by SPMD sharding
+    of one program. Results equal a single device's: the programs and inputs are the same.
+    """
+
+    streams_epochs = False
+
+    def __init__(self, devices: Sequence[Any], per_device: int = 1, loader: Loader = data_mod.load, description: str = "") -> None:
+        self.devices = list(devices)
+        self.parallelism = len(self.devices) * per_device
+        self.description = description or f"{per_device} evaluation(s) in flight on each of {len(self.devices)} device(s)"
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(per_device):
+            for d in self.devices:
+                self._free.put(d)
+        self._pool = ThreadPoolExecutor(self.parallelism, thread_name_prefix="fmnas-device")
+        self.cache = DataCache(loader)
+        self._stop = threading.Event()
+
+    def _run(self, genome: Genome, spec: EvalSpec) -> EvalResult:
+        device = self._free.get()
+        try:
+            return safe_evaluate(genome, spec, self.cache, f" on {device}", self._check_stop, device)
+        finally:
+            self._free.put(device)
+
+    def evaluate(self, genomes: Sequence[Genome], spec: EvalSpec, on_epoch: OnEpoch | None = None) -> Iterator[tuple[Genome, EvalResult]]:
+        futures = {self._pool.submit(self._run, g, spec): g for g in genomes}
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
+
+    def _check_stop(self, epoch: int, row: dict[str, float]) -> None:
+        if self._stop.is_set():
+            raise _Stopped(f"stopped after epoch {epoch}: the search was interrupted")
+
+    def stop(self) -> None:
+        """Evaluations running or still to start end FAILED at their next epoch boundary."""
+        self._stop.set()
+
+    def close(self, now: bool = False) -> None:
+        """Let running evaluations finish; with `now` they stop at their next epoch boundary
+        (threads cannot be killed, and the interpreter waits for them before it exits)."""
+        if now:
+            self.stop()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# -- masked buckets --------------------------------------------------------------------
+
+
+class Buckets:
+    """Masked buckets on one device: the genomes asked for together are grouped (`plan_buckets`:
+    up to `max_models` per bucket, compute within `max_waste` x the genomes alone) and each bucket
+    trains as one vmapped program. On XLA:CPU vmapped convolutions are slower than one model at a time."""
+
+    streams_epochs = False
+
+    def __init__(self, device: Any, max_models: int = 16, max_waste: float = 2.0, loader: Loader = data_mod.load) -> None:
+        from fmnas_jax.batched import check_bucket_limits
+
+        check_bucket_limits(max_models, max_waste)
+        self.device, self.parallelism, self.max_waste = device, max_models, max_waste
+        self.description = f"masked buckets of up to {max_models} genomes (batching=buckets)"
+        self.cache = DataCache(loader)
+
+    def evaluate(self, genomes: Sequence[Genome], spec: EvalSpec, on_epoch: OnEpoch | None = None) -> Iterator[tuple[Genome, EvalResult]]:
+        import jax
+
+        from fmnas_jax.batched import plan_buckets, train_batched
+        from fmnas_jax.train import failed
+
+        dd = self.cache.get(spec, self.device)
+        for group in plan_buckets(genomes, self.parallelism, self.max_waste):
+            try:
+                with jax.default_device(self.device):
+                    results = train_batched(group, dd, spec.trainer, spec.seed, keep=spec.keep_variables)
+            except Exception as e:  # one broken bucket must not end the search
+                log.error("bucket of %d genomes raised:\n%s", len(group), traceback.format_exc())
+                results = [failed(g, f"{type(e).__name__} in a bucket: {e}") for g in group]
+            yield from zip(group, results, strict=True)
+
+    def close(self, now: bool = False) -> None:
+        """Buckets train in the caller's thread: an interrupt has already stopped them."""
+        self.cache = DataCache(self.cache.loader)
+
+
+def choose_backend(
+    workers: int = 0,
+    batching: str = "none",
+    bucket_size: int = 16,
+    bucket_waste: float = 2.0,
+    cache_dir: str | None = None,
+    loader: Loader = data_mod.load,
+) -> Backend:
+    """The fastest evaluation path for this platform (its `description` says which, for the log).
+
+    `batching=buckets`: masked buckets on the first device. `workers=1`: in-process. Accelerators:
+    `workers` (default 4) evaluations in flight per device; a small CNN alone leaves a GPU idle
+    between kernel launches, and compiles overlap too. Several CPU devices (JAX_NUM_CPU_DEVICES):
+    one evaluation per device. One multi-core CPU: one single-threaded worker process per core.
+    """
+    import jax
+
+    from fmnas_jax.runtime import platform_summary
+
+    devices, where = jax.devices(), platform_summary()
+    if batching == "buckets":
+        return Buckets(devices[0], bucket_size, bucket_waste, loader)
+    if workers == 1:
+        return InProcess(loader, f"in-process on {where} (workers=1)")
+    if jax.default_backend() != "cpu":
+        per_device = workers or ACCELERATOR_SLOTS
+        text = f"{per_device} evaluations in flight on each of {len(devices)} device(s) ({where}; workers=N to change)"
+        return Devices(devices, per_device, loader, text)
+    if len(devices) > 1:
+        chosen = devices[: workers or len(devices)]
+        return Devices(chosen, 1, loader, f"{len(chosen)} devices, one evaluation on each at a time ({where})")
+    n = workers or cpu_workers()
+    if n > 1:
+        return Workers(n, cache_dir, loader)
+    return InProcess(loader, f"in-process on {where}")
+
+
+@contextlib.contextmanager
+def opened(backend: Backend) -> Iterator[Backend]:
+    """Close the backend on the way out: gently after success, at once after Ctrl-C or an error."""
+    try:
+        yield backend
+    except BaseException:
+        backend.close(now=True)
+        raise
+    backend.close()

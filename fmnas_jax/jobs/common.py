@@ -1,0 +1,62 @@
+"""What the jobs share: opening the store, the result card, the per-class report."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from fmnas_jax import data as data_mod
+from fmnas_jax.config import AppConfig
+from fmnas_jax.data import CLASS_NAMES
+from fmnas_jax.evaluator import Outcome
+from fmnas_jax.inference import TrainedModel, confusion_matrix, load_run, per_class_markdown
+from fmnas_jax.report import Card, plot_confusion
+from fmnas_jax.store import Store
+
+log = logging.getLogger("fmnas_jax")
+
+
+def open_store(cfg: AppConfig) -> Store:
+    """Check the data first (no run is created for a job that cannot run), then open the store and reap dead runs."""
+    data_mod.load_arrays(cfg.data.source, cfg.data.dir, cfg.data.verify)
+    store = Store(cfg.tracking.uri, cfg.tracking.experiment)
+    log.info("results go to MLflow: %s (experiment %r)", store.uri, cfg.tracking.experiment)
+    reaped = store.reap_orphans()
+    if reaped:
+        log.warning("marked %d run(s) of killed processes as KILLED", len(reaped))
+    return store
+
+
+def card_of(o: Outcome, store: Store, budget: str) -> Card:
+    """The result card of one evaluation."""
+    m = o.metric
+    return Card(str(o.genome), int(m("param_count")), m("train_accuracy"), m("val_accuracy"), m("test_accuracy"), o.eval_key, o.run_id,
+                store.uri, budget)  # fmt: skip
+
+
+def print_card(card: Card, out_dir: Path) -> None:
+    print("\n" + card.markdown())
+    print(f"Files: {out_dir.resolve()}")
+    print(f"MLflow: {card.tracking_uri} (run {card.run_id})")
+
+
+def class_report(o: Outcome, store: Store, cfg: AppConfig, out_dir: Path) -> list[Path]:
+    """Per-class test accuracy and a confusion matrix with Fashion-MNIST's class names (needs the weights)."""
+    if o.variables is not None and o.normalisation is not None:
+        model = TrainedModel(o.genome, o.variables, o.normalisation)
+    elif store.get_run(o.run_id).checkpoint:
+        model = load_run(o.run_id, store=store)
+    else:
+        return []
+    arrays, _ = data_mod.load_arrays(cfg.data.source, cfg.data.dir, cfg.data.verify)
+    x_test, y_test = arrays[2], arrays[3]
+    cm = confusion_matrix(y_test, model.predict_fn()(x_test))
+    table = out_dir / "per_class.md"
+    table.write_text(f"# Per-class test accuracy\n\n`{o.genome}`\n\n" + per_class_markdown(cm))
+    np.savetxt(out_dir / "confusion_matrix.csv", cm, fmt="%d", delimiter=",", header=",".join(CLASS_NAMES))
+    title = f"{o.genome}  test accuracy {100 * np.trace(cm) / cm.sum():.2f}%"
+    fig = plot_confusion(cm, CLASS_NAMES, title, out_dir / "confusion_matrix.png")
+    log.info("per-class test accuracy:\n%s", per_class_markdown(cm))
+    return [table, out_dir / "confusion_matrix.csv", fig]

@@ -1,0 +1,259 @@
+"""The search job: population -> strategy -> the winner retrained -> report, under one parent MLflow run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import socket
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fmnas_jax.backends import Backend, EvalSpec, InProcess, choose_backend, opened
+from fmnas_jax.config import AppConfig
+from fmnas_jax.cost import CostModel, Sample
+from fmnas_jax.data import DataConfig
+from fmnas_jax.evaluator import Evaluator, Outcome, budget_key, describe_budget
+from fmnas_jax.genome import Genome, sample_population
+from fmnas_jax.jobs.common import card_of, class_report, open_store, print_card
+from fmnas_jax.objective import Allowance, HalvingObjective, SearchObjective, images_per_evaluation
+from fmnas_jax.progress import EpochBar, count_bar
+from fmnas_jax.report import Card, Row, plot_curves, plot_search, write_card, write_csv
+from fmnas_jax.search import hill_climb, random_search, regularized_evolution, table_climb
+from fmnas_jax.search.base import ClimbResult
+from fmnas_jax.store import Store, flatten
+
+log = logging.getLogger("fmnas_jax")
+FULL_TRAIN = 60_000  # Fashion-MNIST's training images, validation split included
+
+
+def search_key(cfg: AppConfig) -> str:
+    """Hash of what determines a search's path: space, strategy, fitness, budget and seeds."""
+    blob: dict[str, Any] = {k: asdict(getattr(cfg, k)) for k in ("search_space", "search", "fitness")}
+    blob["budget"] = budget_key(EvalSpec(cfg.trainer, cfg.data, cfg.seed))
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def n_train(data: DataConfig) -> int:
+    """Training images a data config gives (the rest of the 60,000 after validation, or train_size)."""
+    return data.train_size if data.train_size is not None else FULL_TRAIN - data.val_size
+
+
+def rung_specs(cfg: AppConfig) -> list[EvalSpec]:
+    """The evaluation budgets of the search, cheapest first; the last is trainer.* on data.*."""
+    top = EvalSpec(cfg.trainer, cfg.data, cfg.seed)
+    if cfg.search.fidelity.mode == "none":
+        return [top]
+    lower = [
+        EvalSpec(replace(cfg.trainer, epochs=r.epochs), replace(cfg.data, train_size=r.train_size), cfg.seed)
+        for r in cfg.search.fidelity.rungs
+    ]
+    return [*lower, top]
+
+
+def run_search(cfg: AppConfig, config_yaml: str, out_dir: Path) -> Card:
+    """Population -> strategy -> retrain the winner -> report; everything logged under one parent run."""
+    started = time.monotonic()
+    sc = cfg.search
+    store = open_store(cfg)
+    specs = rung_specs(cfg)
+    budgets = " | ".join(f"rung {i}: {describe_budget(s.trainer, s.data)}" for i, s in enumerate(specs)) if len(specs) > 1 else \
+        describe_budget(cfg.trainer, cfg.data)  # fmt: skip
+    limit = (
+        f"time budget {sc.time_budget} (search and final retrain)"
+        if sc.time_budget
+        else f"{sc.budget} new evaluations after the population"
+    )
+    log.info("search: %s, population %d, %s; each evaluation: %s", sc.strategy, sc.population_size, limit, budgets)
+    log.info("change it with e.g. search.time_budget=30m search.population_size=40 trainer.epochs=5 data.train_size=null")
+    key = search_key(cfg)
+    own = store.run_ids("search", "search_key", key)
+    if own:
+        log.info("this search (search_key %s) ran %d time(s) before: its stored evaluations are reused", key, len(own))
+    parent = store.start_run(f"search {sc.strategy} seed={sc.seed}", "search", {"search.strategy": sc.strategy, "search_key": key})
+    store.log(
+        parent,
+        params=flatten("", {k: asdict(getattr(cfg, k)) for k in ("search", "fitness", "trainer", "data", "final")}) | {"seed": cfg.seed},
+    )
+    store.log_text(parent, config_yaml, "config.yaml")
+    try:
+        with opened(choose_backend(cfg.workers, cfg.batching, cfg.bucket_size, cfg.bucket_waste, cfg.cache_dir)) as backend:
+            log.info("evaluation path: %s", backend.description)
+            card = _search(cfg, store, parent, own | {parent}, backend, specs, started, out_dir)
+    except BaseException as e:
+        store.end_run(parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", f"{type(e).__name__}: {e}")
+        raise
+    store.end_run(parent, "FINISHED")
+    return card
+
+
+def _search(
+    cfg: AppConfig, store: Store, parent: str, own: set[str], backend: Backend, specs: list[EvalSpec], started: float, out_dir: Path
+) -> Card:
+    sc = cfg.search
+    rng = np.random.default_rng(sc.seed)
+    final_spec = EvalSpec(cfg.final.trainer(cfg.trainer), cfg.final.data(cfg.data), cfg.seed, keep_variables=True)
+    cost = CostModel(Sample(Genome.parse(g), images, seconds) for g, images, seconds in store.cost_samples(socket.gethostname()))
+    time_left = None if sc.time_budget_seconds is None else sc.time_budget_seconds - (time.monotonic() - started)
+    final_images = images_per_evaluation(final_spec.trainer, n_train(final_spec.data))
+    rungs: list[SearchObjective] = []
+    reserve = lambda: cost.seconds(leader, final_images) if (leader := _leader(rungs)) else 0.0  # noqa: E731  the final retrain's time
+    allowance = Allowance(None, time_left, cost, backend.parallelism, reserve)
+    bar = _Bar(cfg, started)
+    epochs = EpochBar(cfg.trainer.epochs, cfg.progress and backend.streams_epochs)
+    for r, spec in enumerate(specs):
+        ev = Evaluator(store, spec, backend, parent, epochs.update, rung=r if len(specs) > 1 else None)
+        rungs.append(SearchObjective(ev, cfg.fitness, own, allowance, n_train(spec.data), on_counted=bar.tick))
+    objective = HalvingObjective(rungs, sc.fidelity.eta) if len(rungs) > 1 else rungs[0]
+
+    # POPULATION: the paper's random models (halved through the rungs with fidelity); stored ones are reused.
+    population = sample_population(cfg.search_space, sc.population_size, rng)
+    scores = dict(zip(population, objective(population), strict=True))
+    _log_counts("population", rungs)
+
+    # STRATEGY
+    allowance.allow(0 if sc.strategy == "table" else sc.budget if sc.time_budget is None else 10**9)
+    result = _run_strategy(cfg, objective, rungs[-1], rng, scores)
+    bar.close()
+    epochs.close()
+    _log_counts(f"search done ({result.best}, fitness {result.best_fitness:.4f})", rungs)
+    trained = sum(r.evaluator.trained + r.evaluator.failed for r in rungs)
+    metrics = {"new_evaluations": trained, "reused_evaluations": sum(r.evaluator.reused for r in rungs),
+               "failed_evaluations": sum(r.evaluator.failed for r in rungs), "search_seconds": time.monotonic() - started}  # fmt: skip
+    store.log(parent, metrics=metrics)
+
+    # RETRAIN the winner with the final budget and recipe, then REPORT.
+    log.info("retraining the winner %s: %s", result.best, describe_budget(final_spec.trainer, final_spec.data))
+    with EpochBar(final_spec.trainer.epochs, cfg.progress) as final_bar:
+        final = Evaluator(store, final_spec, InProcess(), parent, final_bar.update).evaluate(result.best)
+    if final.reused:
+        log.info("the winner's final run %s was already in the store; reused", final.run_id)
+    return _report(cfg, store, parent, rungs[-1], result, final, final_spec, out_dir)
+
+
+def _leader(rungs: list[SearchObjective]) -> Genome | None:
+    """The best genome so far at the highest rung reached (what the final retrain will most likely train)."""
+    for rung in reversed(rungs):
+        finished = [o for o in rung.outcomes.values() if o.status == "FINISHED"]
+        if finished:
+            return max(finished, key=rung.fitness_of).genome
+    return None
+
+
+def _run_strategy(
+    cfg: AppConfig, objective: SearchObjective | HalvingObjective, top: SearchObjective, rng: np.random.Generator, scores: dict
+) -> ClimbResult:
+    sc = cfg.search
+    if sc.strategy == "hillclimb":
+        return hill_climb(cfg.search_space, objective, rng, sc, max(scores, key=lambda g: scores[g]))
+    if sc.strategy == "random":
+        return random_search(cfg.search_space, objective, rng, scores)
+    if sc.strategy == "evolution":
+        return regularized_evolution(cfg.search_space, objective, rng, scores, sc.tournament_size)
+    return _table_climb(cfg, top, rng)
+
+
+def _table_climb(cfg: AppConfig, top: SearchObjective, rng: np.random.Generator) -> ClimbResult:
+    """The paper's climber over every recorded evaluation of the full budget whose genome is in this search's space."""
+    rows = []
+    for s in top.evaluator.store.finished_evaluations(top.evaluator.budget):
+        genome = _in_space(s.genome, cfg)
+        if genome is None:
+            continue  # recorded by a search over another space: not a candidate here
+        o = Outcome(genome, s.eval_key, s.run_id, "FINISHED", s.metrics, True, parent_run_id=s.parent_run_id)
+        top.outcomes.setdefault(genome, o)
+        rows.append((genome, int(s.metric("param_count")), s.metric(cfg.fitness.metric), top.fitness_of(o)))
+    return table_climb(rows, rng, cfg.search.patience, max(cfg.search.max_restarts, 1000))
+
+
+def _in_space(text: str, cfg: AppConfig) -> Genome | None:
+    try:
+        return Genome.parse(text, cfg.search_space)
+    except ValueError:
+        return None
+
+
+class _Bar:
+    """New evaluations (count budget) or elapsed seconds of the time budget, with ETA."""
+
+    def __init__(self, cfg: AppConfig, started: float) -> None:
+        sc, self.started = cfg.search, started
+        self.seconds = sc.time_budget_seconds
+        planned = sc.population_size + (sc.budget if sc.strategy != "table" else 0)
+        if self.seconds is not None:
+            self.bar = count_bar(int(self.seconds), "time budget", "s", cfg.progress)
+        else:
+            self.bar = count_bar(planned if sc.fidelity.mode == "none" else None, "new evaluations", "eval", cfg.progress)
+
+    def tick(self) -> None:
+        if self.seconds is None:
+            self.bar.update()
+        else:
+            self.bar.update(min(int(time.monotonic() - self.started), int(self.seconds)) - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _log_counts(stage: str, rungs: list[SearchObjective]) -> None:
+    parts = [
+        f"rung {i}: {r.evaluator.trained} trained, {r.evaluator.reused} reused, {r.evaluator.failed} failed" for i, r in enumerate(rungs)
+    ]
+    log.info("%s; %s", stage, "; ".join(parts) if len(rungs) > 1 else parts[0].split(": ", 1)[1])
+
+
+def _report(
+    cfg: AppConfig,
+    store: Store,
+    parent: str,
+    top: SearchObjective,
+    result: ClimbResult,
+    final: Outcome,
+    final_spec: EvalSpec,
+    out_dir: Path,
+) -> Card:
+    rows = [
+        Row(
+            str(o.genome),
+            int(o.metric("param_count")),
+            o.metric("train_accuracy"),
+            o.metric("val_accuracy"),
+            o.metric("test_accuracy"),
+            top.fitness_of(o),
+            o.eval_key,
+            o.run_id,
+            "reused" if o.reused else "trained",
+        )
+        for o in top.outcomes.values()
+        if o.status == "FINISHED"
+    ]
+    files = [write_csv(rows, out_dir / "results.csv")]
+    title = f"{cfg.search.strategy} search, seed {cfg.search.seed}: {len(rows)} evaluations ({describe_budget(cfg.trainer, cfg.data)})"
+    final_point = (int(final.metric("param_count")), final.metric("test_accuracy"))
+    files.append(plot_search(rows, [str(s.genome) for s in result.path], str(final.genome), out_dir / "params_vs_accuracy.png", title,
+                             final_point))  # fmt: skip
+    path = [asdict(s) | {"genome": str(s.genome)} for s in result.path]
+    (out_dir / "climb_path.json").write_text(json.dumps(path, indent=1, default=float) + "\n")
+    files.append(out_dir / "climb_path.json")
+    if final.history:
+        files.append(plot_curves(final.history, str(final.genome), out_dir / "winner_curves.png"))
+    card = card_of(final, store, describe_budget(final_spec.trainer, final_spec.data))
+    files += write_card(card, out_dir)
+    per_class = class_report(final, store, cfg, out_dir)
+    if not final.reused:  # the winner's own run gets its per-class report too
+        for f in per_class:
+            store.log_file(final.run_id, f, "report")
+    files += per_class
+    for f in files:
+        store.log_file(parent, f, "report")
+    store.log(
+        parent,
+        metrics={"winner_params": card.params, "winner_val_accuracy": card.val_accuracy, "winner_test_accuracy": card.test_accuracy},
+        tags={"winner": card.genome, "winner_run_id": card.run_id},
+    )
+    print_card(card, out_dir)
+    return card

@@ -1,0 +1,190 @@
+"""The search objective: genomes in, fitness values out, within an allowance of new evaluations and time.
+
+Free: genomes this search has already seen, and results another search stored. Counted: genomes
+trained now, and results an earlier attempt of this same search stored (a rerun or a resume after
+a crash), so that a rerun retraces the same path and trains nothing. The evaluator behind it
+decides train-or-reuse; this module only decides what counts and what is affordable.
+
+Multi-fidelity (`HalvingObjective`): every call is one round of successive halving. All genomes are
+evaluated at rung 0 (the cheapest budget), the best 1/eta of them at rung 1, and so on up to the
+search's full budget. Each (genome, rung) is an ordinary evaluation with its own budget key, so it is
+stored, reused and resumed like any other. A genome screened out at rung r scores its rung-r fitness
+minus RUNG_PENALTY x (top - r): below every genome that reached a higher rung, ordered among its
+rung-mates. Strategies therefore compare full-budget results with each other, never a cheap one with
+an expensive one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+
+from fmnas_jax.cost import CostModel, Sample
+from fmnas_jax.evaluator import Evaluator, Outcome
+from fmnas_jax.genome import Genome
+from fmnas_jax.search.fitness import FitnessConfig, fitness
+from fmnas_jax.train import TrainConfig
+
+RUNG_PENALTY = 10.0  # larger than any fitness difference (accuracies are in [0, 1], size terms ~0.1)
+
+
+def images_per_evaluation(trainer: TrainConfig, n_train: int) -> int:
+    """Images an evaluation with this trainer on `n_train` images trains on (epochs x full batches)."""
+    return trainer.epochs * (n_train // trainer.batch_size) * trainer.batch_size
+
+
+class Allowance:
+    """What a search may still spend: a count of new evaluations and/or wall-clock seconds.
+
+    The time check predicts each evaluation's cost from its genome (`CostModel`) and spreads it over
+    the backend's parallel slots; `reserve()` is time kept back for what follows (the final retrain).
+    """
+
+    def __init__(
+        self,
+        count: int | None = None,
+        seconds: float | None = None,
+        cost: CostModel | None = None,
+        parallelism: int = 1,
+        reserve: Callable[[], float] = lambda: 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.count, self.cost, self.parallelism, self.reserve, self.clock = count, cost or CostModel(), parallelism, reserve, clock
+        self.deadline = None if seconds is None else clock() + seconds
+        self.spent = 0  # new evaluations admitted
+        self.pending = 0.0  # predicted seconds of the batch being admitted
+        self.exhausted = False
+
+    def allow(self, more: int) -> None:
+        """Let the search pay for `more` new evaluations beyond those counted so far."""
+        self.count, self.exhausted = self.spent + more, False
+
+    def remaining_seconds(self) -> float:
+        return math.inf if self.deadline is None else self.deadline - self.clock()
+
+    def admit(self, genome: Genome, images: int) -> bool:
+        """Whether one more new evaluation of `genome` on `images` images fits; counts it if so."""
+        if self.count is not None and self.spent >= self.count:
+            self.exhausted = True
+            return False
+        if self.deadline is not None and images > 0:  # a stored result costs no training time
+            wall = self.cost.seconds(genome, images) / self.parallelism
+            if self.pending + wall + self.reserve() > self.remaining_seconds():
+                self.exhausted = True
+                return False
+            self.pending += wall
+        self.spent += 1
+        return True
+
+    def batch_done(self) -> None:
+        """The admitted batch has run: its time is now on the clock."""
+        self.pending = 0.0
+
+
+class SearchObjective:
+    """Fitness of genomes at one budget, for strategies (see fmnas_jax.search.base.Objective)."""
+
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        fitness_cfg: FitnessConfig,
+        own_searches: set[str],
+        allowance: Allowance | None = None,
+        n_train: int = 55_000,
+        on_counted: Callable[[], None] | None = None,
+    ) -> None:
+        self.evaluator, self.fitness_cfg, self.own_searches = evaluator, fitness_cfg, own_searches
+        self.allowance = allowance or Allowance()
+        self.images = images_per_evaluation(evaluator.spec.trainer, n_train)
+        self.on_counted = on_counted
+        self.outcomes: dict[Genome, Outcome] = {}  # in first-seen order
+
+    @property
+    def exhausted(self) -> bool:
+        return self.allowance.exhausted
+
+    @property
+    def parallelism(self) -> int:
+        """How many genomes one call can evaluate at once (strategies may batch by it)."""
+        return self.evaluator.backend.parallelism
+
+    def fitness_of(self, o: Outcome) -> float:
+        if o.status != "FINISHED":
+            return -math.inf  # failed (e.g. diverged): the worst fitness, and the search goes on
+        return fitness(self.fitness_cfg, o.metric(self.fitness_cfg.metric), int(o.metric("param_count")))
+
+    def __call__(self, genomes: Sequence[Genome]) -> list[float]:
+        counted: set[Genome] = set()
+
+        def admit(g: Genome, stored: Outcome | None) -> bool:
+            if g in self.outcomes:
+                return False
+            if stored is not None and stored.parent_run_id not in self.own_searches:
+                return True  # another search's result: free
+            if not self.allowance.admit(g, 0 if stored is not None else self.images):
+                return False
+            counted.add(g)
+            return True
+
+        def on_done(o: Outcome) -> None:
+            if not o.reused and "wall_seconds" in o.metrics:
+                self.allowance.cost.add(Sample(o.genome, int(o.metric("images_trained")), o.metric("wall_seconds")))
+            if o.genome in counted and self.on_counted is not None:
+                self.on_counted()
+
+        try:
+            self.outcomes |= self.evaluator.evaluate_many(genomes, admit, on_done)
+        finally:
+            self.allowance.batch_done()
+        return [self.fitness_of(self.outcomes[g]) if g in self.outcomes else -math.inf for g in genomes]
+
+
+class HalvingObjective:
+    """Successive halving over rungs of growing budget (one SearchObjective per rung, the last the full budget)."""
+
+    def __init__(self, rungs: Sequence[SearchObjective], eta: int) -> None:
+        if len(rungs) < 1 or eta < 2:
+            raise ValueError(f"successive halving needs at least one rung and eta >= 2, got {len(rungs)} rungs and eta {eta}")
+        self.rungs, self.eta = list(rungs), eta
+
+    @property
+    def top(self) -> SearchObjective:
+        return self.rungs[-1]
+
+    @property
+    def exhausted(self) -> bool:
+        return self.rungs[0].exhausted
+
+    @property
+    def parallelism(self) -> int:
+        """Ask for this many at once: after halving, the full-budget rung still fills the backend."""
+        return self.top.parallelism * self.eta ** (len(self.rungs) - 1)
+
+    @property
+    def outcomes(self) -> dict[Genome, Outcome]:
+        """The full-budget outcomes (what the report and the table climber use)."""
+        return self.top.outcomes
+
+    def fitness_of(self, o: Outcome) -> float:
+        return self.top.fitness_of(o)
+
+    def score(self, genome: Genome) -> float:
+        """Fitness at the highest rung the genome reached, pushed below every higher rung."""
+        for r in range(len(self.rungs) - 1, -1, -1):
+            o = self.rungs[r].outcomes.get(genome)
+            if o is not None:
+                return self.rungs[r].fitness_of(o) - RUNG_PENALTY * (len(self.rungs) - 1 - r)
+        return -math.inf
+
+    def __call__(self, genomes: Sequence[Genome]) -> list[float]:
+        alive = list(dict.fromkeys(genomes))
+        for r, rung in enumerate(self.rungs):
+            scores = dict(zip(alive, rung(alive), strict=True))
+            if r == len(self.rungs) - 1:
+                break
+            ranked = sorted((g for g in alive if math.isfinite(scores[g])), key=lambda g: -scores[g])
+            alive = ranked[: max(1, math.ceil(len(alive) / self.eta))] if ranked else []
+            if not alive:
+                break
+        return [self.score(g) for g in genomes]

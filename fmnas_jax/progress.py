@@ -1,0 +1,39 @@
+"""Progress bars (tqdm, with ETA) for the jobs; nothing below the jobs layer draws one."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+from tqdm import tqdm
+
+
+class EpochBar:
+    """Epochs of the evaluation training in this process, with the latest validation accuracy."""
+
+    def __init__(self, epochs: int, enabled: bool = True) -> None:
+        self.epochs, self.enabled = epochs, enabled
+        self._bar: tqdm | None = None
+
+    def update(self, genome: Any, epoch: int, row: dict[str, float]) -> None:
+        if self._bar is None or epoch == 1:  # a new evaluation starts
+            self.close()
+            self._bar = tqdm(total=self.epochs, desc="  epochs", leave=False, disable=not self.enabled, unit="ep")
+        self._bar.update()
+        self._bar.set_postfix(val_acc=f"{row['val_accuracy']:.4f}")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> EpochBar:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+
+def count_bar(total: int | None, desc: str, unit: str, enabled: bool = True) -> tqdm:
+    """A bar over a count of things (new evaluations, seconds of budget), with ETA."""
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)

@@ -1,0 +1,121 @@
+"""Every evaluation path computes what one process computes, through the one Backend interface (synthetic data)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from fmnas_jax.backends import Buckets, DataCache, Devices, EvalSpec, InProcess, Workers, choose_backend, opened
+from fmnas_jax.data import DataConfig, synthetic_load
+from fmnas_jax.genome import SearchSpace, sample_population
+from fmnas_jax.train import TrainConfig
+
+SPEC = EvalSpec(TrainConfig(epochs=1, batch_size=64), DataConfig(train_size=512, val_size=200), 0)
+
+
+def _genomes(n=3):
+    return sample_population(SearchSpace(filters=(4, 8), kernel_sizes=(1, 3)), n, np.random.default_rng(0))
+
+
+@pytest.fixture(scope="module")
+def solo():
+    return dict(InProcess(synthetic_load).evaluate(_genomes(), SPEC))
+
+
+def _check(got, solo, rel):
+    assert set(got) == set(solo)
+    for g, r in got.items():
+        assert r.status == "FINISHED", r.reason
+        assert r.history["train_loss"] == pytest.approx(solo[g].history["train_loss"], rel=rel)
+        assert r.val_accuracy == pytest.approx(solo[g].val_accuracy, abs=1e-2)  # a near-tie may flip an image
+
+
+def test_in_process_streams_epochs_and_is_deterministic(solo):
+    seen = []
+    got = dict(InProcess(synthetic_load).evaluate(_genomes(), SPEC, on_epoch=lambda g, e, row: seen.append((g, e))))
+    assert [e for _, e in seen] == [1, 1, 1] and [g for g, _ in seen] == _genomes()
+    assert {g: r.history for g, r in got.items()} == {g: r.history for g, r in solo.items()}
+
+
+def test_worker_processes_match_in_process(solo, tmp_path):
+    with opened(Workers(2, str(tmp_path / "cache"), synthetic_load)) as backend:
+        assert backend.parallelism == 2 and not backend.streams_epochs
+        got = dict(backend.evaluate(_genomes(), SPEC))
+    _check(got, solo, rel=1e-5)
+
+
+def test_masked_buckets_match_in_process(solo):
+    backend = Buckets(jax.devices()[0], max_models=3, max_waste=100, loader=synthetic_load)  # everything in one bucket
+    _check(dict(backend.evaluate(_genomes(), SPEC)), solo, rel=2e-4)
+
+
+def test_a_failure_is_a_result_not_an_exception():
+    too_big = EvalSpec(TrainConfig(epochs=1, batch_size=4096), SPEC.data, 0)  # more than the 512 images
+    for backend in (InProcess(synthetic_load), Devices(jax.devices()[:1], loader=synthetic_load)):
+        ((_, r),) = list(backend.evaluate(_genomes(1), too_big))
+        backend.close()
+        assert r.status == "FAILED" and "batch_size 4096 exceeds the 512 training images" in r.reason
+
+
+def test_a_stopped_device_pool_ends_evaluations_at_the_next_epoch():
+    """What an interrupted search does to its GPU evaluations: they end FAILED after at most one epoch."""
+    backend = Devices(jax.devices()[:1], loader=synthetic_load)
+    backend.stop()
+    ((_, r),) = list(backend.evaluate(_genomes(1), EvalSpec(TrainConfig(epochs=50, batch_size=64), SPEC.data, 0)))
+    backend.close()
+    assert r.status == "FAILED" and "interrupted" in r.reason and "after epoch 1" in r.reason
+
+
+def test_the_data_cache_loads_once_per_split():
+    calls = []
+
+    def loader(cfg, seed):
+        calls.append((cfg, seed))
+        return synthetic_load(cfg, seed)
+
+    cache = DataCache(loader)
+    a, b = cache.get(SPEC), cache.get(EvalSpec(TrainConfig(epochs=5), SPEC.data, 0))  # another budget, same split
+    assert a is b and len(calls) == 1
+    cache.get(EvalSpec(SPEC.trainer, DataConfig(train_size=256, val_size=200), 0))
+    assert len(calls) == 2
+
+
+def test_choose_backend_follows_the_settings(tmp_path):
+    assert isinstance(choose_backend(workers=1, loader=synthetic_load), InProcess)
+    assert isinstance(choose_backend(batching="buckets", loader=synthetic_load), Buckets)
+    auto = choose_backend(workers=0, cache_dir=str(tmp_path), loader=synthetic_load)
+    try:
+        expected = Workers if (os.cpu_count() or 1) > 1 and len(jax.devices()) == 1 else (Devices, InProcess)
+        assert isinstance(auto, expected)
+    finally:
+        auto.close()
+
+
+CHILD = r"""
+import json
+import numpy as np, jax
+from fmnas_jax.backends import Devices, EvalSpec, InProcess
+from fmnas_jax.data import DataConfig, synthetic_load
+from fmnas_jax.genome import SearchSpace, sample_population
+from fmnas_jax.train import TrainConfig
+assert jax.device_count() == 2, jax.devices()
+genomes = sample_population(SearchSpace(filters=(4, 8), kernel_sizes=(1, 3)), 4, np.random.default_rng(0))
+spec = EvalSpec(TrainConfig(epochs=1, batch_size=64), DataConfig(train_size=512, val_size=200), 0)
+pool = Devices(jax.devices(), loader=synthetic_load)
+split = {str(g): (r.history, r.test_accuracy) for g, r in pool.evaluate(genomes, spec)}
+used = sorted({d.id for d in pool.devices})
+pool.close()
+one = {str(g): (r.history, r.test_accuracy) for g, r in InProcess(synthetic_load).evaluate(genomes, spec)}
+print(json.dumps({"same": split == one, "devices": used}))
+"""
+
+
+def test_population_split_across_two_devices_matches_one_device():
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"same": True, "devices": [0, 1]}
