@@ -18,6 +18,7 @@ must set its XLA flags before jax loads.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import multiprocessing as mp
 import os
@@ -134,8 +135,15 @@ class InProcess:
 _WORKER: dict[str, Any] = {}
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when its parent dies, so a killed search leaves no evaluation training on."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the worker ends when it next reads its closed task queue
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _init_worker(cores: Any, cache_dir: str | None, loader: Loader) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent stops us
+    _die_with_parent()
     core = cores.get()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {core})

@@ -44,6 +44,7 @@ from fmnas_jax.train import (
     TrainState,
     batch_at,
     divergence,
+    epoch_order,
     lr_schedule,
     make_optimizer,
     masked_sums,
@@ -296,7 +297,7 @@ def train_batched(
     them); one EvalResult each, as train_and_evaluate would give. `keep` returns each genome's own
     trained variables (GenomeCNN tree) in `EvalResult.variables`."""
     bucket = bucket or bucket_of(genomes)
-    n, m = int(dd.y_train.shape[0]), len(genomes)
+    n, m = dd.n_train, len(genomes)
     steps = n // cfg.batch_size
     key, lrs = jax.random.key(seed), lr_schedule(cfg, steps * cfg.epochs)
     aug_key = jax.random.fold_in(key, AUGMENT_STREAM)  # the solo runs' augmentation
@@ -313,7 +314,7 @@ def train_batched(
     train_time = 0.0
     for epoch in range(cfg.epochs):
         t = time.perf_counter()
-        perm = jax.random.permutation(jax.random.fold_in(key, epoch + 1), n)  # the solo runs' order
+        perm = epoch_order(key, epoch, dd)  # the solo runs' order
         acc = jnp.zeros((m, 2))
         for i in range(steps):
             state, acc = step(state, acc, mk, dd.x_train, dd.y_train, dd.norm, perm, aug_key, lrs[epoch * steps + i], epoch, i)

@@ -168,9 +168,8 @@ class Evaluator:
             for epoch, row in enumerate(_rows(result.history), start=1):
                 self.store.log(run_id, metrics=row, step=epoch)
         summary = result.summary()
-        per_epoch = set(result.history)  # already logged each epoch; the last value is the final one
-        steps = len(result.history.get("train_loss", []))
-        self.store.log(run_id, metrics={k: v for k, v in summary.items() if k not in per_epoch}, step=steps)
+        per_epoch = set(result.history)  # already logged at steps 1..epochs; the last value is the final one
+        self.store.log(run_id, metrics={k: v for k, v in summary.items() if k not in per_epoch}, step=0)  # one-off values: step 0
         if result.status == "FINISHED":
             earlier = self.store.find_finished(key)  # another process may have finished it meanwhile
             if earlier is not None and earlier.run_id != run_id:

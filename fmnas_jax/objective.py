@@ -129,7 +129,9 @@ class SearchObjective:
 
         def on_done(o: Outcome) -> None:
             if not o.reused and "wall_seconds" in o.metrics:
-                self.allowance.cost.add(Sample(o.genome, int(o.metric("images_trained")), o.metric("wall_seconds")))
+                self.allowance.cost.add(
+                    Sample(o.genome, int(o.metric("images_trained")), o.metric("wall_seconds"), o.metric("train_seconds"))
+                )
             if o.genome in counted and self.on_counted is not None:
                 self.on_counted()
 

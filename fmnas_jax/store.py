@@ -34,6 +34,7 @@ CHECKPOINT = "fmnas.checkpoint"  # artifact path of the saved weights
 RUNG = "fmnas.rung"  # multi-fidelity searches: the rung (0 = cheapest budget) an evaluation belongs to
 PARENT, RUN_NAME = "mlflow.parentRunId", "mlflow.runName"
 PAGE = 1000  # search_runs' page limit
+EXPERIMENT_KIND = "mlflow.experimentKind"
 
 
 class StoreError(RuntimeError):
@@ -139,12 +140,20 @@ class Store:
         # Artifacts beside the database, so the store does not depend on the launch directory.
         location = (db.parent / "mlartifacts").as_uri() if db else None
         try:
-            return self.client.create_experiment(self.experiment_name, artifact_location=location)
+            # The kind tag makes the MLflow UI open the experiment on its runs ("Model training"), not the GenAI view.
+            return self.client.create_experiment(
+                self.experiment_name, artifact_location=location, tags={EXPERIMENT_KIND: "custom_model_development"}
+            )
         except MlflowException:
             exp = self.client.get_experiment_by_name(self.experiment_name)  # another process won the race
             if exp is None:
                 raise
             return exp.experiment_id
+
+    def ui_link(self, host: str = "127.0.0.1", port: int = 5000) -> str:
+        """Where `mlflow ui` (or the tracking server) shows this experiment's runs table, in model-training mode."""
+        base = self.uri.rstrip("/") if self.uri.startswith("http") else f"http://{host}:{port}"
+        return f"{base}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
 
     # -- reading ------------------------------------------------------------------
 
@@ -187,11 +196,12 @@ class Store:
             out.setdefault(s.eval_key, s)
         return list(out.values())
 
-    def cost_samples(self, host: str, limit: int = 500) -> list[tuple[str, int, float]]:
-        """(genome, images trained, wall seconds) of this host's most recent finished evaluations (for the cost model)."""
+    def cost_samples(self, host: str, limit: int = 500) -> list[tuple[str, int, float, float]]:
+        """(genome, images trained, wall seconds, train seconds) of this host's latest finished evaluations (for the cost model)."""
         f = f"attributes.status = 'FINISHED' AND tags.`{ROLE}` = 'evaluation' AND tags.`{HOST}` = '{host}' AND metrics.wall_seconds > 0"
         runs = self._search(f, ["attributes.start_time DESC"], max_results=limit)
-        return [(r.data.tags[GENOME], int(r.data.metrics.get("images_trained", 0)), r.data.metrics["wall_seconds"]) for r in reversed(runs)]
+        return [(r.data.tags[GENOME], int(r.data.metrics.get("images_trained", 0)), r.data.metrics["wall_seconds"],
+                 r.data.metrics.get("train_seconds", 0.0)) for r in reversed(runs)]  # fmt: skip
 
     def run_ids(self, role: str, tag: str, value: str) -> set[str]:
         """Ids of runs of one role with tag == value (any status)."""
@@ -238,7 +248,8 @@ class Store:
     ) -> None:
         """Log finite metrics, params (None ones left out) and tags, in batches within log_batch's limits."""
         now = int(time.time() * 1000)
-        ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None and math.isfinite(float(v))]
+        # Six decimals: accuracies read 0.8953, not float32's 0.89529997.
+        ms = [Metric(k, round(float(v), 6), now, step) for k, v in (metrics or {}).items() if v is not None and math.isfinite(float(v))]
         ps = [Param(k, str(v)) for k, v in (params or {}).items() if v is not None]
         ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         for kind, items, size in (("metrics", ms, 1000), ("params", ps, 100), ("tags", ts, 100)):

@@ -33,7 +33,8 @@ SCHEDULES = ("cosine", "constant")
 # Adam bounds each update, so a far too large learning rate can leave the loss huge but finite.
 DIVERGED_LOSS = 1e4
 AUGMENT_STREAM = 0xA06  # fold_in constant: the augmentation's random stream, apart from init and shuffling
-PROGRAM_CACHE = 64  # compiled (train step, eval chunk) pairs kept per process, least recently used dropped
+PROGRAM_CACHE = 64  # compiled train steps and eval chunks kept per process, least recently used dropped
+TRAIN_CAPACITY = 55_000  # training rows on the device (padded): every training subset fits, so all share one step
 
 
 @dataclass(frozen=True)
@@ -134,14 +135,15 @@ class DeviceData(NamedTuple):
     """A Dataset placed on the device once. Validation and test share one padded eval array
     (val rows first), so a single compiled eval program serves both."""
 
-    x_train: jax.Array  # (N, 28, 28, 1) uint8
-    y_train: jax.Array  # (N,) int32
+    x_train: jax.Array  # (capacity, 28, 28, 1) uint8: the N training images, then zero padding
+    y_train: jax.Array  # (capacity,) int32
     x_eval: jax.Array  # (V + T + padding, 28, 28, 1) uint8
     y_eval: jax.Array
     n_val: int
     n_test: int
     norm: jax.Array  # (2,) mean, std of the training split
     eval_batch: int
+    n_train: int  # real training images (batches are drawn from the first n_train rows only)
 
     @property
     def val_range(self) -> tuple[int, int]:
@@ -157,7 +159,15 @@ class DeviceData(NamedTuple):
 
 
 def to_device(data: Dataset, eval_batch: int = 1000) -> DeviceData:
-    """Put every split on the default device (uint8 images: 47 MB for all of Fashion-MNIST)."""
+    """Put every split on the default device (uint8 images: 47 MB for all of Fashion-MNIST).
+
+    The training split is zero-padded to a capacity that fits every subset of Fashion-MNIST, so the
+    cheap rungs of a multi-fidelity search, the full budget and the final retrain of one genome share
+    one compiled train step (its shapes no longer depend on data.train_size)."""
+    n = len(data.y_train)
+    capacity = max(TRAIN_CAPACITY, n)
+    x_train = np.concatenate([data.x_train, np.zeros((capacity - n, *data.x_train.shape[1:]), np.uint8)])
+    y_train = np.concatenate([data.y_train, np.zeros(capacity - n, np.int32)])
     x_eval = np.concatenate([data.x_val, data.x_test])
     y_eval = np.concatenate([data.y_val, data.y_test])
     extra = -len(y_eval) % eval_batch + eval_batch  # room for a chunk that starts anywhere
@@ -165,8 +175,8 @@ def to_device(data: Dataset, eval_batch: int = 1000) -> DeviceData:
     y_eval = np.concatenate([y_eval, np.zeros(extra, np.int32)])
     norm = np.asarray([data.mean, data.std], np.float32)
     put = jax.device_put
-    return DeviceData(put(data.x_train), put(data.y_train), put(x_eval), put(y_eval), len(data.y_val), len(data.y_test), put(norm),
-                      eval_batch)  # fmt: skip
+    return DeviceData(put(x_train), put(y_train), put(x_eval), put(y_eval), len(data.y_val), len(data.y_test), put(norm), eval_batch,
+                      n)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -364,6 +374,12 @@ def evaluate_split(programs: Programs, variables: dict, dd: DeviceData, rows: tu
 # ---------------------------------------------------------------------------
 
 
+def epoch_order(key: jax.Array, epoch: int, dd: DeviceData) -> jax.Array:
+    """The epoch's shuffle of the real training rows, padded to the array's capacity (the padding is never reached)."""
+    perm = jax.random.permutation(jax.random.fold_in(key, epoch + 1), dd.n_train)
+    return jnp.pad(perm, (0, dd.x_train.shape[0] - dd.n_train))  # (capacity,)
+
+
 def train_and_evaluate(
     genome: Genome,
     dd: DeviceData,
@@ -374,7 +390,7 @@ def train_and_evaluate(
 ) -> EvalResult:
     """Train `genome` for cfg.epochs and report train/val/test metrics; NaN/inf loss -> FAILED."""
     started = time.perf_counter()
-    n_train = int(dd.y_train.shape[0])
+    n_train = dd.n_train
     steps = n_train // cfg.batch_size
     if steps < 1:
         raise ValueError(f"trainer.batch_size {cfg.batch_size} exceeds the {n_train} training images")
@@ -392,7 +408,7 @@ def train_and_evaluate(
     train_time = 0.0
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
-        perm = jax.random.permutation(jax.random.fold_in(key, epoch + 1), n_train)
+        perm = epoch_order(key, epoch, dd)
         acc = jnp.zeros(2)
         for i in range(steps):
             state, acc = programs.step(state, acc, dd.x_train, dd.y_train, dd.norm, perm, aug_key, lrs[epoch * steps + i], epoch, i)

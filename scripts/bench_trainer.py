@@ -88,8 +88,8 @@ def jax_rounds(genome: Genome, dd, batch: int, steps: int, rounds: int, warmup: 
     cfg = TrainConfig(batch_size=batch)
     state = init_state(genome, cfg, 0)
     programs = compiled_programs(genome, cfg, dd)
-    n = dd.x_train.shape[0]
-    perm, per_epoch, key = jnp.arange(n), n // batch, jax.random.key(0)
+    n = dd.n_train
+    perm, per_epoch, key = jnp.arange(dd.x_train.shape[0]), n // batch, jax.random.key(0)
     lr = np.float32(1e-3)
 
     def run(k: int, state: TrainState) -> TrainState:

@@ -51,7 +51,7 @@ def test_budget_counts_new_and_own_results_but_not_other_searches(tracking_uri):
 def test_time_allowance_predicts_cost_and_keeps_a_reserve():
     now = [0.0]
     genome = _genomes(1)[0]
-    cost = CostModel([Sample(genome, 1000, 10.0)] * 6 + [Sample(genome, 2000, 18.0)] * 6)  # 2 s + 8 ms per image
+    cost = CostModel([Sample(genome, 1000, 10.0, 8.0)] * 6 + [Sample(genome, 2000, 18.0, 16.0)] * 6)  # 2 s + 8 ms per image
     assert cost.seconds(genome, 1000) == pytest.approx(10.0, rel=1e-6)
     allow = Allowance(seconds=100, cost=cost, parallelism=2, reserve=lambda: 40.0, clock=lambda: now[0])
     admitted = [allow.admit(genome, 1000) for _ in range(20)]  # 5 s of wall each (2 slots); 60 s before the reserve
@@ -61,6 +61,18 @@ def test_time_allowance_predicts_cost_and_keeps_a_reserve():
     allow.allow(10)
     assert [allow.admit(genome, 1000) for _ in range(2)] == [True, False]
     assert allow.admit(genome, 0) is True  # a stored result (no images to train) costs no time: still admitted
+
+
+def test_cost_model_fits_speed_against_flops_from_one_rung():
+    """Every sample trained the same number of images (one rung): speed still comes out per image."""
+    from fmnas_jax.genome import train_flops_per_image
+
+    genomes = _genomes(8, seed=5)
+    true = lambda g: 1e-4 + train_flops_per_image(g) / 1e10  # noqa: E731  seconds per image
+    cost = CostModel([Sample(g, 4000, 3.0 + 4000 * true(g), 4000 * true(g)) for g in genomes])
+    for g in genomes:
+        assert cost.seconds(g, 800_000) == pytest.approx(3.0 + 800_000 * true(g), rel=0.02)
+    assert CostModel().seconds(genomes[0], 1000) > 0  # priors before any sample
 
 
 def test_durations():

@@ -146,3 +146,43 @@ def test_same_seed_same_search(tmp_path):
     assert path_a == path_b
     for k in ("genome", "params", "train_accuracy", "val_accuracy", "test_accuracy", "eval_key"):
         assert card_a[k] == card_b[k], k
+
+
+def _rung_runs(db: Path, rung: str, status: str) -> int:
+    """Evaluation runs of one fidelity rung with this status (0 before the schema exists)."""
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=5) as con:
+            q = ("SELECT COUNT(*) FROM runs r JOIN tags t ON r.run_uuid = t.run_uuid "
+                 "WHERE t.key = 'fmnas.rung' AND t.value = ? AND r.status = ?")  # fmt: skip
+            return con.execute(q, (rung, status)).fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_kill_9_during_rung_1_then_rerun_reuses_rung_0(tmp_path):
+    """A multi-fidelity search killed while its first promoted genomes train at rung 1: the rerun
+    retrains no rung-0 (or any finished) evaluation and ends on the uninterrupted search's winner."""
+    halving = ["+experiment=smoke", "search/fidelity=halving", "search.fidelity.rungs=[{epochs: 1, train_size: 300}]",
+               "search.population_size=6", "search.budget=4", "search.seed=7", "trainer.epochs=3", "workers=1"]  # fmt: skip
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    reference.mkdir(), crashed.mkdir()
+    cli(reference, *halving)
+
+    proc = subprocess.Popen([sys.executable, "-m", "fmnas_jax", *halving, "progress=false"], cwd=crashed, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while _rung_runs(crashed / "mlflow.db", "1", "RUNNING") < 1 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the search ended before it reached rung 1"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rung0 = {r.info.run_id for r in runs(crashed, "evaluation", "FINISHED") if r.data.tags.get("fmnas.rung") == "0"}
+    assert len(rung0) == 6  # the whole population had been screened at rung 0
+
+    cli(crashed, *halving)
+    after = runs(crashed, "evaluation", "FINISHED")
+    assert {r.info.run_id for r in after if r.data.tags.get("fmnas.rung") == "0"} >= rung0
+    assert max(Counter(r.data.tags["eval_key"] for r in after).values()) == 1  # no (genome, rung) trained twice
+    assert _winner(crashed) == _winner(reference)

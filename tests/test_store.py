@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -96,3 +97,12 @@ def test_records_are_typed_and_none_params_are_left_out(tracking_uri):
     assert (run.status, run.role, run.name, run.parent_run_id, run.checkpoint) == ("FINISHED", "evaluation", "G", None, None)
     assert run.params == {"data.val_size": "500"} and run.tags["fmnas.rung"] == "1"
     assert run.int_param("data.train_size") is None and run.int_param("data.val_size") == 500 and run.metric("test_accuracy") == 0.5
+
+
+def test_a_new_experiment_opens_in_the_ui_as_model_training(tracking_uri):
+    store = Store(tracking_uri, "exp")
+    assert store.client.get_experiment(store.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert store.ui_link().endswith(f"/#/experiments/{store.experiment_id}/runs?workflowType=machine_learning")
+    rid = store.start_run("r", "evaluation", {})
+    store.log(rid, metrics={"test_accuracy": float(np.float32(0.8953))})
+    assert store.get_run(rid).metric("test_accuracy") == 0.8953  # no float32 noise in the UI

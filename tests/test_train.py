@@ -37,7 +37,7 @@ def _state(genome, cfg):
 def test_train_steps_decrease_loss(dd):
     cfg = TrainConfig(batch_size=64, epochs=1, learning_rate=3e-3)
     programs = compiled_programs(SMALL, cfg, dd)
-    state, perm, key = _state(SMALL, cfg), jnp.arange(512), jax.random.key(0)
+    state, perm, key = _state(SMALL, cfg), jnp.arange(dd.x_train.shape[0]), jax.random.key(0)
     losses = []
     for i in range(8):
         acc = jnp.zeros(2)
@@ -117,6 +117,17 @@ def test_recipe_settings_train_and_enter_the_result(dd):
     assert r1.history == r2.history  # deterministic for a seed
     assert r1.history != plain.history
     assert r1.images_trained == 2 * (512 // 64) * 64 and r1.wall_seconds >= r1.train_seconds
+
+
+def test_budgets_of_any_training_size_share_one_program():
+    """The training array is padded to one capacity: a multi-fidelity search's rungs (different
+    data.train_size) and the final retrain reuse one compiled step per genome."""
+    g = Genome.parse("NC 4 3 relu;RC 4 3 relu;NC 4 3 relu;RC 4 3 relu;FL relu;")
+    before = _compiled_step.cache_info().misses
+    results = [train_and_evaluate(g, to_device(synthetic_dataset(n, 100, 100, seed=0), 100), TrainConfig(batch_size=64, epochs=1), 0)
+               for n in (256, 512)]  # fmt: skip
+    assert _compiled_step.cache_info().misses == before + 1
+    assert [r.images_trained for r in results] == [256, 512]
 
 
 def test_divergence_is_a_failed_result_not_an_exception(dd):

@@ -22,7 +22,7 @@ def open_store(cfg: AppConfig) -> Store:
     """Check the data first (no run is created for a job that cannot run), then open the store and reap dead runs."""
     data_mod.load_arrays(cfg.data.source, cfg.data.dir, cfg.data.verify)
     store = Store(cfg.tracking.uri, cfg.tracking.experiment)
-    log.info("results go to MLflow: %s (experiment %r)", store.uri, cfg.tracking.experiment)
+    log.info("results go to MLflow: %s (experiment %r); runs in the UI: %s", store.uri, cfg.tracking.experiment, store.ui_link())
     reaped = store.reap_orphans()
     if reaped:
         log.warning("marked %d run(s) of killed processes as KILLED", len(reaped))
@@ -36,10 +36,12 @@ def card_of(o: Outcome, store: Store, budget: str) -> Card:
                 store.uri, budget)  # fmt: skip
 
 
-def print_card(card: Card, out_dir: Path) -> None:
+def print_card(card: Card, out_dir: Path, store: Store | None = None) -> None:
     print("\n" + card.markdown())
     print(f"Files: {out_dir.resolve()}")
     print(f"MLflow: {card.tracking_uri} (run {card.run_id})")
+    if store is not None:
+        print(f"MLflow UI: {store.ui_link()}  (after: mlflow ui --backend-store-uri {store.uri} --host 127.0.0.1 --port 5000)")
 
 
 def class_report(o: Outcome, store: Store, cfg: AppConfig, out_dir: Path) -> list[Path]:

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from fmnas_jax.backends import Backend, EvalSpec, InProcess, choose_backend, opened
+from fmnas_jax.backends import Backend, EvalSpec, InProcess, Workers, choose_backend, opened
 from fmnas_jax.config import AppConfig
-from fmnas_jax.cost import CostModel, Sample
+from fmnas_jax.cost import WORKERS_OVER_ONE_PROCESS, CostModel, Sample
 from fmnas_jax.data import DataConfig
 from fmnas_jax.evaluator import Evaluator, Outcome, budget_key, describe_budget
 from fmnas_jax.genome import Genome, sample_population
@@ -97,11 +97,13 @@ def _search(
     sc = cfg.search
     rng = np.random.default_rng(sc.seed)
     final_spec = EvalSpec(cfg.final.trainer(cfg.trainer), cfg.final.data(cfg.data), cfg.seed, keep_variables=True)
-    cost = CostModel(Sample(Genome.parse(g), images, seconds) for g, images, seconds in store.cost_samples(socket.gethostname()))
+    cost = CostModel(_samples(store))
     time_left = None if sc.time_budget_seconds is None else sc.time_budget_seconds - (time.monotonic() - started)
     final_images = images_per_evaluation(final_spec.trainer, n_train(final_spec.data))
     rungs: list[SearchObjective] = []
-    reserve = lambda: cost.seconds(leader, final_images) if (leader := _leader(rungs)) else 0.0  # noqa: E731  the final retrain's time
+    # The final retrain runs in-process on every core: on a worker pool, faster than one worker's evaluation.
+    speedup = backend.parallelism / WORKERS_OVER_ONE_PROCESS if isinstance(backend, Workers) else 1.0
+    reserve = lambda: cost.seconds(leader, final_images) / speedup if (leader := _leader(rungs)) else 0.0  # noqa: E731
     allowance = Allowance(None, time_left, cost, backend.parallelism, reserve)
     bar = _Bar(cfg, started)
     epochs = EpochBar(cfg.trainer.epochs, cfg.progress and backend.streams_epochs)
@@ -121,6 +123,8 @@ def _search(
     bar.close()
     epochs.close()
     _log_counts(f"search done ({result.best}, fitness {result.best_fitness:.4f})", rungs)
+    if len(rungs) > 1 and result.best not in rungs[-1].outcomes:
+        log.warning("the budget ran out before a genome reached the top rung: the winner was chosen on a cheaper rung")
     trained = sum(r.evaluator.trained + r.evaluator.failed for r in rungs)
     metrics = {"new_evaluations": trained, "reused_evaluations": sum(r.evaluator.reused for r in rungs),
                "failed_evaluations": sum(r.evaluator.failed for r in rungs), "search_seconds": time.monotonic() - started}  # fmt: skip
@@ -133,6 +137,17 @@ def _search(
     if final.reused:
         log.info("the winner's final run %s was already in the store; reused", final.run_id)
     return _report(cfg, store, parent, rungs[-1], result, final, final_spec, out_dir)
+
+
+def _samples(store: Store) -> list[Sample]:
+    """This host's measured evaluations, for the cost model (genomes of other layouts are skipped)."""
+    out = []
+    for text, images, seconds, train_seconds in store.cost_samples(socket.gethostname()):
+        try:
+            out.append(Sample(Genome.parse(text), images, seconds, train_seconds))
+        except ValueError:
+            continue
+    return out
 
 
 def _leader(rungs: list[SearchObjective]) -> Genome | None:
@@ -255,5 +270,5 @@ def _report(
         metrics={"winner_params": card.params, "winner_val_accuracy": card.val_accuracy, "winner_test_accuracy": card.test_accuracy},
         tags={"winner": card.genome, "winner_run_id": card.run_id},
     )
-    print_card(card, out_dir)
+    print_card(card, out_dir, store)
     return card

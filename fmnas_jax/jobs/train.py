@@ -37,5 +37,5 @@ def run_train(cfg: AppConfig, config_yaml: str, out_dir: Path) -> Card:
     if not outcome.reused:
         for f in files:
             store.log_file(outcome.run_id, f, "report")
-    print_card(card, out_dir)
+    print_card(card, out_dir, store)
     return card
