@@ -52,6 +52,7 @@ class EvalSpec:
     data: DataConfig
     seed: int
     keep_variables: bool = False
+    test: bool = True  # measure test accuracy (the cheap rungs of a multi-fidelity search skip it: never reported)
 
 
 class Backend(Protocol):
@@ -107,7 +108,7 @@ def safe_evaluate(
     try:
         dd = cache.get(spec, device)
         with jax.default_device(dd.device):
-            return train_and_evaluate(genome, dd, spec.trainer, spec.seed, on_epoch, spec.keep_variables)
+            return train_and_evaluate(genome, dd, spec.trainer, spec.seed, on_epoch, spec.keep_variables, spec.test)
     except Exception as e:  # one broken genome must not end a search of many
         log.error("evaluation of %s raised%s:\n%s", genome, where, traceback.format_exc())
         return failed(genome, f"{type(e).__name__}{where}: {e}")

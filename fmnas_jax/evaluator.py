@@ -84,17 +84,18 @@ class Evaluator:
         parent_run_id: str | None = None,
         on_epoch: OnEpoch | None = None,
         rung: int | None = None,
+        role: str = "evaluation",
     ) -> None:
         self.store, self.spec, self.backend, self.parent_run_id = store, spec, backend, parent_run_id
-        self.on_epoch, self.rung = on_epoch, rung
+        self.on_epoch, self.rung, self.role = on_epoch, rung, role  # role 'final': a search's retrained winner
         self.budget = budget_key(spec)
-        self.known: dict[str, StoredEval] = {s.eval_key: s for s in store.finished_evaluations(self.budget)}
+        self.known: dict[str, StoredEval] = {s.eval_key: s for s in store.finished_evaluations(self.budget, role)}
         self.trained = self.reused = self.failed = 0
 
     def lookup(self, genome: Genome) -> Outcome | None:
         """A stored FINISHED result for this genome and budget, if any (cheap: dict, then one SQL query)."""
         key = eval_key(genome, self.budget)
-        stored = self.known.get(key) or self.store.find_finished(key)
+        stored = self.known.get(key) or self.store.find_finished(key, self.role)
         if stored is None:
             return None
         self.known[key] = stored
@@ -147,7 +148,7 @@ class Evaluator:
 
     def _start(self, genome: Genome) -> str:
         key = eval_key(genome, self.budget)
-        return self.store.start_evaluation(str(genome), key, self.budget, self.parent_run_id, self._params(genome), self.rung)
+        return self.store.start_evaluation(str(genome), key, self.budget, self.parent_run_id, self._params(genome), self.rung, self.role)
 
     def _params(self, genome: Genome) -> dict[str, Any]:
         genes: dict[str, Any] = {}
@@ -171,7 +172,7 @@ class Evaluator:
         per_epoch = set(result.history)  # already logged at steps 1..epochs; the last value is the final one
         self.store.log(run_id, metrics={k: v for k, v in summary.items() if k not in per_epoch}, step=0)  # one-off values: step 0
         if result.status == "FINISHED":
-            earlier = self.store.find_finished(key)  # another process may have finished it meanwhile
+            earlier = self.store.find_finished(key, self.role)  # another process may have finished it meanwhile
             if earlier is not None and earlier.run_id != run_id:
                 self.store.mark_duplicate(run_id, earlier.run_id)
             if result.variables is not None:

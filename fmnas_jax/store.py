@@ -176,18 +176,18 @@ class Store:
         tags = run.data.tags
         return StoredEval(run.info.run_id, tags[GENOME], tags[EVAL_KEY], dict(run.data.metrics), tags.get(PARENT))
 
-    def find_finished(self, eval_key: str) -> StoredEval | None:
-        """The authoritative (earliest) FINISHED evaluation for `eval_key`, or None."""
+    def find_finished(self, eval_key: str, role: str = "evaluation") -> StoredEval | None:
+        """The authoritative (earliest) FINISHED run of `role` for `eval_key`, or None."""
         runs = self._search(
-            f"tags.{EVAL_KEY} = '{eval_key}' AND attributes.status = 'FINISHED' AND tags.`{ROLE}` = 'evaluation'",
+            f"tags.{EVAL_KEY} = '{eval_key}' AND attributes.status = 'FINISHED' AND tags.`{ROLE}` = '{role}'",
             ["attributes.start_time ASC"],
             max_results=1,
         )
         return self._stored(runs[0]) if runs else None
 
-    def finished_evaluations(self, budget_key: str | None = None) -> list[StoredEval]:
-        """Every FINISHED evaluation (of one budget, if given), one per eval_key, earliest first."""
-        f = f"attributes.status = 'FINISHED' AND tags.`{ROLE}` = 'evaluation'"
+    def finished_evaluations(self, budget_key: str | None = None, role: str = "evaluation") -> list[StoredEval]:
+        """Every FINISHED run of `role` (of one budget, if given), one per eval_key, earliest first."""
+        f = f"attributes.status = 'FINISHED' AND tags.`{ROLE}` = '{role}'"
         if budget_key:
             f += f" AND tags.{BUDGET_KEY} = '{budget_key}'"
         out: dict[str, StoredEval] = {}
@@ -198,7 +198,7 @@ class Store:
 
     def cost_samples(self, host: str, limit: int = 500) -> list[tuple[str, int, float, float]]:
         """(genome, images trained, wall seconds, train seconds) of this host's latest finished evaluations (for the cost model)."""
-        f = f"attributes.status = 'FINISHED' AND tags.`{ROLE}` = 'evaluation' AND tags.`{HOST}` = '{host}' AND metrics.wall_seconds > 0"
+        f = f"attributes.status = 'FINISHED' AND tags.`{HOST}` = '{host}' AND metrics.wall_seconds > 0"  # evaluations and finals
         runs = self._search(f, ["attributes.start_time DESC"], max_results=limit)
         return [(r.data.tags[GENOME], int(r.data.metrics.get("images_trained", 0)), r.data.metrics["wall_seconds"],
                  r.data.metrics.get("train_seconds", 0.0)) for r in reversed(runs)]  # fmt: skip
@@ -218,11 +218,20 @@ class Store:
         return run.info.run_id
 
     def start_evaluation(
-        self, genome: str, eval_key: str, budget_key: str, parent_run_id: str | None, params: dict[str, Any], rung: int | None = None
+        self,
+        genome: str,
+        eval_key: str,
+        budget_key: str,
+        parent_run_id: str | None,
+        params: dict[str, Any],
+        rung: int | None = None,
+        role: str = "evaluation",
     ) -> str:
-        """A RUNNING evaluation run of `genome` with its keys, params and fidelity rung; returns its id."""
+        """A RUNNING run of `genome` (an evaluation, or a search's retrained winner: role 'final') with its keys,
+        params and fidelity rung; returns its id."""
         tags = {GENOME: genome, EVAL_KEY: eval_key, BUDGET_KEY: budget_key} | ({RUNG: str(rung)} if rung is not None else {})
-        run_id = self.start_run(genome, "evaluation", tags, parent_run_id)
+        name = f"final: {genome}" if role == "final" else genome
+        run_id = self.start_run(name, role, tags, parent_run_id)
         self.log(run_id, params=params)
         return run_id
 

@@ -387,8 +387,9 @@ def train_and_evaluate(
     seed: int,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     keep_variables: bool = False,
+    test: bool = True,
 ) -> EvalResult:
-    """Train `genome` for cfg.epochs and report train/val/test metrics; NaN/inf loss -> FAILED."""
+    """Train `genome` for cfg.epochs and report train/val (and test) metrics; NaN/inf loss -> FAILED."""
     started = time.perf_counter()
     n_train = dd.n_train
     steps = n_train // cfg.batch_size
@@ -439,7 +440,8 @@ def train_and_evaluate(
     # Keras' convention: the final train accuracy/loss are the last epoch's running averages.
     result.train_loss, result.train_accuracy = history["train_loss"][-1], history["train_accuracy"][-1]
     result.val_loss, result.val_accuracy = history["val_loss"][-1], history["val_accuracy"][-1]
-    _, result.test_accuracy = evaluate_split(programs, variables, dd, dd.test_range)
+    if test:
+        _, result.test_accuracy = evaluate_split(programs, variables, dd, dd.test_range)
     if keep_variables:
         result.variables = jax.tree_util.tree_map(np.asarray, variables)
     result.wall_seconds = time.perf_counter() - started

@@ -1,7 +1,7 @@
 """Search quality at equal compute: strategies x seeds, each under the same time budget, winners retrained alike.
 
     .venv/bin/python scripts/bench_search.py                      # 4 strategies x 3 seeds, 3 minutes each
-    .venv/bin/python scripts/bench_search.py --seeds 0,1 --time-budget 5m --out docs/bench_search.png
+    .venv/bin/python scripts/bench_search.py --seeds 0,1 --time-budget 5m --out docs/bench_search.png search.population_size=9
 
 Every search is the main job (`+experiment=hillclimb`: the size cap, the rungs, the final recipe) with
 its strategy swapped, run through the CLI into one MLflow experiment (`bench_search`, tracking URI
@@ -53,7 +53,7 @@ def run_one(name: str, seed: int, args: argparse.Namespace, index: int) -> str:
     cmd = [sys.executable, "-m", "fmnas_jax", "+experiment=hillclimb", *STRATEGIES[name], f"search.seed={seed}",
            f"seed={100 * index + seed}", f"search.time_budget={args.time_budget}", f"final.epochs={args.final_epochs}",
            f"final.train_size={args.final_train_size}", f"tracking.uri={args.tracking_uri}", "tracking.experiment=bench_search",
-           "progress=false"]  # fmt: skip
+           "progress=false", *args.override]  # fmt: skip
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=args.workdir)
     if proc.returncode != 0:
@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--tracking-uri", default="sqlite:///bench_search.db")
     ap.add_argument("--workdir", default=".")
     ap.add_argument("--out", default="bench_search.png")
+    ap.add_argument("override", nargs="*", help="more Hydra overrides for every search, e.g. search.population_size=9")
     args = ap.parse_args()
     names, seeds = args.strategies.split(","), [int(s) for s in args.seeds.split(",")]
     print(f"{len(names)} strategies x {len(seeds)} seeds, {args.time_budget} each; MLflow {args.tracking_uri} (experiment bench_search)")

@@ -47,11 +47,13 @@ def test_smoke_end_to_end_then_rerun_trains_nothing(tmp_path):
     card = json.loads((run_dir / "result_card.json").read_text())
     winner = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(card["run_id"])
     assert winner.data.metrics["test_accuracy"] == pytest.approx(card["test_accuracy"])
+    assert winner.data.tags["fmnas.role"] == "final" and winner.info.run_name == f"final: {card['genome']}"
+    assert winner.data.tags["mlflow.parentRunId"] == search.info.run_id
     artifacts = {a.path for a in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(search.info.run_id, "report")}
     assert "report/params_vs_accuracy.png" in artifacts and "report/results.csv" in artifacts
 
     second = cli(tmp_path, "+experiment=smoke")
-    assert len(runs(tmp_path, "evaluation")) == len(evals)  # nothing retrained
+    assert len(runs(tmp_path, "evaluation")) == len(evals) and len(runs(tmp_path, "final")) == 1  # nothing retrained
     assert "0 trained" in second.stderr + second.stdout
     assert json.loads((run_dir / "result_card.json").read_text())["genome"] == card["genome"]
 
@@ -84,7 +86,7 @@ def test_table_strategy_trains_only_the_population(tmp_path):
     cli(tmp_path, "+experiment=smoke", "search=table", "search.population_size=4")
     searches = runs(tmp_path, "search", "FINISHED")
     evals = runs(tmp_path, "evaluation", "FINISHED")
-    assert len(searches) == 1 and len(evals) == 4 + 1  # population + the retrained winner
+    assert len(searches) == 1 and len(evals) == 4 and len(runs(tmp_path, "final", "FINISHED")) == 1  # population, then the winner
 
 
 G = "NC 4 5 sigmoid;RC 64 3 relu;NC 4 5 sigmoid;RC 64 3 relu;FL gelu;"
@@ -156,7 +158,7 @@ def test_multi_fidelity_search_tags_rungs_and_a_rerun_trains_nothing(tmp_path):
     evals = runs(tmp_path, "evaluation", "FINISHED")
     by_rung = Counter(r.data.tags.get("fmnas.rung") for r in evals)
     assert by_rung["0"] >= 6 and 1 <= by_rung["1"] < by_rung["0"]  # the population halved: a third promoted
-    assert by_rung[None] == 1  # the retrained winner
+    assert None not in by_rung and len(runs(tmp_path, "final", "FINISHED")) == 1  # the retrained winner has its own role
     assert len({r.data.tags["budget_key"] for r in evals if r.data.tags.get("fmnas.rung") == "0"}) == 1
     promoted = {r.data.tags["genome"] for r in evals if r.data.tags.get("fmnas.rung") == "1"}
     assert promoted <= {r.data.tags["genome"] for r in evals if r.data.tags.get("fmnas.rung") == "0"}  # every rung-1 genome passed rung 0
@@ -164,7 +166,7 @@ def test_multi_fidelity_search_tags_rungs_and_a_rerun_trains_nothing(tmp_path):
                         .joinpath("result_card.json").read_text())["genome"]  # fmt: skip
     assert winner in promoted  # selected at the full budget only
     cli(tmp_path, *HALVING)
-    assert len(runs(tmp_path, "evaluation")) == len(evals)  # every (genome, rung) reused
+    assert len(runs(tmp_path, "evaluation")) == len(evals) and len(runs(tmp_path, "final")) == 1  # every (genome, rung) reused
 
 
 def test_time_budget_is_kept(tmp_path):
@@ -174,7 +176,7 @@ def test_time_budget_is_kept(tmp_path):
     cli(tmp_path, *args)
     (search,) = runs(tmp_path, "search", "FINISHED")
     seconds = search.data.metrics["search_seconds"]
-    evals = runs(tmp_path, "evaluation", "FINISHED")
+    evals = runs(tmp_path, "evaluation", "FINISHED") + runs(tmp_path, "final", "FINISHED")
     assert len(evals) > 4 + 1  # it used the time: more than the population and the retrain
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     ends = [client.get_run(r.info.run_id).info.end_time for r in evals]

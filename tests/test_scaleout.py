@@ -100,6 +100,7 @@ def test_joblib_multirun_against_mlflow_server_on_postgresql(tmp_path, tracking_
         arts = {a.path for a in client.list_artifacts(s.info.run_id, "report")}
         assert {"report/params_vs_accuracy.png", "report/results.csv", "report/result_card.json"} <= arts
     winner = client.get_run(searches[0].data.tags["winner_run_id"])
+    assert winner.data.tags["fmnas.role"] == "final" and winner.info.status == "FINISHED"
     assert "model/checkpoint.msgpack" in {a.path for a in client.list_artifacts(winner.info.run_id, "model")}
 
 

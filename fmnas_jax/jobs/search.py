@@ -29,6 +29,7 @@ from fmnas_jax.store import Store, flatten
 
 log = logging.getLogger("fmnas_jax")
 FULL_TRAIN = 60_000  # Fashion-MNIST's training images, validation split included
+FINAL_SHARE = 0.5  # the most of a time budget the search keeps back for the winner's retrain
 
 
 def search_key(cfg: AppConfig) -> str:
@@ -102,8 +103,11 @@ def _search(
     final_images = images_per_evaluation(final_spec.trainer, n_train(final_spec.data))
     rungs: list[SearchObjective] = []
     # The final retrain runs in-process on every core: on a worker pool, faster than one worker's evaluation.
+    # The search keeps back the leader's predicted retrain, but never more than FINAL_SHARE of the budget:
+    # the retrain then trains the epochs that fit (see _fit_final).
     speedup = backend.parallelism / WORKERS_OVER_ONE_PROCESS if isinstance(backend, Workers) else 1.0
-    reserve = lambda: cost.seconds(leader, final_images) / speedup if (leader := _leader(rungs)) else 0.0  # noqa: E731
+    cap = FINAL_SHARE * (sc.time_budget_seconds or 0)
+    reserve = lambda: min(cost.seconds(leader, final_images) / speedup, cap) if (leader := _leader(rungs)) else 0.0  # noqa: E731
     allowance = Allowance(None, time_left, cost, backend.parallelism, reserve)
     bar = _Bar(cfg, started)
     epochs = EpochBar(cfg.trainer.epochs, cfg.progress and backend.streams_epochs)
@@ -131,12 +135,26 @@ def _search(
     store.log(parent, metrics=metrics)
 
     # RETRAIN the winner with the final budget and recipe, then REPORT.
+    if sc.time_budget_seconds is not None:
+        final_spec = _fit_final(final_spec, result.best, cost, speedup, sc.time_budget_seconds - (time.monotonic() - started))
     log.info("retraining the winner %s: %s", result.best, describe_budget(final_spec.trainer, final_spec.data))
     with EpochBar(final_spec.trainer.epochs, cfg.progress) as final_bar:
-        final = Evaluator(store, final_spec, InProcess(), parent, final_bar.update).evaluate(result.best)
+        final = Evaluator(store, final_spec, InProcess(), parent, final_bar.update, role="final").evaluate(result.best)
     if final.reused:
         log.info("the winner's final run %s was already in the store; reused", final.run_id)
     return _report(cfg, store, parent, rungs[-1], result, final, final_spec, out_dir)
+
+
+def _fit_final(spec: EvalSpec, genome: Genome, cost: CostModel, speedup: float, seconds_left: float) -> EvalSpec:
+    """The final spec with as many of its epochs as the time budget has left (at least one)."""
+    per_epoch = images_per_evaluation(replace(spec.trainer, epochs=1), n_train(spec.data))
+    overhead = cost.seconds(genome, 0)
+    fit = int((seconds_left * speedup - overhead) // max(cost.seconds(genome, per_epoch) - overhead, 1e-9))
+    epochs = max(1, min(spec.trainer.epochs, fit))
+    if epochs < spec.trainer.epochs:
+        log.warning("the retrain gets %d of final.epochs=%d epochs: that is what fits the %.0f s left of search.time_budget",
+                    epochs, spec.trainer.epochs, seconds_left)  # fmt: skip
+    return replace(spec, trainer=replace(spec.trainer, epochs=epochs))
 
 
 def _samples(store: Store) -> list[Sample]:
