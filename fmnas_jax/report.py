@@ -20,7 +20,8 @@ from fmnas_jax.genome import PAPER_GENOME
 from fmnas_jax.search.fitness import pareto_front
 
 PAPER_BEST = {"genome": PAPER_GENOME, "params": 16598, "test_accuracy": 0.8855}
-CSV_COLUMNS = ("genome", "params", "train_accuracy", "test_accuracy", "val_accuracy", "fitness", "pareto", "source", "eval_key", "run_id")
+CSV_COLUMNS = ("genome", "params", "train_accuracy", "test_accuracy", "val_accuracy", "fitness", "pareto", "source", "eval_key", "run_id",
+               "rung")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Row:
     eval_key: str
     run_id: str
     source: str  # trained | reused
+    rung: int | None = None  # multi-fidelity searches: the rung (the last is the search budget)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ def write_csv(rows: Sequence[Row], path: Path) -> Path:
                     row.source,
                     row.eval_key,
                     row.run_id,
+                    "" if row.rung is None else row.rung,
                 ]
             )
     return path
@@ -108,9 +111,17 @@ def write_csv(rows: Sequence[Row], path: Path) -> Path:
 def plot_search(rows: Sequence[Row], path_genomes: Sequence[str], winner: str, out: Path, title: str,
                 final: tuple[int, float] | None = None) -> Path:  # fmt: skip
     """Params (log) vs test accuracy: every evaluation, the Pareto front, the climb path, winner (and its retrained score), paper."""
+    top = max((r.rung for r in rows if r.rung is not None), default=None)
+    screened = [r for r in rows if r.rung != top and math.isfinite(r.val_accuracy)]
+    rows = [r for r in rows if r.rung == top]
     by_genome = {r.genome: r for r in rows}
     ok = [r for r in rows if math.isfinite(r.test_accuracy)]
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    for rung, marker in zip(sorted({r.rung for r in screened}), "v^<>", strict=False):
+        pts = [r for r in screened if r.rung == rung]
+        label = f"screened at rung {rung}: validation accuracy ({len(pts)})"
+        ax.scatter([r.params for r in pts], [100 * r.val_accuracy for r in pts], s=14, marker=marker, facecolors="none",
+                   edgecolors="tab:purple", alpha=0.35 + 0.2 * rung, label=label)  # fmt: skip
     ax.scatter([r.params for r in ok], [100 * r.test_accuracy for r in ok], s=18, c="tab:gray", alpha=0.6, label=f"evaluations ({len(ok)})")
     front = [ok[i] for i in pareto_front([(r.params, r.test_accuracy) for r in ok])]
     ax.step([r.params for r in front], [100 * r.test_accuracy for r in front], where="post", c="tab:blue", lw=1.5, label="Pareto front")

@@ -142,7 +142,7 @@ def _search(
         final = Evaluator(store, final_spec, InProcess(), parent, final_bar.update, role="final").evaluate(result.best)
     if final.reused:
         log.info("the winner's final run %s was already in the store; reused", final.run_id)
-    return _report(cfg, store, parent, rungs[-1], result, final, final_spec, out_dir)
+    return _report(cfg, store, parent, rungs, result, final, final_spec, out_dir)
 
 
 def _fit_final(spec: EvalSpec, genome: Genome, cost: CostModel, speedup: float, seconds_left: float) -> EvalSpec:
@@ -166,6 +166,12 @@ def _samples(store: Store) -> list[Sample]:
         except ValueError:
             continue
     return out
+
+
+def _row(o: Outcome, fitness: float, rung: int | None) -> Row:
+    m = o.metric
+    return Row(str(o.genome), int(m("param_count")), m("train_accuracy"), m("val_accuracy"), m("test_accuracy"), fitness, o.eval_key,
+               o.run_id, "reused" if o.reused else "trained", rung)  # fmt: skip
 
 
 def _leader(rungs: list[SearchObjective]) -> Genome | None:
@@ -243,29 +249,19 @@ def _report(
     cfg: AppConfig,
     store: Store,
     parent: str,
-    top: SearchObjective,
+    rungs: list[SearchObjective],
     result: ClimbResult,
     final: Outcome,
     final_spec: EvalSpec,
     out_dir: Path,
 ) -> Card:
-    rows = [
-        Row(
-            str(o.genome),
-            int(o.metric("param_count")),
-            o.metric("train_accuracy"),
-            o.metric("val_accuracy"),
-            o.metric("test_accuracy"),
-            top.fitness_of(o),
-            o.eval_key,
-            o.run_id,
-            "reused" if o.reused else "trained",
-        )
-        for o in top.outcomes.values()
-        if o.status == "FINISHED"
-    ]
+    rows = [_row(o, rung.fitness_of(o), r if len(rungs) > 1 else None) for r, rung in enumerate(rungs) for o in rung.outcomes.values()
+            if o.status == "FINISHED"]  # fmt: skip
     files = [write_csv(rows, out_dir / "results.csv")]
-    title = f"{cfg.search.strategy} search, seed {cfg.search.seed}: {len(rows)} evaluations ({describe_budget(cfg.trainer, cfg.data)})"
+    shown = [row for row in rows if row.rung in (None, len(rungs) - 1)]
+    title = f"{cfg.search.strategy} search, seed {cfg.search.seed}: {len(shown)} evaluations ({describe_budget(cfg.trainer, cfg.data)})"
+    if len(rungs) > 1:
+        title += f"; {len(rows) - len(shown)} more screened on cheaper rungs (shown by validation accuracy)"
     final_point = (int(final.metric("param_count")), final.metric("test_accuracy"))
     files.append(plot_search(rows, [str(s.genome) for s in result.path], str(final.genome), out_dir / "params_vs_accuracy.png", title,
                              final_point))  # fmt: skip
