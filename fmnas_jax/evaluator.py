@@ -19,7 +19,7 @@ from fmnas_jax.backends import Backend, EvalSpec
 from fmnas_jax.checkpoint import CHECKPOINT_ARTIFACT, checkpoint_bytes
 from fmnas_jax.data import DataConfig
 from fmnas_jax.genome import Genome
-from fmnas_jax.store import Store, StoredEval, flatten
+from fmnas_jax.store import Store, StoredEval, as_logged, flatten
 from fmnas_jax.train import EvalResult, TrainConfig
 
 log = logging.getLogger("fmnas_jax")
@@ -168,7 +168,7 @@ class Evaluator:
         if not self.backend.streams_epochs:  # curves arrive whole from a worker
             for epoch, row in enumerate(_rows(result.history), start=1):
                 self.store.log(run_id, metrics=row, step=epoch)
-        summary = result.summary()
+        summary = {k: as_logged(v) for k, v in result.summary().items()}  # what a later reuse will read back
         per_epoch = set(result.history)  # already logged at steps 1..epochs; the last value is the final one
         self.store.log(run_id, metrics={k: v for k, v in summary.items() if k not in per_epoch}, step=0)  # one-off values: step 0
         if result.status == "FINISHED":

@@ -35,6 +35,7 @@ RUNG = "fmnas.rung"  # multi-fidelity searches: the rung (0 = cheapest budget) a
 PARENT, RUN_NAME = "mlflow.parentRunId", "mlflow.runName"
 PAGE = 1000  # search_runs' page limit
 EXPERIMENT_KIND = "mlflow.experimentKind"
+METRIC_DECIMALS = 6
 
 
 class StoreError(RuntimeError):
@@ -257,8 +258,7 @@ class Store:
     ) -> None:
         """Log finite metrics, params (None ones left out) and tags, in batches within log_batch's limits."""
         now = int(time.time() * 1000)
-        # Six decimals: accuracies read 0.8953, not float32's 0.89529997.
-        ms = [Metric(k, round(float(v), 6), now, step) for k, v in (metrics or {}).items() if v is not None and math.isfinite(float(v))]
+        ms = [Metric(k, as_logged(v), now, step) for k, v in (metrics or {}).items() if v is not None and math.isfinite(float(v))]
         ps = [Param(k, str(v)) for k, v in (params or {}).items() if v is not None]
         ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         for kind, items, size in (("metrics", ms, 1000), ("params", ps, 100), ("tags", ts, 100)):
@@ -317,6 +317,11 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def as_logged(value: float) -> float:
+    """A metric as the store keeps it: six decimals, so accuracies read 0.8953, not float32's 0.89529997."""
+    return round(float(value), METRIC_DECIMALS)
 
 
 def flatten(prefix: str, values: dict[str, Any]) -> dict[str, Any]:

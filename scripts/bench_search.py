@@ -53,6 +53,7 @@ def run_one(name: str, seed: int, args: argparse.Namespace, index: int) -> str:
     cmd = [sys.executable, "-m", "fmnas_jax", "+experiment=hillclimb", *STRATEGIES[name], f"search.seed={seed}",
            f"seed={100 * index + seed}", f"search.time_budget={args.time_budget}", f"final.epochs={args.final_epochs}",
            f"final.train_size={args.final_train_size}", f"tracking.uri={args.tracking_uri}", "tracking.experiment=bench_search",
+           f"cache_dir={Path(args.workdir).resolve() / f'jax-cache-{name}-{seed}'}",  # every search compiles from cold: equal footing
            "progress=false", *args.override]  # fmt: skip
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=args.workdir)

@@ -17,7 +17,7 @@ from fmnas_jax.evaluator import describe_budget
 from fmnas_jax.genome import Genome, count_params
 from fmnas_jax.inference import load_checkpoint, load_run, read_images
 from fmnas_jax.report import Card
-from fmnas_jax.store import Store
+from fmnas_jax.store import Store, as_logged
 from fmnas_jax.train import compiled_eval, evaluate_split, to_device
 
 
@@ -40,7 +40,8 @@ def run_predict(cfg: AppConfig, out_dir: Path) -> Card:
     dd = to_device(data_mod.load(data_cfg, seed), cfg.trainer.eval_batch_size)
     variables = jax.device_put(model.variables)
     _, test_acc = evaluate_split(compiled_eval(model.genome, dd), variables, dd, dd.test_range)
-    same = "matches the logged value" if test_acc == logged else f"logged: {logged:.4f}" if math.isfinite(logged) else "no logged value"
+    same = f"logged: {logged:.4f}" if math.isfinite(logged) else "no logged value"
+    same = "matches the logged value" if as_logged(test_acc) == logged else same
     print(f"\n{model.genome}: {count_params(model.genome):,} params, test accuracy {100 * test_acc:.2f}% ({same})")
     if cfg.images:
         _classify(model, cfg.images, out_dir)
