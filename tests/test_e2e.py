@@ -170,9 +170,9 @@ def test_multi_fidelity_search_tags_rungs_and_a_rerun_trains_nothing(tmp_path):
 
 
 def test_time_budget_is_kept(tmp_path):
-    """A 75-second budget for search and retrain on a tiny real search (startup excluded): the job stops
+    """A 50-second budget for search and retrain on a tiny real search (startup excluded): the job stops
     asking for evaluations in time and says how long it took."""
-    args = ["+experiment=smoke", "search.time_budget=75", "search.population_size=4", "data.train_size=2000", "final.train_size=2000"]
+    args = ["+experiment=smoke", "search.time_budget=50", "search.population_size=4", "data.train_size=2000", "final.train_size=2000"]
     cli(tmp_path, *args)
     (search,) = runs(tmp_path, "search", "FINISHED")
     seconds = search.data.metrics["search_seconds"]
@@ -181,22 +181,28 @@ def test_time_budget_is_kept(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     ends = [client.get_run(r.info.run_id).info.end_time for r in evals]
     job = (max(ends) - search.info.start_time) / 1000
-    assert job <= 75 * 1.15, f"search and retrain took {job:.0f} s of a 75 s budget (search {seconds:.0f} s)"
+    assert job <= 50 * 1.15, f"search and retrain took {job:.0f} s of a 50 s budget (search {seconds:.0f} s)"
 
 
 def test_table_climber_ignores_evaluations_outside_its_space(tmp_path):
     """The table climber reads every stored evaluation of its budget. One stored by a search over another
     space (64 filters, outside search_space=small), with the best accuracy of all, must not win."""
+    from hydra import compose, initialize_config_module
+
+    from fmnas_jax.backends import EvalSpec
+    from fmnas_jax.cli import to_app_config
+    from fmnas_jax.evaluator import budget_key
     from fmnas_jax.store import Store
 
     table = ["+experiment=smoke", "search=table", "search.population_size=3", "fitness.size_weight=0"]
-    cli(tmp_path, *table)
-    budget = runs(tmp_path, "evaluation", "FINISHED")[0].data.tags["budget_key"]
+    with initialize_config_module("fmnas_jax.conf", version_base="1.3"):
+        app = to_app_config(compose("config", overrides=table))
     store = Store(f"sqlite:///{tmp_path / 'mlflow.db'}", "fmnas_jax")
     big = "NC 64 7 relu;RC 64 7 relu;NC 64 7 relu;RC 64 7 relu;FL relu;"
-    rid = store.start_evaluation(big, "outside-the-small-space", budget, None, {})
+    rid = store.start_evaluation(big, "outside-the-small-space", budget_key(EvalSpec(app.trainer, app.data, app.seed)), None, {})
     store.log(rid, metrics={"val_accuracy": 0.99, "test_accuracy": 0.99, "train_accuracy": 0.99, "param_count": 113_994})
     store.end_run(rid)
-    cli(tmp_path, *table, "search.seed=1")
-    winners = [r.data.tags["winner"] for r in runs(tmp_path, "search", "FINISHED")]
-    assert len(winners) == 2 and big not in winners
+    cli(tmp_path, *table)
+    (search,) = runs(tmp_path, "search", "FINISHED")
+    assert search.data.tags["winner"] != big
+    assert any(r.info.run_id == rid for r in runs(tmp_path, "evaluation", "FINISHED"))  # it was there to be read

@@ -39,19 +39,24 @@ def _winner(cwd: Path) -> str:
     return search.data.tags["winner"]
 
 
+def _kill_9_when(cwd: Path, args: list[str], ready, what: str) -> None:
+    """Start a search and SIGKILL its process group (the main process and its workers) once `ready()` holds."""
+    proc = subprocess.Popen([sys.executable, "-m", "fmnas_jax", *args, "progress=false"], cwd=cwd, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while not ready() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None, f"the search ended before {what}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def test_kill_9_then_rerun_finishes_without_retraining(tmp_path):
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     reference.mkdir(), crashed.mkdir()
     cli(reference, *SEARCH)
 
-    proc = subprocess.Popen([sys.executable, "-m", "fmnas_jax", *SEARCH, "progress=false"], cwd=crashed, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 300
-    while _evals(crashed / "mlflow.db", "FINISHED") < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert proc.poll() is None, "the search ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)  # the main process and its evaluation workers
-    proc.wait()
+    _kill_9_when(crashed, SEARCH, lambda: _evals(crashed / "mlflow.db", "FINISHED") >= 2, "it could be killed")
     before = {r.info.run_id for r in runs(crashed, "evaluation", "FINISHED")}
     left_running = {r.info.run_id for r in runs(crashed) if r.info.status == "RUNNING"}
     assert before and left_running  # killed mid-search: some results, some runs in flight
@@ -166,19 +171,12 @@ def test_kill_9_during_rung_1_then_rerun_reuses_rung_0(tmp_path):
     """A multi-fidelity search killed while its first promoted genomes train at rung 1: the rerun
     retrains no rung-0 (or any finished) evaluation and ends on the uninterrupted search's winner."""
     halving = ["+experiment=smoke", "search/fidelity=halving", "search.fidelity.rungs=[{epochs: 1, train_size: 300}]",
-               "search.population_size=6", "search.budget=4", "search.seed=7", "trainer.epochs=3", "workers=1"]  # fmt: skip
+               "search.population_size=6", "search.budget=4", "search.seed=7", "trainer.epochs=2", "workers=1"]  # fmt: skip
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     reference.mkdir(), crashed.mkdir()
     cli(reference, *halving)
 
-    proc = subprocess.Popen([sys.executable, "-m", "fmnas_jax", *halving, "progress=false"], cwd=crashed, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 300
-    while _rung_runs(crashed / "mlflow.db", "1", "RUNNING") < 1 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    assert proc.poll() is None, "the search ended before it reached rung 1"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_9_when(crashed, halving, lambda: _rung_runs(crashed / "mlflow.db", "1", "RUNNING") >= 1, "it reached rung 1")
     rung0 = {r.info.run_id for r in runs(crashed, "evaluation", "FINISHED") if r.data.tags.get("fmnas.rung") == "0"}
     assert len(rung0) == 6  # the whole population had been screened at rung 0
 
