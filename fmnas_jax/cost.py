@@ -1,10 +1,12 @@
 """What an evaluation will cost, known before training: a genome's FLOPs and the measured speed of this machine.
 
-    seconds = overhead + images * (per_image + per_flop * train_flops_per_image(genome))
+    seconds = overhead + images * (per_image + per_flop * FLOPs + per_activation * activations)
 
-Each measured evaluation gives its training speed directly (`train_seconds / images_trained`), so
-`per_image + per_flop * FLOPs` is a least-squares line through those speeds, well posed even when
-every sample trained the same number of images (one rung); `overhead` (compiling, validating,
+with FLOPs = `train_flops_per_image(genome)` and activations = `activation_elements(genome)` (wide
+layers at full resolution are memory-bound: `NC 64 1` trains ~5x slower per image than `NC 4 2` at
+fewer FLOPs on this CPU). Each measured evaluation gives its training speed directly
+(`train_seconds / images_trained`), so the per-image terms are a non-negative least-squares fit to
+those speeds, well posed even when every sample trained the same number of images (one rung); `overhead` (compiling, validating,
 testing) is the median of `wall_seconds - train_seconds`. Samples come from this host's stored
 evaluations and the search's own as they finish. With fewer than `MIN_SAMPLES` it uses priors
 measured on a 2-core AMD EPYC (docs/benchmarks.md).
@@ -17,13 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fmnas_jax.genome import Genome, train_flops_per_image
+from fmnas_jax.genome import Genome, activation_elements, train_flops_per_image
 
 MIN_SAMPLES = 6
 # Priors (2-core AMD EPYC, one single-threaded worker per core): ~2 s to compile and evaluate,
 # ~0.1 ms per image of fixed cost, ~13 GFLOP/s of training compute per worker (the paper's genome,
 # 9.8 MFLOP per image, at ~1,200 images/s).
-PRIOR = (2.0, 1.0e-4, 1 / 1.3e10)
+PRIOR = (2.0, 1.0e-4, 1 / 1.3e10, 0.0)
 # Two pinned single-threaded workers evaluate ~1.2x the images/s of one process using both cores
 # (docs/benchmarks.md), so one in-process evaluation runs ~n/1.2 times faster than one worker's.
 WORKERS_OVER_ONE_PROCESS = 1.2
@@ -56,21 +58,26 @@ class CostModel:
         if len(self.samples) < MIN_SAMPLES:
             return
         recent = self.samples[-500:]
-        flops = np.array([train_flops_per_image(s.genome) for s in recent], float)
+        features = np.array([[1.0, train_flops_per_image(s.genome), activation_elements(s.genome)] for s in recent])
         per_image = np.array([s.train_seconds / s.images for s in recent])
         overhead = float(np.median([s.seconds - s.train_seconds for s in recent]))
-        if np.ptp(flops) > 0:
-            slope, intercept = np.polyfit(flops, per_image, 1)
-        else:
-            slope, intercept = 0.0, float(per_image.mean())
-        if slope < 0 or intercept <= 0:  # noise on a narrow range of FLOPs: fall back to a line through the origin
-            slope, intercept = float(np.sum(flops * per_image) / np.sum(flops * flops)), 0.0
-        self.coef = (max(overhead, 0.0), float(intercept), float(slope))
+        scale = features.max(axis=0)  # columns of similar size for the solver
+        active = [0, 1, 2]
+        while True:  # non-negative least squares by dropping negative terms (3 columns: at most 3 rounds)
+            coef, *_ = np.linalg.lstsq(features[:, active] / scale[active], per_image, rcond=None)
+            if (coef >= 0).all() or len(active) == 1:
+                break
+            active.pop(int(np.argmin(coef)))
+        full = np.zeros(3)
+        full[active] = np.maximum(coef, 0) / scale[active]
+        if full.sum() > 0:
+            self.coef = (max(overhead, 0.0), float(full[0]), float(full[1]), float(full[2]))
 
     def seconds(self, genome: Genome, images: int) -> float:
         """Predicted wall seconds to train `genome` on `images` images (epochs included) and evaluate it."""
-        overhead, per_image, per_flop = self.coef
-        return overhead + images * max(per_image + per_flop * train_flops_per_image(genome), 1e-6)
+        overhead, per_image, per_flop, per_activation = self.coef
+        speed = per_image + per_flop * train_flops_per_image(genome) + per_activation * activation_elements(genome)
+        return overhead + images * max(speed, 1e-6)
 
 
 def _usable(s: Sample) -> bool:

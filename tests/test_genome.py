@@ -127,3 +127,10 @@ def test_population_is_distinct_and_seeded():
     tiny = SearchSpace(kernel_sizes=(1,), filters=(4,), activations=("relu",))
     with pytest.raises(ValueError, match="exceeds the 1 genomes"):
         sample_population(tiny, 2, np.random.default_rng(0))
+
+
+def test_activation_elements_of_the_paper_genome():
+    from fmnas_jax.genome import activation_elements
+
+    # 28x28x4 + 13x13x64 + 13x13x4 + 6x6x64 (RC: (n - k) // 2 + 1)
+    assert activation_elements(Genome.parse(PAPER)) == 3136 + 10816 + 676 + 2304

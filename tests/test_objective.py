@@ -142,3 +142,14 @@ def test_hill_climber_screens_neighbours_through_halving():
     res = hill_climb(space, HalvingObjective(rungs, eta=3), np.random.default_rng(1), SearchConfig(move="steepest", max_restarts=0))
     assert res.best == target
     assert len(rungs[1].outcomes) < len(rungs[0].outcomes) / 2  # most neighbours were screened out cheaply
+
+
+def test_cost_model_sees_memory_bound_genomes():
+    """Wide layers at full resolution are slow beyond their FLOPs: the activations term captures it."""
+    from fmnas_jax.genome import activation_elements
+
+    genomes = sample_population(SearchSpace(), 10, np.random.default_rng(11))
+    true = lambda g: 1e-4 + activation_elements(g) * 4e-8  # noqa: E731
+    cost = CostModel([Sample(g, 4000, 5.0 + 4000 * true(g), 4000 * true(g)) for g in genomes])
+    for g in genomes:
+        assert cost.seconds(g, 60_000) == pytest.approx(5.0 + 60_000 * true(g), rel=0.05)
