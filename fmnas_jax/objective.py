@@ -163,14 +163,6 @@ class HalvingObjective:
         """Ask for this many at once: after halving, the full-budget rung still fills the backend."""
         return self.top.parallelism * self.eta ** (len(self.rungs) - 1)
 
-    @property
-    def outcomes(self) -> dict[Genome, Outcome]:
-        """The full-budget outcomes (what the report and the table climber use)."""
-        return self.top.outcomes
-
-    def fitness_of(self, o: Outcome) -> float:
-        return self.top.fitness_of(o)
-
     def score(self, genome: Genome) -> float:
         """Fitness at the highest rung the genome reached, pushed below every higher rung."""
         for r in range(len(self.rungs) - 1, -1, -1):

@@ -18,7 +18,7 @@ from fmnas_jax.config import AppConfig
 from fmnas_jax.cost import WORKERS_OVER_ONE_PROCESS, CostModel, Sample
 from fmnas_jax.data import DataConfig
 from fmnas_jax.evaluator import Evaluator, Outcome, budget_key, describe_budget
-from fmnas_jax.genome import Genome, sample_population
+from fmnas_jax.genome import Genome, SearchSpace, sample_population
 from fmnas_jax.jobs.common import card_of, class_report, open_store, print_card
 from fmnas_jax.objective import Allowance, HalvingObjective, SearchObjective, images_per_evaluation
 from fmnas_jax.progress import EpochBar, count_bar
@@ -159,13 +159,8 @@ def _fit_final(spec: EvalSpec, genome: Genome, cost: CostModel, speedup: float, 
 
 def _samples(store: Store) -> list[Sample]:
     """This host's measured evaluations, for the cost model (genomes of other layouts are skipped)."""
-    out = []
-    for text, images, seconds, train_seconds in store.cost_samples(socket.gethostname()):
-        try:
-            out.append(Sample(Genome.parse(text), images, seconds, train_seconds))
-        except ValueError:
-            continue
-    return out
+    rows = store.cost_samples(socket.gethostname())
+    return [Sample(g, images, seconds, train) for text, images, seconds, train in rows if (g := _parsed(text, SearchSpace())) is not None]
 
 
 def _row(o: Outcome, fitness: float, rung: int | None) -> Row:
@@ -200,7 +195,7 @@ def _table_climb(cfg: AppConfig, top: SearchObjective, rng: np.random.Generator)
     """The paper's climber over every recorded evaluation of the full budget whose genome is in this search's space."""
     rows = []
     for s in top.evaluator.store.finished_evaluations(top.evaluator.budget):
-        genome = _in_space(s.genome, cfg)
+        genome = _parsed(s.genome, cfg.search_space)
         if genome is None:
             continue  # recorded by a search over another space: not a candidate here
         o = Outcome(genome, s.eval_key, s.run_id, "FINISHED", s.metrics, True, parent_run_id=s.parent_run_id)
@@ -209,9 +204,10 @@ def _table_climb(cfg: AppConfig, top: SearchObjective, rng: np.random.Generator)
     return table_climb(rows, rng, cfg.search.patience, max(cfg.search.max_restarts, 1000))
 
 
-def _in_space(text: str, cfg: AppConfig) -> Genome | None:
+def _parsed(text: str, space: SearchSpace) -> Genome | None:
+    """The genome if `space` contains it, else None."""
     try:
-        return Genome.parse(text, cfg.search_space)
+        return Genome.parse(text, space)
     except ValueError:
         return None
 
