@@ -97,6 +97,10 @@ class DataCache:
             return self._placed[key]
 
 
+class _CallbackError(Exception):
+    """Carries an exception out of the on-epoch callback past safe_evaluate's net."""
+
+
 def safe_evaluate(
     genome: Genome, spec: EvalSpec, cache: DataCache, where: str = "", on_epoch: Callable | None = None, device: Any = None
 ) -> EvalResult:
@@ -105,10 +109,20 @@ def safe_evaluate(
 
     from fmnas_jax.train import failed, train_and_evaluate
 
+    def reporting(*args: Any) -> None:  # the caller's callback (the store): its errors are not the genome's
+        try:
+            on_epoch(*args)
+        except _Stopped:
+            raise  # a pool being closed: this evaluation ends FAILED, "interrupted"
+        except Exception as e:
+            raise _CallbackError from e
+
     try:
         dd = cache.get(spec, device)
         with jax.default_device(dd.device):
-            return train_and_evaluate(genome, dd, spec.trainer, spec.seed, on_epoch, spec.keep_variables, spec.test)
+            return train_and_evaluate(genome, dd, spec.trainer, spec.seed, on_epoch and reporting, spec.keep_variables, spec.test)
+    except _CallbackError as e:
+        raise e.__cause__ from None
     except Exception as e:  # one broken genome must not end a search of many
         log.error("evaluation of %s raised%s:\n%s", genome, where, traceback.format_exc())
         return failed(genome, f"{type(e).__name__}{where}: {e}")

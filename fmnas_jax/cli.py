@@ -52,13 +52,14 @@ class EnsureStore(Callback):
         except Exception as e:  # each job reports a bad value itself
             log.warning("could not prepare the MLflow store before the sweep: %s", e)
             return
-        store = Store(app.tracking.uri, app.tracking.experiment)
+        store = Store(app.tracking.uri, app.tracking.experiment, **app.tracking.store_options())
         log.info("MLflow store ready for the sweep: %s (experiment %r)", store.uri, app.tracking.experiment)
 
 
 def _quiet_libraries() -> None:
     for name in ("alembic", "mlflow", "absl", "jax._src.xla_bridge", "matplotlib"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # each HTTP retry; the store logs the outage once
 
 
 @hydra.main(version_base="1.3", config_path="pkg://fmnas_jax.conf", config_name="config")

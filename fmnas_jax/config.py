@@ -30,10 +30,27 @@ class TrackingConfig:
 
     uri: str | None = None
     experiment: str = "fmnas_jax"
+    retry_seconds: float = 300.0  # how long a job waits for an unreachable store (server or database down) before it gives up
+    heartbeat_seconds: float = 30.0  # how often a job refreshes the fmnas.heartbeat tag of its RUNNING runs
+    heartbeat_timeout: float = 600.0  # RUNNING runs whose heartbeat is older are marked KILLED by the next job to open the store
 
     def __post_init__(self) -> None:
         if not self.experiment.strip():
             raise ValueError("tracking.experiment must be a non-empty name")
+        for name in ("retry_seconds", "heartbeat_seconds", "heartbeat_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"tracking.{name}={value!r}: must be a positive number of seconds")
+        if self.heartbeat_timeout <= 2 * self.heartbeat_seconds:
+            raise ValueError(
+                f"tracking.heartbeat_timeout={self.heartbeat_timeout:g} must exceed twice "
+                f"tracking.heartbeat_seconds={self.heartbeat_seconds:g} (live runs would be reaped)"
+            )
+
+    def store_options(self) -> dict[str, float]:
+        """The keyword arguments of store.Store beyond uri and experiment."""
+        names = ("retry_seconds", "heartbeat_seconds", "heartbeat_timeout")
+        return {n: float(getattr(self, n)) for n in names}
 
 
 @dataclass(frozen=True)
@@ -68,6 +85,17 @@ class FinalConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    """Where retrained winners (and saved train runs) are registered as MLflow Model versions."""
+
+    model_name: str | None = "fmnas-winner"  # null: log the MLflow Model, register nothing
+
+    def __post_init__(self) -> None:
+        if self.model_name is not None and not self.model_name.strip():
+            raise ValueError("registry.model_name must be a non-empty name, or null to register nothing")
+
+
+@dataclass(frozen=True)
 class AppConfig:
     """The whole job, as the CLI resolved it."""
 
@@ -84,6 +112,7 @@ class AppConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     fitness: FitnessConfig = field(default_factory=FitnessConfig)
     final: FinalConfig = field(default_factory=FinalConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     workers: int = 0
     batching: str = "none"
     bucket_size: int = 16

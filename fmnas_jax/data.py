@@ -195,6 +195,35 @@ def load_arrays(source: str, folder: str, verify: bool) -> tuple[tuple[np.ndarra
     raise DataError(f"data.dir {folder!r} does not exist and data.source=auto found no other source. {HOW_TO_GET}")
 
 
+@dataclass(frozen=True)
+class SplitRecord:
+    """What one split an evaluation used is, for the results store (MLflow's dataset inputs)."""
+
+    name: str  # fashion_mnist/train, fashion_mnist/validation, fashion_mnist/test
+    context: str  # training | validation | testing
+    digest: str  # 16 hex digits: the files' sha256, the split's settings and the seed
+    source: str  # the IDX folder, or tfds:fashion_mnist
+    source_type: str  # local | tfds
+    rows: int
+
+
+def split_records(cfg: DataConfig, seed: int, test: bool = True) -> list[SplitRecord]:
+    """The train/validation(/test) splits an evaluation with these settings uses (no data is read)."""
+    files = ",".join(SHA256.values())
+    local = cfg.source == "idx" or (cfg.source == "auto" and Path(cfg.dir).is_dir())
+    source, source_type = (str(Path(cfg.dir).resolve()), "local") if local else ("tfds:fashion_mnist", "tfds")
+    n_train = cfg.train_size or 60000 - cfg.val_size
+    splits = [("train", "training", n_train, f"{cfg.train_size}"), ("validation", "validation", cfg.val_size, "")]
+    if test:
+        splits.append(("test", "testing", 10000, ""))
+    out = []
+    for name, context, rows, extra in splits:
+        settings = f"{files}|test" if name == "test" else f"{files}|{name}|val_size={cfg.val_size}|seed={seed}|{extra}"
+        digest = hashlib.sha256(settings.encode()).hexdigest()[:16]
+        out.append(SplitRecord(f"fashion_mnist/{name}", context, digest, source, source_type, rows))
+    return out
+
+
 def load(cfg: DataConfig, seed: int) -> Dataset:
     """Load Fashion-MNIST from the configured source and split it."""
     arrays, source = load_arrays(cfg.source, cfg.dir, cfg.verify)

@@ -11,15 +11,16 @@ import hashlib
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from fmnas_jax.backends import Backend, EvalSpec
 from fmnas_jax.checkpoint import CHECKPOINT_ARTIFACT, checkpoint_bytes
-from fmnas_jax.data import DataConfig
+from fmnas_jax.data import DataConfig, split_records
 from fmnas_jax.genome import Genome
-from fmnas_jax.store import Store, StoredEval, as_logged, flatten
+from fmnas_jax.store import ArtifactError, Store, StoredEval, as_logged, flatten
 from fmnas_jax.train import EvalResult, TrainConfig
 
 log = logging.getLogger("fmnas_jax")
@@ -85,12 +86,15 @@ class Evaluator:
         on_epoch: OnEpoch | None = None,
         rung: int | None = None,
         role: str = "evaluation",
+        register_as: str | None = None,
     ) -> None:
         self.store, self.spec, self.backend, self.parent_run_id = store, spec, backend, parent_run_id
         self.on_epoch, self.rung, self.role = on_epoch, rung, role  # role 'final': a search's retrained winner
+        self.register_as = register_as  # runs that keep their weights: registered model name (None: log the model only)
         self.budget = budget_key(spec)
         self.known: dict[str, StoredEval] = {s.eval_key: s for s in store.finished_evaluations(self.budget, role)}
         self.trained = self.reused = self.failed = 0
+        self.poll_seconds = 2.0  # how often to look for an evaluation another process is running
 
     def lookup(self, genome: Genome) -> Outcome | None:
         """A stored FINISHED result for this genome and budget, if any (cheap: dict, then one SQL query)."""
@@ -125,18 +129,48 @@ class Evaluator:
             done[g] = found
             if on_done is not None:
                 on_done(found)
-        runs = {g: self._start(g) for g in pending}  # RUNNING in the UI from now on
+        # Genomes another live process (this host or another) is training right now are waited for, not repeated.
+        claimed = self.store.running_elsewhere(self.budget, self.role) if pending else {}
+        others = {g: claimed[eval_key(g, self.budget)] for g in pending if eval_key(g, self.budget) in claimed}
+        self._train([g for g in pending if g not in others], done, on_done)
+        if others:
+            self._train(self._await(others, done, on_done), done, on_done)
+        return done
+
+    def _train(self, genomes: list[Genome], done: dict[Genome, Outcome], on_done: Callable[[Outcome], None] | None) -> None:
+        runs = {g: self._start(g) for g in genomes}  # RUNNING in the UI from now on
         try:
-            for g, result in self.backend.evaluate(pending, self.spec, self._epoch_logger(runs)):
+            for g, result in self.backend.evaluate(genomes, self.spec, self._epoch_logger(runs)):
                 done[g] = self._finish(g, runs[g], result)
                 if on_done is not None:
                     on_done(done[g])
-        except BaseException:
+        except BaseException as e:
+            ended = getattr(e, "run_id", None)  # an ArtifactError's run is already FAILED with its reason
             for g, run_id in runs.items():
-                if g not in done:
-                    self.store.end_run(run_id, "KILLED", "interrupted before this evaluation finished")
+                if g not in done and run_id != ended:
+                    self.store.end_run_on_the_way_out(run_id, "KILLED", "interrupted before this evaluation finished")
             raise
-        return done
+
+    def _await(self, others: dict[Genome, str], done: dict[Genome, Outcome], on_done: Callable[[Outcome], None] | None) -> list[Genome]:
+        """Wait for evaluations other processes are running; returns those they abandoned (to train here)."""
+        log.info("waiting for %d evaluation(s) another process is running: %s", len(others), ", ".join(map(str, others)))
+        abandoned: list[Genome] = []
+        waiting = dict(others)
+        while waiting:
+            time.sleep(self.poll_seconds)
+            for g, run_id in list(waiting.items()):
+                found = self.lookup(g)
+                if found is not None:
+                    self.reused += 1
+                    done[g] = found
+                    if on_done is not None:
+                        on_done(found)
+                elif not self.store.is_live(run_id):
+                    abandoned.append(g)  # it failed, was killed, or its owner stopped beating
+                else:
+                    continue
+                del waiting[g]
+        return abandoned
 
     def _epoch_logger(self, runs: dict[Genome, str]) -> OnEpoch:
         def on_epoch(genome: Genome, epoch: int, row: dict[str, float]) -> None:
@@ -148,7 +182,14 @@ class Evaluator:
 
     def _start(self, genome: Genome) -> str:
         key = eval_key(genome, self.budget)
-        return self.store.start_evaluation(str(genome), key, self.budget, self.parent_run_id, self._params(genome), self.rung, self.role)
+        rung = f" (rung {self.rung})" if self.rung is not None else ""
+        name = f"final {genome.short}" if self.role == "final" else genome.short + (f" r{self.rung}" if self.rung is not None else "")
+        what = "The search's winner, retrained with the final recipe" if self.role == "final" else f"An evaluation{rung}"
+        description = (f"{what}.\n\n`{genome}`\n\nBudget: {describe_budget(self.spec.trainer, self.spec.data)}; seed {self.spec.seed}. "
+                       f"eval_key `{key}`: a later search with the same genome and budget reuses this run.")  # fmt: skip
+        datasets = split_records(self.spec.data, self.spec.seed, self.spec.test)
+        return self.store.start_evaluation(str(genome), key, self.budget, self.parent_run_id, self._params(genome), self.rung, self.role,
+                                           name, description, datasets)  # fmt: skip
 
     def _params(self, genome: Genome) -> dict[str, Any]:
         genes: dict[str, Any] = {}
@@ -176,12 +217,22 @@ class Evaluator:
             if earlier is not None and earlier.run_id != run_id:
                 self.store.mark_duplicate(run_id, earlier.run_id)
             if result.variables is not None:
-                self.store.save_checkpoint(run_id, checkpoint_bytes(genome, result.variables, result.normalisation), CHECKPOINT_ARTIFACT)
+                blob = checkpoint_bytes(genome, result.variables, result.normalisation)
+                try:
+                    self.store.save_checkpoint(run_id, blob, CHECKPOINT_ARTIFACT)
+                    scores = {k: f"{summary[k]:.4f}" for k in ("val_accuracy", "test_accuracy", "train_accuracy") if k in summary}
+                    tags = {"genome": str(genome), "run_id": run_id, "params": str(result.param_count), **scores}
+                    self.store.log_model(run_id, blob, self.register_as, tags)
+                except ArtifactError as e:  # disk full, artifact store unwritable: never FINISHED without its weights
+                    self.store.end_run(run_id, "FAILED", f"the weights could not be stored: {e}")
+                    log.error("evaluation of %s FAILED: its weights could not be stored: %s", genome, e)
+                    raise
             self.store.end_run(run_id, "FINISHED")
             self.trained += 1
             log.info(
-                "trained %s: %d params, val %.4f, test %.4f (train %.1f s at %.0f img/s; compile %.1f s, %d cache hits)",
-                genome, result.param_count, result.val_accuracy, result.test_accuracy, result.train_seconds,
+                "trained %s: %d params, val %.4f, test %s (train %.1f s at %.0f img/s; compile %.1f s, %d cache hits)",
+                genome, result.param_count, result.val_accuracy,
+                f"{result.test_accuracy:.4f}" if math.isfinite(result.test_accuracy) else "not measured at this rung", result.train_seconds,
                 result.images_per_second, result.compile_seconds, result.cache_hits,
             )  # fmt: skip
         else:

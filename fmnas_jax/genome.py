@@ -124,6 +124,15 @@ class Genome:
         return self._str
 
     @property
+    def short(self) -> str:
+        """A compact, still unique name for tables and legends: filters x kernel + activation per layer, then the head.
+
+        `NC 4 5 sigmoid;RC 64 3 relu;NC 4 5 sigmoid;RC 64 3 relu;FL gelu;` -> `4x5sig 64x3rel 4x5sig 64x3rel | gel`
+        (the layer kinds are fixed by the layout).
+        """
+        return " ".join(f"{c.filters}x{c.kernel}{c.activation[:3]}" for c in self.convs) + f" | {self.head_activation[:3]}"
+
+    @property
     def key(self) -> str:
         """Stable 16-hex-digit key: sha256 of the canonical string."""
         return hashlib.sha256(self._str.encode()).hexdigest()[:16]

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 
 from fmnas_jax.cost import CostModel, Sample
 from fmnas_jax.evaluator import Evaluator, Outcome
-from fmnas_jax.genome import Genome
+from fmnas_jax.genome import Genome, train_flops_per_image
 from fmnas_jax.search.fitness import FitnessConfig, fitness
 from fmnas_jax.train import TrainConfig
 
@@ -89,7 +89,7 @@ class SearchObjective:
         self,
         evaluator: Evaluator,
         fitness_cfg: FitnessConfig,
-        own_searches: set[str],
+        own_searches: Container[str],
         allowance: Allowance | None = None,
         n_train: int = 55_000,
         on_counted: Callable[[], None] | None = None,
@@ -112,7 +112,8 @@ class SearchObjective:
     def fitness_of(self, o: Outcome) -> float:
         if o.status != "FINISHED":
             return -math.inf  # failed (e.g. diverged): the worst fitness, and the search goes on
-        return fitness(self.fitness_cfg, o.metric(self.fitness_cfg.metric), int(o.metric("param_count")))
+        flops = train_flops_per_image(o.genome) if self.fitness_cfg.compute_weight else None
+        return fitness(self.fitness_cfg, o.metric(self.fitness_cfg.metric), int(o.metric("param_count")), flops)
 
     def __call__(self, genomes: Sequence[Genome]) -> list[float]:
         counted: set[Genome] = set()

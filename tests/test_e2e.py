@@ -10,6 +10,8 @@ import pytest
 from conftest import PAPER, needs_real_data
 from mlflow import MlflowClient
 
+from fmnas_jax.genome import Genome
+
 pytestmark = [pytest.mark.slow, needs_real_data]
 
 
@@ -47,8 +49,16 @@ def test_smoke_end_to_end_then_rerun_trains_nothing(tmp_path):
     card = json.loads((run_dir / "result_card.json").read_text())
     winner = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(card["run_id"])
     assert winner.data.metrics["test_accuracy"] == pytest.approx(card["test_accuracy"])
-    assert winner.data.tags["fmnas.role"] == "final" and winner.info.run_name == f"final: {card['genome']}"
+    assert winner.data.tags["fmnas.role"] == "final" and winner.info.run_name == f"final {Genome.parse(card['genome']).short}"
+    assert card["genome"] in winner.data.tags["mlflow.note.content"]  # the run's description in the UI
+    splits = {d.dataset.name: d for d in winner.inputs.dataset_inputs}  # the UI's Dataset column
+    assert set(splits) == {"fashion_mnist/train", "fashion_mnist/validation", "fashion_mnist/test"}
+    assert json.loads(splits["fashion_mnist/test"].dataset.profile)["num_rows"] == 10000
+    assert card["genome"] in search.data.tags["mlflow.note.content"] and card["run_id"] in search.data.tags["mlflow.note.content"]
+    experiment = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment(search.info.experiment_id)
+    assert "parentRunId" in experiment.tags["mlflow.note.content"]  # how to compare within one search, on the experiment page
     assert winner.data.tags["mlflow.parentRunId"] == search.info.run_id
+    assert winner.data.tags["fmnas.registered_model"] == "fmnas-winner/1"  # the retrained winner is a registered MLflow Model
     artifacts = {a.path for a in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(search.info.run_id, "report")}
     assert "report/params_vs_accuracy.png" in artifacts and "report/results.csv" in artifacts
 
@@ -62,7 +72,7 @@ def test_train_experiment_with_the_readme_genome(tmp_path):
     proc = cli(tmp_path, "+experiment=train", f"genome={PAPER}", "trainer.epochs=1", "data.train_size=2000", "data.val_size=1000")
     assert PAPER in proc.stdout and "16,598" in proc.stdout
     (run,) = runs(tmp_path, "evaluation", "FINISHED")
-    assert run.data.tags["genome"] == PAPER and run.info.run_name == PAPER
+    assert run.data.tags["genome"] == PAPER and run.info.run_name == Genome.parse(PAPER).short
     assert run.data.params["layer2.filters"] == "64" and run.data.params["trainer.epochs"] == "1"
     for m in (
         "param_count",
@@ -112,12 +122,39 @@ BAD_INPUT = [
 ]
 
 
-@pytest.mark.parametrize(("args", "fragment"), BAD_INPUT)
-def test_bad_input_exits_nonzero_and_writes_no_run(tmp_path, args, fragment):
-    proc = cli(tmp_path, *args, check=False)
-    assert proc.returncode != 0
-    assert fragment in proc.stderr + proc.stdout
+# The real entry point, called once per case in one Python process (a process per case costs ~5 s of start-up each).
+ENTRY_LOOP = """
+import contextlib, io, json, sys
+from fmnas_jax.cli import entry
+results = []
+for args in json.loads(sys.argv[1]):
+    sys.argv = ["fmnas_jax", *args, "progress=false"]
+    text = io.StringIO()
+    with contextlib.redirect_stderr(text), contextlib.redirect_stdout(text):
+        try:
+            entry()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    results.append([code, text.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def test_bad_input_exits_nonzero_and_writes_no_run(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", ENTRY_LOOP, json.dumps([args for args, _ in BAD_INPUT])], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (args, fragment), (code, text) in zip(BAD_INPUT, results, strict=True):
+        assert code not in (0, None) and fragment in text, (args, code, text[-2000:])
     assert not (tmp_path / "mlflow.db").exists() or runs(tmp_path) == []
+
+
+def test_one_bad_input_through_a_fresh_process(tmp_path):
+    """The exit status and message as a shell sees them, for one case of the list above."""
+    proc = cli(tmp_path, "+experiment=smoke", "search.population_size=0", check=False)
+    assert proc.returncode == 2 and "search.population_size 0 must be >= 1" in proc.stderr
 
 
 @needs_real_data

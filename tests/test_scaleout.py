@@ -3,84 +3,29 @@
 Starts its own services on 127.0.0.1 (free ports), and stops them whatever happens.
 """
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
-from pathlib import Path
-
 import pytest
 from conftest import needs_real_data
 from mlflow import MlflowClient
+from services import HAVE_POSTGRES, MlflowServer, Postgres
 from test_e2e import cli
 
 pytestmark = [pytest.mark.slow, needs_real_data]
-PG_BIN = (
-    next((p for p in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), None)
-    if Path("/usr/lib/postgresql").exists()
-    else None
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _as_postgres(*cmd: str, **kw) -> subprocess.CompletedProcess:
-    """PostgreSQL refuses to run as root; run its tools as the 'postgres' user when we are root."""
-    if os.geteuid() == 0:
-        cmd = ("runuser", "-u", "postgres", "--", *cmd)
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
 
 @pytest.fixture
 def tracking_server(tmp_path):
-    if PG_BIN is None or shutil.which("runuser") is None:
+    if not HAVE_POSTGRES:
         pytest.skip("PostgreSQL server binaries missing (apt-get install postgresql)")
-    # pytest's tmp_path is private to root; PostgreSQL runs as 'postgres' and needs its own folder.
-    pg_root = Path(tempfile.mkdtemp(prefix="fmnas-pg-"))
-    pgdata, sock = pg_root / "data", pg_root / "sock"
-    pgdata.mkdir(), sock.mkdir()
-    if os.geteuid() == 0:
-        for p in (pg_root, pgdata, sock):
-            shutil.chown(p, "postgres")
-    pg_port, ml_port = _free_port(), _free_port()
-    _as_postgres(str(PG_BIN / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust")
-    opts = f"-p {pg_port} -k {sock} -c listen_addresses=127.0.0.1"
-    _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(pgdata), "-o", opts, "-l", str(pg_root / "pg.log"), "-w", "start")
-    server = None
+    pg = Postgres()
+    server = MlflowServer(pg.uri, tmp_path / "artifacts", tmp_path / "mlflow-server.log", workers=2)
     try:
-        _as_postgres(str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(pg_port), "-U", "postgres", "mlflow")
-        mlflow_bin = Path(sys.executable).with_name("mlflow")
-        log = (tmp_path / "mlflow-server.log").open("w")
-        server = subprocess.Popen(
-            [str(mlflow_bin), "server", "--backend-store-uri", f"postgresql://postgres@127.0.0.1:{pg_port}/mlflow",
-             "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(ml_port), "--workers", "2"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{ml_port}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError("mlflow server did not come up:\n" + (tmp_path / "mlflow-server.log").read_text()[-3000:])
-        yield url
+        pg.start()
+        pg.create_db()
+        server.start()
+        yield server.url
     finally:
-        if server is not None:
-            server.terminate()
-            server.wait(timeout=30)
-        _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(pgdata), "-m", "fast", "-w", "stop")
-        shutil.rmtree(pg_root, ignore_errors=True)
+        server.stop()
+        pg.remove()
 
 
 def test_joblib_multirun_against_mlflow_server_on_postgresql(tmp_path, tracking_server):

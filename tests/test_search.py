@@ -133,6 +133,10 @@ def test_fitness_formula_on_hand_made_points():
     assert fitness(cfg, 0.9, 16598 // 2) == pytest.approx(0.91, abs=1e-4)
     assert fitness(FitnessConfig(accuracy_weight=2.0, size_weight=0.0), 0.9, 10**6) == pytest.approx(1.8)
     assert fitness(cfg, float("nan"), 100) == -math.inf
+    timed = FitnessConfig(size_weight=0.0, compute_weight=0.01, reference_flops=1e6)
+    assert fitness(timed, 0.9, 123, flops=4e6) == pytest.approx(0.88)  # 4x the compute costs 2 points
+    assert fitness(timed, 0.9, 123, flops=0.5e6) == pytest.approx(0.91)
+    assert fitness(cfg, 0.9, 16598, flops=4e6) == pytest.approx(0.9)  # compute_weight 0: FLOPs ignored
 
 
 def test_pareto_front_on_hand_made_points():
@@ -149,6 +153,8 @@ def test_pareto_front_on_hand_made_points():
         ({"size_weight": float("nan")}, "fitness.size_weight nan"),
         ({"size_weight": -1.0}, "must be >= 0"),
         ({"accuracy_weight": 0.0}, "fitness.accuracy_weight 0.0"),
+        ({"compute_weight": -0.1}, "fitness.compute_weight -0.1 must be >= 0"),
+        ({"reference_flops": 0.0}, "fitness.reference_flops 0.0 must be > 0"),
     ],
 )
 def test_fitness_config_validation(kwargs, fragment):

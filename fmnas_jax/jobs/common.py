@@ -21,7 +21,7 @@ log = logging.getLogger("fmnas_jax")
 def open_store(cfg: AppConfig) -> Store:
     """Check the data first (no run is created for a job that cannot run), then open the store and reap dead runs."""
     data_mod.load_arrays(cfg.data.source, cfg.data.dir, cfg.data.verify)
-    store = Store(cfg.tracking.uri, cfg.tracking.experiment)
+    store = Store(cfg.tracking.uri, cfg.tracking.experiment, **cfg.tracking.store_options())
     log.info("results go to MLflow: %s (experiment %r); runs in the UI: %s", store.uri, cfg.tracking.experiment, store.ui_link())
     reaped = store.reap_orphans()
     if reaped:

@@ -25,7 +25,7 @@ def run_predict(cfg: AppConfig, out_dir: Path) -> Card:
     """Load saved weights, re-measure test accuracy with the evaluation program, classify `images` (writes no run)."""
     data_cfg, seed, logged, store = cfg.data, cfg.seed, math.nan, None
     if cfg.run_id:
-        store = Store(cfg.tracking.uri, cfg.tracking.experiment)
+        store = Store(cfg.tracking.uri, cfg.tracking.experiment, **cfg.tracking.store_options())
         run = store.get_run(cfg.run_id)
         model = load_run(cfg.run_id, store=store)
         # Evaluate on exactly the split the run was trained with.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import socket
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -25,7 +24,7 @@ from fmnas_jax.progress import EpochBar, count_bar
 from fmnas_jax.report import Card, Row, plot_curves, plot_search, write_card, write_csv
 from fmnas_jax.search import hill_climb, random_search, regularized_evolution, table_climb
 from fmnas_jax.search.base import ClimbResult
-from fmnas_jax.store import Store, flatten
+from fmnas_jax.store import Store, flatten, host_name
 
 log = logging.getLogger("fmnas_jax")
 FULL_TRAIN = 60_000  # Fashion-MNIST's training images, validation split included
@@ -81,19 +80,43 @@ def run_search(cfg: AppConfig, config_yaml: str, out_dir: Path) -> Card:
         params=flatten("", {k: asdict(getattr(cfg, k)) for k in ("search", "fitness", "trainer", "data", "final")}) | {"seed": cfg.seed},
     )
     store.log_text(parent, config_yaml, "config.yaml")
+    store.describe(parent, f"A {sc.strategy} search, seed {sc.seed}, population {sc.population_size}, {limit}.\n\n"
+                           f"Evaluations: {budgets}.\n\nRunning; the winner and its result card appear here when it ends.")  # fmt: skip
     try:
         with opened(choose_backend(cfg.workers, cfg.batching, cfg.bucket_size, cfg.bucket_waste, cfg.cache_dir)) as backend:
             log.info("evaluation path: %s", backend.description)
-            card = _search(cfg, store, parent, own | {parent}, backend, specs, started, out_dir)
+            card = _search(cfg, store, parent, OwnSearches(store, key, own | {parent}), backend, specs, started, out_dir)
     except BaseException as e:
-        store.end_run(parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", f"{type(e).__name__}: {e}")
+        store.end_run_on_the_way_out(parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", f"{type(e).__name__}: {e}")
         raise
     store.end_run(parent, "FINISHED")
     return card
 
 
+class OwnSearches:
+    """The search runs of one search_key: this one, its earlier attempts, and twins started meanwhile (another machine).
+
+    Evaluations whose parent is one of them count against this search's budget even when reused, so
+    that every attempt, and every machine running the same search, retraces the same path.
+    """
+
+    def __init__(self, store: Store, key: str, known: set[str]) -> None:
+        self.store, self.key, self.known, self.others = store, key, set(known), set()
+
+    def __contains__(self, run_id: object) -> bool:
+        if not isinstance(run_id, str) or run_id in self.others:
+            return False
+        if run_id not in self.known:
+            record = self.store.get_run(run_id)
+            if record.role != "search" or record.tags.get("search_key") != self.key:
+                self.others.add(run_id)
+                return False
+            self.known.add(run_id)
+        return True
+
+
 def _search(
-    cfg: AppConfig, store: Store, parent: str, own: set[str], backend: Backend, specs: list[EvalSpec], started: float, out_dir: Path
+    cfg: AppConfig, store: Store, parent: str, own: OwnSearches, backend: Backend, specs: list[EvalSpec], started: float, out_dir: Path
 ) -> Card:
     sc = cfg.search
     rng = np.random.default_rng(sc.seed)
@@ -139,7 +162,8 @@ def _search(
         final_spec = _fit_final(final_spec, result.best, cost, speedup, sc.time_budget_seconds - (time.monotonic() - started))
     log.info("retraining the winner %s: %s", result.best, describe_budget(final_spec.trainer, final_spec.data))
     with EpochBar(final_spec.trainer.epochs, cfg.progress) as final_bar:
-        final = Evaluator(store, final_spec, InProcess(), parent, final_bar.update, role="final").evaluate(result.best)
+        final = Evaluator(store, final_spec, InProcess(), parent, final_bar.update, role="final",
+                          register_as=cfg.registry.model_name).evaluate(result.best)  # fmt: skip
     if final.reused:
         log.info("the winner's final run %s was already in the store; reused", final.run_id)
     return _report(cfg, store, parent, rungs, result, final, final_spec, out_dir)
@@ -159,7 +183,7 @@ def _fit_final(spec: EvalSpec, genome: Genome, cost: CostModel, speedup: float, 
 
 def _samples(store: Store) -> list[Sample]:
     """This host's measured evaluations, for the cost model (genomes of other layouts are skipped)."""
-    rows = store.cost_samples(socket.gethostname())
+    rows = store.cost_samples(host_name())
     return [Sample(g, images, seconds, train) for text, images, seconds, train in rows if (g := _parsed(text, SearchSpace())) is not None]
 
 
@@ -280,5 +304,9 @@ def _report(
         metrics={"winner_params": card.params, "winner_val_accuracy": card.val_accuracy, "winner_test_accuracy": card.test_accuracy},
         tags={"winner": card.genome, "winner_run_id": card.run_id},
     )
+    link = f"#/experiments/{store.experiment_id}/runs/{card.run_id}"
+    retrained = describe_budget(final_spec.trainer, final_spec.data)
+    store.describe(parent, f"A {cfg.search.strategy} search, seed {cfg.search.seed}.\n\nWinner: [`{card.genome}`]({link}), "
+                           f"retrained: {retrained}.\n\n{card.markdown()}")  # fmt: skip
     print_card(card, out_dir, store)
     return card

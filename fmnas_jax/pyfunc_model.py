@@ -1,0 +1,37 @@
+"""A trained genome as an MLflow Model, logged as code (MLflow's "models from code": nothing pickled).
+
+MLflow runs this file when it loads the model (`mlflow.pyfunc.load_model`, `mlflow models serve`);
+the package never imports it. The weights are the run's msgpack checkpoint, an artifact of the model.
+
+Input: a (N, 28, 28) uint8 array of pixel values 0..255 (Fashion-MNIST's raw bytes; JSON numbers when served).
+Output: (N,) class ids 0..9 (fmnas_jax.data.CLASS_NAMES names them).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.pyfunc import PythonModel
+
+# The model's signature (a uint8 tensor) validates inputs; MLflow's advice to add type hints instead does not apply.
+warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+
+
+class GenomeClassifier(PythonModel):
+    """Classifies Fashion-MNIST images with the genome and weights of the checkpoint artifact."""
+
+    def load_context(self, context: Any) -> None:
+        from fmnas_jax.inference import load_checkpoint
+
+        self.model = load_checkpoint(context.artifacts["checkpoint"])
+        self.predict_classes = self.model.predict_fn()
+
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as an input schema
+        """(N, 28, 28) uint8 pixel values -> (N,) int64 class ids."""
+        return self.predict_classes(np.asarray(model_input))
+
+
+mlflow.models.set_model(GenomeClassifier())

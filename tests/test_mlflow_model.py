@@ -1,0 +1,78 @@
+"""The winner as an MLflow Model: registered, loadable with pyfunc, served by `mlflow models serve`.
+
+Real store, real data, a real `mlflow models serve` process on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from conftest import PAPER, REAL_DATA, needs_real_data
+from mlflow import MlflowClient
+from services import free_port, wait_until
+from test_e2e import cli
+
+from fmnas_jax.data import load_arrays
+
+pytestmark = [pytest.mark.slow, needs_real_data]
+
+
+def test_a_trained_genome_is_a_registered_mlflow_model_that_pyfunc_and_serve_run(tmp_path):
+    cli(tmp_path, "+experiment=train", f"genome={PAPER}", "trainer.epochs=1", "data.train_size=3000", "registry.model_name=fmnas-test")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    (version,) = client.search_model_versions("name = 'fmnas-test'")
+    run = client.get_run(version.run_id)
+    assert version.tags["genome"] == PAPER and version.tags["params"] == str(int(run.data.metrics["param_count"]))
+    assert float(version.tags["test_accuracy"]) == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-4)
+    assert run.data.tags["fmnas.registered_model"] == "fmnas-test/1"
+
+    # The model's files: code, the msgpack weights, MLflow's metadata; no pickle anywhere.
+    model_uri = f"runs:/{run.info.run_id}/mlflow_model"
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, tracking_uri=uri, dst_path=str(tmp_path / "m")))
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert "MLmodel" in files and "artifacts/checkpoint.msgpack" in files and "pyfunc_model.py" in files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))]
+    assert "python_model.pkl" not in (local / "MLmodel").read_text()
+
+    # pyfunc on the 10,000 test images (uint8, as Fashion-MNIST stores them) reproduces the logged test accuracy.
+    arrays, _ = load_arrays("auto", str(REAL_DATA), verify=False)
+    x_test, y_test = arrays[2][..., 0] if arrays[2].ndim == 4 else arrays[2], arrays[3]
+    mlflow.set_tracking_uri(uri)
+    predicted = mlflow.pyfunc.load_model("models:/fmnas-test/1").predict(np.asarray(x_test, np.uint8))
+    assert predicted.shape == (10000,)
+    assert float(np.mean(predicted == y_test)) == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-4)
+
+    # mlflow models serve answers JSON pixel values with class ids, the same as pyfunc.
+    port = free_port()
+    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log = (tmp_path / "serve.log").open("w")
+    serve = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", "models:/fmnas-test/1",
+                              "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+
+        def up() -> bool:
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).status == 200
+            except OSError:
+                return serve.poll() is not None  # exited: the assertion below shows the log
+
+        wait_until(up, 180, "mlflow models serve")
+        assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        body = json.dumps({"inputs": np.asarray(x_test[:20]).tolist()}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        assert answer["predictions"] == predicted[:20].tolist()
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=30)
