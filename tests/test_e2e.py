@@ -178,7 +178,7 @@ def test_help_lists_the_experiments_and_groups(tmp_path):
     assert proc.returncode == 0
     for text in (
         "+experiment=hillclimb",
-        "experiment: hillclimb, paper, predict, smoke, train",
+        "experiment: hillclimb, long, paper, predict, smoke, train",
         "search: evolution, hillclimb, random, table",
         "search/fidelity: halving, none",
         "127.0.0.1",

@@ -205,7 +205,8 @@ def test_two_machines_run_one_search_and_train_each_evaluation_once(tmp_path, se
     assert all(p.returncode == 0 for p in procs), [err[-1500:] for _, err in outs]
     assert len({out.split()[1] for out, _ in outs}) == 1  # one experiment id for all
 
-    track = ["tracking=server", f"tracking.uri={server.url}", "tracking.experiment=twins"]
+    # Evaluations long enough (2 epochs on 4,000 images) that machine-b starts while machine-a is still training.
+    track = ["tracking=server", f"tracking.uri={server.url}", "tracking.experiment=twins", "data.train_size=4000", "trainer.epochs=2"]
     a, log_a = _launch(tmp_path, "machine-a", *track, host="machine-a")
 
     # The second machine picks the job up while the first is training (a requeue, a second array task).
