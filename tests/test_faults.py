@@ -243,7 +243,7 @@ def _safe_runs(uri: str, experiment: str) -> list:
 def test_a_full_artifact_store_fails_the_evaluation_and_a_rerun_resumes(tmp_path):
     artifacts = tmp_path / "mlartifacts"  # where the SQLite store keeps artifacts (beside mlflow.db)
     artifacts.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(artifacts)], capture_output=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(artifacts)], capture_output=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
