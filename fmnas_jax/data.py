@@ -186,9 +186,14 @@ def split(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, 
 
 
 @functools.lru_cache(maxsize=2)
+def _reads_idx(source: str, folder: str) -> bool:
+    """Whether data.source reads the IDX folder (idx, or auto with the folder present) rather than tfds."""
+    return source == "idx" or (source == "auto" and Path(folder).is_dir())
+
+
 def load_arrays(source: str, folder: str, verify: bool) -> tuple[tuple[np.ndarray, ...], str]:
     """Raw (x_train, y_train, x_test, y_test) and a description of where they came from (cached)."""
-    if source == "idx" or (source == "auto" and Path(folder).is_dir()):
+    if _reads_idx(source, folder):
         return load_idx_dir(folder, verify), f"idx:{folder}"
     if source == "tfds":
         return load_tfds(), "tfds:fashion_mnist"
@@ -210,8 +215,7 @@ class SplitRecord:
 def split_records(cfg: DataConfig, seed: int, test: bool = True) -> list[SplitRecord]:
     """The train/validation(/test) splits an evaluation with these settings uses (no data is read)."""
     files = ",".join(SHA256.values())
-    local = cfg.source == "idx" or (cfg.source == "auto" and Path(cfg.dir).is_dir())
-    source, source_type = (str(Path(cfg.dir).resolve()), "local") if local else ("tfds:fashion_mnist", "tfds")
+    source, source_type = (str(Path(cfg.dir).resolve()), "local") if _reads_idx(cfg.source, cfg.dir) else ("tfds:fashion_mnist", "tfds")
     n_train = cfg.train_size or 60000 - cfg.val_size
     splits = [("train", "training", n_train, f"{cfg.train_size}"), ("validation", "validation", cfg.val_size, "")]
     if test:

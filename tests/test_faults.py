@@ -47,10 +47,7 @@ def _runs(uri: str, experiment: str) -> list:
 
 
 def _finished_evals(uri: str, experiment: str) -> int:
-    try:
-        return sum(r.data.tags.get("fmnas.role") == "evaluation" and r.info.status == "FINISHED" for r in _runs(uri, experiment))
-    except Exception:
-        return 0  # the store is not reachable or not created yet
+    return sum(r.data.tags.get("fmnas.role") == "evaluation" and r.info.status == "FINISHED" for r in _safe_runs(uri, experiment))
 
 
 def _assert_consistent(uri: str, experiment: str) -> list:
@@ -229,6 +226,7 @@ def test_two_machines_run_one_search_and_train_each_evaluation_once(tmp_path, se
 
 
 def _safe_runs(uri: str, experiment: str) -> list:
+    """_runs, or [] while the store is not reachable or not created yet."""
     try:
         return _runs(uri, experiment)
     except Exception:
