@@ -33,6 +33,7 @@ class TrackingConfig:
     retry_seconds: float = 300.0  # how long a job waits for an unreachable store (server or database down) before it gives up
     heartbeat_seconds: float = 30.0  # how often a job refreshes the fmnas.heartbeat tag of its RUNNING runs
     heartbeat_timeout: float = 600.0  # RUNNING runs whose heartbeat is older are marked KILLED by the next job to open the store
+    system_metrics_seconds: float = 10.0  # MLflow system metrics (CPU, memory, disk, network, GPU) on each search's run; 0 = off
 
     def __post_init__(self) -> None:
         if not self.experiment.strip():
@@ -41,6 +42,9 @@ class TrackingConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"tracking.{name}={value!r}: must be a positive number of seconds")
+        sm = self.system_metrics_seconds
+        if not isinstance(sm, (int, float)) or isinstance(sm, bool) or not (sm == 0 or sm >= 1):
+            raise ValueError(f"tracking.system_metrics_seconds={sm!r}: must be 0 (off) or at least 1 second")
         if self.heartbeat_timeout <= 2 * self.heartbeat_seconds:
             raise ValueError(
                 f"tracking.heartbeat_timeout={self.heartbeat_timeout:g} must exceed twice "
@@ -49,7 +53,7 @@ class TrackingConfig:
 
     def store_options(self) -> dict[str, float]:
         """The keyword arguments of store.Store beyond uri and experiment."""
-        names = ("retry_seconds", "heartbeat_seconds", "heartbeat_timeout")
+        names = ("retry_seconds", "heartbeat_seconds", "heartbeat_timeout", "system_metrics_seconds")
         return {n: float(getattr(self, n)) for n in names}
 
 

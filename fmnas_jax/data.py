@@ -37,6 +37,10 @@ SHA256 = {
     "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
 SOURCES = ("auto", "idx", "tfds")
+# Both sources hand out the images in one canonical order (by label, then by pixel bytes), so a seeded
+# split picks the same images from the IDX files and from TFDS (which stores them shuffled). Part of
+# every eval key: results of another order are other results.
+ORDER = "label,pixels"
 HOW_TO_GET = (
     "Install it with `sudo apt-get install dataset-fashion-mnist` (files land in "
     f"{DEBIAN_DIR}), point data.dir at a folder holding the four original IDX files "
@@ -57,6 +61,7 @@ class DataConfig:
     val_size: int = 5000
     train_size: int | None = None
     verify: bool = True
+    tfds_dir: str | None = None  # data.source=tfds: TFDS's data_dir (null = its default, $TFDS_DATA_DIR or ~/tensorflow_datasets)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -68,7 +73,7 @@ class DataConfig:
 
     def result_settings(self) -> dict:
         """Settings that change an evaluation's result (for the eval key)."""
-        return {"val_size": self.val_size, "train_size": self.train_size}
+        return {"val_size": self.val_size, "train_size": self.train_size, "order": ORDER}
 
 
 @dataclass(frozen=True)
@@ -138,22 +143,33 @@ def load_idx_dir(folder: str | os.PathLike, verify: bool = True) -> tuple[np.nda
         except ValueError as e:
             raise DataError(f"{e}. {HOW_TO_GET}") from e
     x_train, y_train, x_test, y_test = arrays
-    return x_train[..., None], y_train.astype(np.int32), x_test[..., None], y_test.astype(np.int32)
+    return (*canonical(x_train[..., None], y_train), *canonical(x_test[..., None], y_test))
 
 
-def load_tfds() -> tuple[np.ndarray, ...]:
-    """Fashion-MNIST through tensorflow-datasets (needs internet or a prepared TFDS dir)."""
+def canonical(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 28, 28, 1) and int32 labels in the canonical ORDER: by label, then by pixel bytes."""
+    pixels = np.ascontiguousarray(x.reshape(len(x), -1)).view(np.dtype((np.void, x[0].size))).ravel()
+    by_pixels = np.argsort(pixels, kind="stable")
+    order = by_pixels[np.argsort(y[by_pixels], kind="stable")]
+    return x[order], y[order].astype(np.int32)
+
+
+def load_tfds(data_dir: str | None = None) -> tuple[np.ndarray, ...]:
+    """Fashion-MNIST through tensorflow-datasets' `fashion_mnist` (a prepared `data_dir`, or TFDS downloads it)."""
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
         raise DataError(f"data.source=tfds needs tensorflow-datasets (pip install 'fmnas_jax[tfds]'). {HOW_TO_GET}") from e
     out = []
     for split in ("train", "test"):
-        ds = tfds.data_source("fashion_mnist", split=split)
-        x = np.stack([np.asarray(ex["image"], np.uint8).reshape(28, 28, 1) for ex in ds])
-        y = np.asarray([ex["label"] for ex in ds], np.int32)
-        order = np.lexsort((np.arange(len(y)), y))  # TFDS shuffles; sort for a stable split
-        out += [x[order], y[order]]
+        try:
+            ds = tfds.data_source("fashion_mnist", split=split, data_dir=data_dir)
+            examples = ds.__getitems__(list(range(len(ds))))  # one batched read and decode
+        except Exception as e:
+            where = data_dir or "TFDS's default data_dir"
+            raise DataError(f"tensorflow-datasets could not read fashion_mnist/{split} from {where}: {e}. {HOW_TO_GET}") from e
+        x = np.stack([np.asarray(ex["image"], np.uint8).reshape(28, 28, 1) for ex in examples])
+        out += canonical(x, np.asarray([ex["label"] for ex in examples]))
     return tuple(out)
 
 
@@ -191,12 +207,12 @@ def _reads_idx(source: str, folder: str) -> bool:
     return source == "idx" or (source == "auto" and Path(folder).is_dir())
 
 
-def load_arrays(source: str, folder: str, verify: bool) -> tuple[tuple[np.ndarray, ...], str]:
-    """Raw (x_train, y_train, x_test, y_test) and a description of where they came from (cached)."""
+def load_arrays(source: str, folder: str, verify: bool, tfds_dir: str | None = None) -> tuple[tuple[np.ndarray, ...], str]:
+    """Raw (x_train, y_train, x_test, y_test) in the canonical order and a description of where they came from."""
     if _reads_idx(source, folder):
         return load_idx_dir(folder, verify), f"idx:{folder}"
     if source == "tfds":
-        return load_tfds(), "tfds:fashion_mnist"
+        return load_tfds(tfds_dir), "tfds:fashion_mnist"
     raise DataError(f"data.dir {folder!r} does not exist and data.source=auto found no other source. {HOW_TO_GET}")
 
 
@@ -222,7 +238,7 @@ def split_records(cfg: DataConfig, seed: int, test: bool = True) -> list[SplitRe
         splits.append(("test", "testing", 10000, ""))
     out = []
     for name, context, rows, extra in splits:
-        settings = f"{files}|test" if name == "test" else f"{files}|{name}|val_size={cfg.val_size}|seed={seed}|{extra}"
+        settings = f"{files}|{ORDER}|test" if name == "test" else f"{files}|{ORDER}|{name}|val_size={cfg.val_size}|seed={seed}|{extra}"
         digest = hashlib.sha256(settings.encode()).hexdigest()[:16]
         out.append(SplitRecord(f"fashion_mnist/{name}", context, digest, source, source_type, rows))
     return out
@@ -230,7 +246,7 @@ def split_records(cfg: DataConfig, seed: int, test: bool = True) -> list[SplitRe
 
 def load(cfg: DataConfig, seed: int) -> Dataset:
     """Load Fashion-MNIST from the configured source and split it."""
-    arrays, source = load_arrays(cfg.source, cfg.dir, cfg.verify)
+    arrays, source = load_arrays(cfg.source, cfg.dir, cfg.verify, cfg.tfds_dir)
     return split(*arrays, cfg, seed, source)
 
 

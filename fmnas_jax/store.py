@@ -33,6 +33,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our ow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+from mlflow.tracking.context.registry import resolve_tags
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +171,10 @@ class Store:
         retry_seconds: float = 300.0,
         heartbeat_seconds: float = 30.0,
         heartbeat_timeout: float = 600.0,
+        system_metrics_seconds: float = 0.0,
     ) -> None:
         self.uri = resolve_uri(uri)
+        self.system_metrics_seconds = system_metrics_seconds
         self.experiment_name = experiment
         self.retry_seconds, self.heartbeat_seconds, self.heartbeat_timeout = retry_seconds, heartbeat_seconds, heartbeat_timeout
         if self.uri.startswith("http"):
@@ -185,6 +189,8 @@ class Store:
         self._beat_stop = threading.Event()
         self._beat_thread: threading.Thread | None = None
         self._gave_up: str | None = None  # the message, once this process has given up waiting for the store
+        # What MLflow's fluent API records on every run: mlflow.user, mlflow.source.name/type, the git commit.
+        self._context_tags = resolve_tags()
         with _schema_lock(_sqlite_path(self.uri)):
             self._create_sqlite_atomically()
             self.client = MlflowClient(tracking_uri=self.uri)
@@ -387,8 +393,8 @@ class Store:
     def start_run(self, name: str, role: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
         """Create a RUNNING run owned by this process (heartbeats from now until end_run); returns its id."""
         request = uuid.uuid4().hex
-        all_tags = {RUN_NAME: name, ROLE: role, HOST: host_name(), PID: str(os.getpid()), HEARTBEAT: str(int(time.time())),
-                    REQUEST: request, **tags}  # fmt: skip
+        all_tags = {**self._context_tags, RUN_NAME: name, ROLE: role, HOST: host_name(), PID: str(os.getpid()),
+                    HEARTBEAT: str(int(time.time())), REQUEST: request, **tags}  # fmt: skip
         if parent_run_id:
             all_tags[PARENT] = parent_run_id
         tried = False
@@ -407,6 +413,20 @@ class Store:
             self._owned.add(run_id)
         self._start_heartbeat()
         return run_id
+
+    @contextmanager
+    def system_metrics(self, run_id: str) -> Iterator[None]:
+        """MLflow's system metrics (system/cpu_utilization_percentage, memory, disk, network, GPU if any) on
+        `run_id` every `system_metrics_seconds` while the block runs; 0 turns them off."""
+        if self.system_metrics_seconds <= 0:
+            yield
+            return
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=self.system_metrics_seconds, tracking_uri=self.uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     def _start_heartbeat(self) -> None:
         if self._beat_thread is None:

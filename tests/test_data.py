@@ -1,11 +1,15 @@
 import gzip
+import importlib.util
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import REAL_DATA, needs_real_data
 
-from fmnas_jax.data import DataConfig, DataError, load, load_idx_dir, stratified_indices, synthetic_dataset
+from fmnas_jax.data import DataConfig, DataError, canonical, load, load_arrays, load_idx_dir, stratified_indices, synthetic_dataset
 
 
 @needs_real_data
@@ -72,3 +76,41 @@ def test_config_rejects_bad_values():
 def test_synthetic_set_is_labelled_synthetic():
     d = synthetic_dataset(64, 32, 32)
     assert d.source == "synthetic" and d.x_train.shape == (64, 28, 28, 1)
+
+
+needs_tensorflow = pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("tensorflow_datasets") is None,
+    reason="preparing a TFDS dataset needs TensorFlow: pip install -e '.[tfds-prepare]' (README's test command does)",
+)
+
+
+@needs_real_data
+@needs_tensorflow
+def test_tfds_source_reads_what_tfds_wrote_and_equals_the_idx_source(tmp_path):
+    # TFDS's own FashionMNIST builder writes the local IDX files into a data_dir (no network), in a
+    # separate process so TensorFlow stays out of this one; the project's tfds source reads it back.
+    prep = subprocess.run([sys.executable, str(Path(__file__).with_name("tfds_prepare.py")), str(REAL_DATA), str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert prep.returncode == 0, prep.stderr[-3000:]
+    assert (tmp_path / "fashion_mnist" / "3.0.1" / "dataset_info.json").exists()
+    from_tfds, source = load_arrays("tfds", "/nonexistent", True, str(tmp_path))
+    from_idx, _ = load_arrays("idx", str(REAL_DATA), True)
+    assert source == "tfds:fashion_mnist"
+    for a, b in zip(from_tfds, from_idx, strict=True):  # TFDS stored them shuffled: the canonical order makes them equal
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+    # So a seeded split is the same images from either source: results do not depend on where the data came from.
+    via_tfds = load(DataConfig(source="tfds", tfds_dir=str(tmp_path), val_size=1000, train_size=2000), seed=3)
+    via_idx = load(DataConfig(source="idx", val_size=1000, train_size=2000), seed=3)
+    assert np.array_equal(via_tfds.x_val, via_idx.x_val) and np.array_equal(via_tfds.y_train, via_idx.y_train)
+
+
+def test_canonical_order_is_by_label_then_pixels():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (50, 28, 28, 1), dtype=np.uint8)
+    y = rng.integers(0, 10, 50)
+    perm = rng.permutation(50)
+    a, b = canonical(x, y), canonical(x[perm], y[perm])  # any input order gives one output order
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[1].dtype == np.int32
+    assert (np.diff(a[1]) >= 0).all()
+    same = a[0][a[1] == a[1][0]].reshape(-1, 784)
+    assert [bytes(r) for r in same] == sorted(bytes(r) for r in same)

@@ -32,7 +32,7 @@ def runs(cwd: Path, role: str | None = None, status: str | None = None) -> list:
 
 
 def test_smoke_end_to_end_then_rerun_trains_nothing(tmp_path):
-    first = cli(tmp_path, "+experiment=smoke")
+    first = cli(tmp_path, "+experiment=smoke", "tracking.system_metrics_seconds=1")
     out = "\n".join((first.stdout, first.stderr))
     assert f"sqlite:///{tmp_path / 'mlflow.db'}" in out and "result card" in out
     evals = runs(tmp_path, "evaluation")
@@ -41,6 +41,10 @@ def test_smoke_end_to_end_then_rerun_trains_nothing(tmp_path):
     (search,) = runs(tmp_path, "search")
     assert search.info.status == "FINISHED" and search.data.params["search.population_size"] == "3"
     assert all(r.data.tags.get("mlflow.parentRunId") == search.info.run_id for r in evals)
+    for r in (search, evals[0]):  # what MLflow's fluent API records: the UI's User and Source columns
+        assert r.data.tags["mlflow.source.name"].endswith("__main__.py") and r.data.tags["mlflow.source.type"] == "LOCAL"
+        assert r.data.tags["mlflow.user"]
+    assert 0 <= search.data.metrics["system/cpu_utilization_percentage"] <= 100  # MLflow's system metrics on the search run
     run_dir = Path(next(line.split("Files: ")[1] for line in first.stdout.splitlines() if line.startswith("Files: ")))
     for name in ("results.csv", "params_vs_accuracy.png", "winner_curves.png", "result_card.md", "result_card.json", "climb_path.json"):
         assert (run_dir / name).stat().st_size > 0, name
@@ -119,6 +123,7 @@ BAD_INPUT = [
     (["+experiment=smoke", "search=anneal"], "Could not find 'search/anneal'"),
     (["+experiment=smoke", "data.dir=/nonexistent"], "data.dir '/nonexistent' does not exist"),
     (["+experiment=smoke", "tracking.uri=sqlite:////etc/hostname/mlflow.db"], "does not exist"),
+    (["+experiment=smoke", "tracking.system_metrics_seconds=0.5"], "tracking.system_metrics_seconds=0.5: must be 0 (off) or at least 1"),
 ]
 
 

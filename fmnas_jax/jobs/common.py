@@ -20,7 +20,7 @@ log = logging.getLogger("fmnas_jax")
 
 def open_store(cfg: AppConfig) -> Store:
     """Check the data first (no run is created for a job that cannot run), then open the store and reap dead runs."""
-    data_mod.load_arrays(cfg.data.source, cfg.data.dir, cfg.data.verify)
+    data_mod.load_arrays(cfg.data.source, cfg.data.dir, cfg.data.verify, cfg.data.tfds_dir)
     store = Store(cfg.tracking.uri, cfg.tracking.experiment, **cfg.tracking.store_options())
     log.info("results go to MLflow: %s (experiment %r); runs in the UI: %s", store.uri, cfg.tracking.experiment, store.ui_link())
     reaped = store.reap_orphans()
@@ -52,7 +52,7 @@ def class_report(o: Outcome, store: Store, cfg: AppConfig, out_dir: Path) -> lis
         model = load_run(o.run_id, store=store)
     else:
         return []
-    arrays, _ = data_mod.load_arrays(cfg.data.source, cfg.data.dir, cfg.data.verify)
+    arrays, _ = data_mod.load_arrays(cfg.data.source, cfg.data.dir, cfg.data.verify, cfg.data.tfds_dir)
     x_test, y_test = arrays[2], arrays[3]
     cm = confusion_matrix(y_test, model.predict_fn()(x_test))
     table = out_dir / "per_class.md"

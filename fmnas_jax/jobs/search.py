@@ -88,7 +88,10 @@ def run_search(cfg: AppConfig, config_yaml: str, out_dir: Path) -> Card:
     store.describe(parent, f"A {sc.strategy} search, seed {sc.seed}, population {sc.population_size}, {limit}.\n\n"
                            f"Evaluations: {budgets}.\n\nRunning; the winner and its result card appear here when it ends.")  # fmt: skip
     try:
-        with opened(choose_backend(cfg.workers, cfg.batching, cfg.bucket_size, cfg.bucket_waste, cfg.cache_dir)) as backend:
+        with (
+            store.system_metrics(parent),
+            opened(choose_backend(cfg.workers, cfg.batching, cfg.bucket_size, cfg.bucket_waste, cfg.cache_dir)) as backend,
+        ):
             log.info("evaluation path: %s", backend.description)
             card = _search(cfg, store, parent, OwnSearches(store, key, own | {parent}), backend, specs, started, out_dir)
     except BaseException as e:
