@@ -37,10 +37,6 @@ SHA256 = {
     "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
 SOURCES = ("auto", "idx", "tfds")
-# Both sources hand out the images in one canonical order (by label, then by pixel bytes), so a seeded
-# split picks the same images from the IDX files and from TFDS (which stores them shuffled). Part of
-# every eval key: results of another order are other results.
-ORDER = "label,pixels"
 HOW_TO_GET = (
     "Install it with `sudo apt-get install dataset-fashion-mnist` (files land in "
     f"{DEBIAN_DIR}), point data.dir at a folder holding the four original IDX files "
@@ -73,7 +69,7 @@ class DataConfig:
 
     def result_settings(self) -> dict:
         """Settings that change an evaluation's result (for the eval key)."""
-        return {"val_size": self.val_size, "train_size": self.train_size, "order": ORDER}
+        return {"val_size": self.val_size, "train_size": self.train_size}
 
 
 @dataclass(frozen=True)
@@ -143,33 +139,60 @@ def load_idx_dir(folder: str | os.PathLike, verify: bool = True) -> tuple[np.nda
         except ValueError as e:
             raise DataError(f"{e}. {HOW_TO_GET}") from e
     x_train, y_train, x_test, y_test = arrays
-    return (*canonical(x_train[..., None], y_train), *canonical(x_test[..., None], y_test))
+    return x_train[..., None], y_train.astype(np.int32), x_test[..., None], y_test.astype(np.int32)
 
 
-def canonical(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, 28, 28, 1) and int32 labels in the canonical ORDER: by label, then by pixel bytes."""
-    pixels = np.ascontiguousarray(x.reshape(len(x), -1)).view(np.dtype((np.void, x[0].size))).ravel()
-    by_pixels = np.argsort(pixels, kind="stable")
-    order = by_pixels[np.argsort(y[by_pixels], kind="stable")]
-    return x[order], y[order].astype(np.int32)
+def tfds_file_order(split: str, n: int) -> np.ndarray:
+    """Which example of the original files each stored record of a TFDS split is.
+
+    TFDS's FashionMNIST builder keys example i of the IDX files by i, and its writer stores the records
+    sorted by md5(split name + str(key)) (tensorflow_datasets.core.shuffle / hashing). Undoing that
+    gives the files' order back, so both sources yield the same arrays and a seeded split picks the same
+    images; the sha256 check of load_tfds confirms it.
+    """
+    salt = hashlib.md5(split.encode())
+
+    def stored_at(i: int) -> bytes:
+        h = salt.copy()
+        h.update(str(i).encode())
+        return h.digest()
+
+    return np.array(sorted(range(n), key=stored_at))
 
 
-def load_tfds(data_dir: str | None = None) -> tuple[np.ndarray, ...]:
-    """Fashion-MNIST through tensorflow-datasets' `fashion_mnist` (a prepared `data_dir`, or TFDS downloads it)."""
+def _idx_sha256(array: np.ndarray, images: bool) -> str:
+    """The sha256 of the decoded IDX file these images (N, 28, 28) or labels (N,) would be."""
+    header = (2051 if images else 2049).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return hashlib.sha256(header + np.ascontiguousarray(array, np.uint8).tobytes()).hexdigest()
+
+
+def load_tfds(data_dir: str | None = None, verify: bool = True) -> tuple[np.ndarray, ...]:
+    """Fashion-MNIST through tensorflow-datasets' `fashion_mnist` (a prepared `data_dir`, or TFDS downloads it),
+    in the IDX files' order and, with `verify`, checked against their sha256."""
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
         raise DataError(f"data.source=tfds needs tensorflow-datasets (pip install 'fmnas_jax[tfds]'). {HOW_TO_GET}") from e
-    out = []
-    for split in ("train", "test"):
+    out: list[np.ndarray] = []
+    for split, stem in (("train", "train"), ("test", "t10k")):
+        where = data_dir or "TFDS's default data_dir"
         try:
             ds = tfds.data_source("fashion_mnist", split=split, data_dir=data_dir)
             examples = ds.__getitems__(list(range(len(ds))))  # one batched read and decode
         except Exception as e:
-            where = data_dir or "TFDS's default data_dir"
             raise DataError(f"tensorflow-datasets could not read fashion_mnist/{split} from {where}: {e}. {HOW_TO_GET}") from e
-        x = np.stack([np.asarray(ex["image"], np.uint8).reshape(28, 28, 1) for ex in examples])
-        out += canonical(x, np.asarray([ex["label"] for ex in examples]))
+        stored_x = np.stack([np.asarray(ex["image"], np.uint8).reshape(28, 28) for ex in examples])
+        stored_y = np.asarray([ex["label"] for ex in examples], np.uint8)
+        x, y = np.empty_like(stored_x), np.empty_like(stored_y)
+        order = tfds_file_order(split, len(stored_y))
+        x[order], y[order] = stored_x, stored_y
+        if verify:
+            for array, kind in ((x, "images"), (y, "labels")):
+                name = f"{stem}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
+                if _idx_sha256(array, kind == "images") != SHA256[name]:
+                    raise DataError(f"tensorflow-datasets' fashion_mnist/{split} in {where} does not match Fashion-MNIST's "
+                                    f"{name} (sha256): another dataset, or written in another order. {HOW_TO_GET}")  # fmt: skip
+        out += [x[..., None], y.astype(np.int32)]
     return tuple(out)
 
 
@@ -208,11 +231,11 @@ def _reads_idx(source: str, folder: str) -> bool:
 
 
 def load_arrays(source: str, folder: str, verify: bool, tfds_dir: str | None = None) -> tuple[tuple[np.ndarray, ...], str]:
-    """Raw (x_train, y_train, x_test, y_test) in the canonical order and a description of where they came from."""
+    """Raw (x_train, y_train, x_test, y_test) in the IDX files' order and a description of where they came from."""
     if _reads_idx(source, folder):
         return load_idx_dir(folder, verify), f"idx:{folder}"
     if source == "tfds":
-        return load_tfds(tfds_dir), "tfds:fashion_mnist"
+        return load_tfds(tfds_dir, verify), "tfds:fashion_mnist"
     raise DataError(f"data.dir {folder!r} does not exist and data.source=auto found no other source. {HOW_TO_GET}")
 
 
@@ -238,7 +261,7 @@ def split_records(cfg: DataConfig, seed: int, test: bool = True) -> list[SplitRe
         splits.append(("test", "testing", 10000, ""))
     out = []
     for name, context, rows, extra in splits:
-        settings = f"{files}|{ORDER}|test" if name == "test" else f"{files}|{ORDER}|{name}|val_size={cfg.val_size}|seed={seed}|{extra}"
+        settings = f"{files}|test" if name == "test" else f"{files}|{name}|val_size={cfg.val_size}|seed={seed}|{extra}"
         digest = hashlib.sha256(settings.encode()).hexdigest()[:16]
         out.append(SplitRecord(f"fashion_mnist/{name}", context, digest, source, source_type, rows))
     return out

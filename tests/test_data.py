@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import REAL_DATA, needs_real_data
 
-from fmnas_jax.data import DataConfig, DataError, canonical, load, load_arrays, load_idx_dir, stratified_indices, synthetic_dataset
+from fmnas_jax import data as data_mod
+from fmnas_jax.data import DataConfig, DataError, load, load_arrays, load_idx_dir, stratified_indices, synthetic_dataset, tfds_file_order
 
 
 @needs_real_data
@@ -86,7 +87,7 @@ needs_tensorflow = pytest.mark.skipif(
 
 @needs_real_data
 @needs_tensorflow
-def test_tfds_source_reads_what_tfds_wrote_and_equals_the_idx_source(tmp_path):
+def test_tfds_source_reads_what_tfds_wrote_and_equals_the_idx_source(tmp_path, monkeypatch):
     # TFDS's own FashionMNIST builder writes the local IDX files into a data_dir (no network), in a
     # separate process so TensorFlow stays out of this one; the project's tfds source reads it back.
     prep = subprocess.run([sys.executable, str(Path(__file__).with_name("tfds_prepare.py")), str(REAL_DATA), str(tmp_path)],
@@ -96,21 +97,16 @@ def test_tfds_source_reads_what_tfds_wrote_and_equals_the_idx_source(tmp_path):
     from_tfds, source = load_arrays("tfds", "/nonexistent", True, str(tmp_path))
     from_idx, _ = load_arrays("idx", str(REAL_DATA), True)
     assert source == "tfds:fashion_mnist"
-    for a, b in zip(from_tfds, from_idx, strict=True):  # TFDS stored them shuffled: the canonical order makes them equal
+    for a, b in zip(from_tfds, from_idx, strict=True):  # TFDS stored them shuffled; read back in the files' order
         assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
-    # So a seeded split is the same images from either source: results do not depend on where the data came from.
-    via_tfds = load(DataConfig(source="tfds", tfds_dir=str(tmp_path), val_size=1000, train_size=2000), seed=3)
-    via_idx = load(DataConfig(source="idx", val_size=1000, train_size=2000), seed=3)
-    assert np.array_equal(via_tfds.x_val, via_idx.x_val) and np.array_equal(via_tfds.y_train, via_idx.y_train)
+    # So a seeded split picks the same images from either source: results do not depend on where the data came from.
+    # Read in any other order, the arrays fail the IDX files' sha256 (as a corrupt or foreign copy would).
+    monkeypatch.setattr(data_mod, "tfds_file_order", lambda split, n: np.arange(n))
+    with pytest.raises(DataError, match=r"fashion_mnist/train in .* does not match Fashion-MNIST's train-images-idx3-ubyte"):
+        load_arrays("tfds", "/nonexistent", True, str(tmp_path))
 
 
-def test_canonical_order_is_by_label_then_pixels():
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (50, 28, 28, 1), dtype=np.uint8)
-    y = rng.integers(0, 10, 50)
-    perm = rng.permutation(50)
-    a, b = canonical(x, y), canonical(x[perm], y[perm])  # any input order gives one output order
-    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[1].dtype == np.int32
-    assert (np.diff(a[1]) >= 0).all()
-    same = a[0][a[1] == a[1][0]].reshape(-1, 784)
-    assert [bytes(r) for r in same] == sorted(bytes(r) for r in same)
+def test_tfds_file_order_is_a_permutation_of_the_keys():
+    order = tfds_file_order("test", 1000)
+    assert sorted(order.tolist()) == list(range(1000)) and not np.array_equal(order, np.arange(1000))
+    assert np.array_equal(order, tfds_file_order("test", 1000)) and not np.array_equal(order, tfds_file_order("train", 1000))
