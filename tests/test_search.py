@@ -4,7 +4,17 @@ import numpy as np
 import pytest
 
 from fmnas_jax import Genome, SearchSpace
-from fmnas_jax.search import FitnessConfig, SearchConfig, fitness, hill_climb, pareto_front, table_climb
+from fmnas_jax.genome import random_genome
+from fmnas_jax.search import (
+    FitnessConfig,
+    SearchConfig,
+    fitness,
+    hill_climb,
+    pareto_front,
+    random_search,
+    regularized_evolution,
+    table_climb,
+)
 
 SPACE = SearchSpace()
 TARGET = Genome.parse("NC 16 3 relu;RC 32 5 gelu;NC 8 2 tanh;RC 64 7 swish;FL sigmoid;")
@@ -169,3 +179,38 @@ def test_search_config_validation():
         SearchConfig(population_size=-3)
     with pytest.raises(ValueError, match="search.strategy 'anneal'"):
         SearchConfig(strategy="anneal")
+
+
+def _evolve(seed: int, budget: int, population: int = 10):
+    obj, rng = TableObjective(budget), np.random.default_rng(seed)
+    start = [random_genome(SPACE, rng) for _ in range(population)]
+    return regularized_evolution(SPACE, obj, rng, dict(zip(start, obj(start), strict=True)), tournament_size=5), obj
+
+
+def test_random_search_respects_the_budget_and_is_seeded():
+    obj = TableObjective(budget=30)
+    res = random_search(SPACE, obj, np.random.default_rng(3), {})
+    assert len(obj.seen) == 30 and obj.exhausted
+    assert res.best_fitness == max(obj.seen.values()) and str(res.best) in obj.seen
+    again = random_search(SPACE, TableObjective(budget=30), np.random.default_rng(3), {})
+    other = random_search(SPACE, TableObjective(budget=30), np.random.default_rng(4), {})
+    assert again == res and other.path != res.path
+
+
+def test_regularized_evolution_respects_the_budget_and_is_seeded():
+    res, obj = _evolve(5, budget=60)
+    assert len(obj.seen) == 60 and obj.exhausted
+    assert res.best_fitness == max(obj.seen.values())
+    children = [s for s in res.path if s.move == "child"]
+    assert len(children) == 50 and len({c.genome for c in children}) == 50  # 10 starters + 50 new children
+    assert _evolve(5, budget=60)[0] == res and _evolve(6, budget=60)[0].path != res.path
+
+
+def test_local_search_beats_random_search_at_equal_budget_on_a_smooth_landscape():
+    # The synthetic landscape rewards closeness gene by gene, as NAS landscapes roughly do: with the same
+    # number of evaluations, hill climbing and evolution should end closer to the optimum than random sampling.
+    budget, seeds = 150, range(5)
+    rand = [random_search(SPACE, TableObjective(budget), np.random.default_rng(s), {}).best_fitness for s in seeds]
+    climb = [hill_climb(SPACE, TableObjective(budget), np.random.default_rng(s), SearchConfig(budget=budget)).best_fitness for s in seeds]
+    evolve = [_evolve(s, budget)[0].best_fitness for s in seeds]
+    assert np.mean(climb) > np.mean(rand) and np.mean(evolve) > np.mean(rand), (climb, evolve, rand)
