@@ -52,6 +52,10 @@ NOTE = "mlflow.note.content"  # a run's (or experiment's) description in the MLf
 PAGE = 1000  # search_runs' page limit
 EXPERIMENT_KIND = "mlflow.experimentKind"
 METRIC_DECIMALS = 6
+SYSTEM_METRICS_STOP_SECONDS = {
+    False: 30.0,
+    True: 2.0,
+}  # how long the system-metrics sampler may take to stop: after success, after an error
 
 
 EXPERIMENT_NOTE = """Neural architecture search for Fashion-MNIST CNNs (fmnas_jax).
@@ -423,10 +427,16 @@ class Store:
             return
         monitor = SystemMetricsMonitor(run_id, sampling_interval=self.system_metrics_seconds, tracking_uri=self.uri)
         monitor.start()
+        interrupted = True
         try:
             yield
+            interrupted = False
         finally:
-            monitor.finish()
+            # MLflow's finish() joins its sampling thread, which may be inside a store call; never let that hold up
+            # the job's exit (Ctrl-C must stop a search at once): stop it from a daemon thread, waiting a bounded time.
+            stopper = threading.Thread(target=monitor.finish, name="fmnas-system-metrics-stop", daemon=True)
+            stopper.start()
+            stopper.join(SYSTEM_METRICS_STOP_SECONDS[interrupted])
 
     def _start_heartbeat(self) -> None:
         if self._beat_thread is None:
