@@ -33,7 +33,7 @@ class TrackingConfig:
     retry_seconds: float = 300.0  # how long a job waits for an unreachable store (server or database down) before it gives up
     heartbeat_seconds: float = 30.0  # how often a job refreshes the fmnas.heartbeat tag of its RUNNING runs
     heartbeat_timeout: float = 600.0  # RUNNING runs whose heartbeat is older are marked KILLED by the next job to open the store
-    system_metrics_seconds: float = 0.0  # MLflow system metrics (CPU, memory, disk, network, GPU) on each search's run; 0 = off
+    system_metrics_seconds: float = 10.0  # MLflow system metrics (CPU, memory, disk, network, GPU) on each search's run; 0 = off
 
     def __post_init__(self) -> None:
         if not self.experiment.strip():
