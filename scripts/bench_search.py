@@ -63,12 +63,17 @@ def run_one(name: str, seed: int, args: argparse.Namespace, index: int) -> str:
            f"cache_dir={Path(args.workdir).resolve() / f'jax-cache-{name}-{seed}'}",  # every search compiles from cold: equal footing
            "progress=false", *args.override]  # fmt: skip
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=args.workdir)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} seed {seed} failed:\n{proc.stderr[-3000:]}")
-    run_id = next(line.split("(run ")[1].rstrip(")") for line in proc.stdout.splitlines() if line.startswith("MLflow: "))
+    run_id = cli_run(cmd, args.workdir, f"{name} seed {seed}")
     print(f"  {name} seed {seed}: {time.time() - t0:.0f} s", flush=True)
     return run_id
+
+
+def cli_run(cmd: list[str], workdir: str, what: str) -> str:
+    """Run one fmnas_jax job; returns the MLflow run id its result card prints (exits naming `what` on failure)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{proc.stderr[-3000:]}")
+    return next(line.split("(run ")[1].rstrip(")") for line in proc.stdout.splitlines() if line.startswith("MLflow: "))
 
 
 def strategy_of(params: dict[str, str]) -> str | None:
@@ -88,18 +93,15 @@ def stored_searches(client: MlflowClient, exp_id: str) -> list[tuple[str, int, s
     return [(name, seed, run_id) for _, name, seed, run_id in sorted(found)]
 
 
-def retrain(genome: str, args: argparse.Namespace) -> float:
+def retrain(genome: str, args: argparse.Namespace, client: MlflowClient) -> float:
     """Test accuracy of `genome` retrained outside every search budget, all winners alike (reused if stored)."""
     cmd = [sys.executable, "-m", "fmnas_jax", "+experiment=train", f"genome={genome}", f"trainer.epochs={args.retrain_epochs}",
            "trainer.label_smoothing=0.1", "trainer.save=false", "data.train_size=null", f"seed={args.retrain_seed}",
            "registry.model_name=null", f"tracking.uri={args.tracking_uri}", "tracking.experiment=bench_search",
            f"cache_dir={Path(args.workdir).resolve() / 'jax-cache-retrain'}", "progress=false"]  # fmt: skip
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=args.workdir)
-    if proc.returncode != 0:
-        raise SystemExit(f"retraining {genome} failed:\n{proc.stderr[-3000:]}")
-    run_id = next(line.split("(run ")[1].rstrip(")") for line in proc.stdout.splitlines() if line.startswith("MLflow: "))
-    test = MlflowClient(args.tracking_uri).get_run(run_id).data.metrics["test_accuracy"]
+    run_id = cli_run(cmd, args.workdir, f"retraining {genome}")
+    test = client.get_run(run_id).data.metrics["test_accuracy"]
     print(f"  retrained {genome}: {100 * test:.2f}% test ({time.time() - t0:.0f} s)", flush=True)
     return test
 
@@ -176,7 +178,7 @@ def main() -> None:
         for rows in results.values():
             for r in rows:
                 if r["winner"] not in retrained:
-                    retrained[r["winner"]] = retrain(r["winner"], args)
+                    retrained[r["winner"]] = retrain(r["winner"], args, client)
                 r["in_budget_test"], r["test"] = r["test"], retrained[r["winner"]]
 
     again = f"test accuracy ({args.retrain_epochs}-epoch retrain)" if args.retrain_epochs > 0 else "test accuracy"
