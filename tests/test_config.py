@@ -83,6 +83,7 @@ def test_command_line_overrides_win():
         ("search_space.activations=[relu,elu]", "['elu']"),
         ("batching=vmap", "batching 'vmap' is not one of ['none', 'buckets']"),
         ("bucket_waste=0.5", "bucket_waste 0.5"),
+        ("search.final_share=1.0", "search.final_share 1.0 must be between 0 and 1"),
     ],
 )
 def test_bad_values_are_refused_with_their_name(override, fragment):

@@ -28,7 +28,6 @@ from fmnas_jax.store import Store, flatten, host_name
 
 log = logging.getLogger("fmnas_jax")
 FULL_TRAIN = 60_000  # Fashion-MNIST's training images, validation split included
-FINAL_SHARE = 0.5  # the most of a time budget the search keeps back for the winner's retrain
 # Measured on the 2-core AMD EPYC (main job, 2026-11-28): the retrain's epochs ran ~5 % slower than the
 # cost model predicted (each also validates), and the per-class report, the figures and the MLflow Model's
 # logging and registration took ~30 s after the last epoch; with neither margin the job overran by ~60 s.
@@ -134,10 +133,10 @@ def _search(
     final_images = images_per_evaluation(final_spec.trainer, n_train(final_spec.data))
     rungs: list[SearchObjective] = []
     # The final retrain runs in-process on every core: on a worker pool, faster than one worker's evaluation.
-    # The search keeps back the leader's predicted retrain, but never more than FINAL_SHARE of the budget:
+    # The search keeps back the leader's predicted retrain, but never more than search.final_share of the budget:
     # the retrain then trains the epochs that fit (see _fit_final).
     speedup = backend.parallelism / WORKERS_OVER_ONE_PROCESS if isinstance(backend, Workers) else 1.0
-    cap = FINAL_SHARE * (sc.time_budget_seconds or 0)
+    cap = sc.final_share * (sc.time_budget_seconds or 0)
     reserve = lambda: min(cost.seconds(leader, final_images) / speedup, cap) if (leader := _leader(rungs)) else 0.0  # noqa: E731
     allowance = Allowance(None, time_left, cost, backend.parallelism, reserve)
     bar = _Bar(cfg, started)

@@ -60,6 +60,7 @@ class SearchConfig:
     max_restarts: int = 10
     tournament_size: int = 5
     time_budget: str | None = None  # the whole job (search and final retrain): 600, '12m', '1.5h'; null = no limit
+    final_share: float = 0.5  # the most of time_budget the search keeps back for the winner's retrain
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
 
     @property
@@ -73,6 +74,8 @@ class SearchConfig:
                 parse_duration(self.time_budget)
             except ValueError as e:
                 raise ValueError(f"search.time_budget: {e}") from None
+        if not 0.0 < self.final_share < 1.0:
+            raise ValueError(f"search.final_share {self.final_share} must be between 0 and 1 (exclusive)")
         if self.tournament_size < 1:
             raise ValueError(f"search.tournament_size {self.tournament_size} must be >= 1")
         if self.strategy not in STRATEGIES:
