@@ -16,10 +16,13 @@ class EpochBar:
         self._bar: tqdm | None = None
 
     def update(self, genome: Any, epoch: int, row: dict[str, float]) -> None:
-        if self._bar is None or epoch == 1:  # a new evaluation starts
+        if self._bar is None or epoch <= self._bar.n:  # a new evaluation starts (or resumes from a checkpoint)
             self.close()
-            self._bar = tqdm(total=self.epochs, desc="  epochs", leave=False, disable=not self.enabled, unit="ep")
-        self._bar.update()
+            # The bar starts at the first reported epoch, so its rate and ETA count epochs after it
+            # (tqdm's `initial`); starting at 0 would time the first epoch as instantaneous.
+            self._bar = tqdm(total=self.epochs, initial=epoch, desc="  epochs", leave=False, disable=not self.enabled, unit="ep")
+        else:
+            self._bar.update(epoch - self._bar.n)
         self._bar.set_postfix(val_acc=f"{row['val_accuracy']:.4f}")
 
     def close(self) -> None:
