@@ -17,6 +17,7 @@ must set its XLA flags before jax loads.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import logging
@@ -27,7 +28,7 @@ import signal
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -42,6 +43,7 @@ log = logging.getLogger("fmnas_jax")
 ACCELERATOR_SLOTS = 4  # evaluations in flight per GPU by default (unmeasured: see docs/benchmarks.md)
 Loader = Callable[[DataConfig, int], Dataset]
 OnEpoch = Callable[[Genome, int, dict[str, float]], None]
+EpochCallback = Callable[[int, dict[str, float]], None]
 
 
 @dataclass(frozen=True)
@@ -56,11 +58,20 @@ class EvalSpec:
 
 
 class Backend(Protocol):
-    """Trains genomes under one spec and yields (genome, result) as each finishes."""
+    """Trains genomes: `submit` one, `next_result` as each finishes (the scheduler's view), or `evaluate` a batch."""
 
     parallelism: int  # evaluations it runs at once (strategies may ask for this many together)
     description: str  # for the log
     streams_epochs: bool  # True: on_epoch is called as epochs end; False: results carry their whole history
+
+    def submit(self, tag: Any, genome: Genome, spec: EvalSpec, on_epoch: EpochCallback | None = None) -> None:
+        """Start (or queue) one evaluation; its result comes back from `next_result` with `tag`."""
+        ...
+
+    def next_result(self, timeout: float | None = None) -> tuple[Any, EvalResult] | None:
+        """(tag, EvalResult) of the next evaluation to finish; None if none finished within `timeout` seconds
+        (or nothing is submitted). Never raises for one genome's failure."""
+        ...
 
     def evaluate(self, genomes: Sequence[Genome], spec: EvalSpec, on_epoch: OnEpoch | None = None) -> Iterator[tuple[Genome, EvalResult]]:
         """Yield (genome, EvalResult) in the order evaluations finish; never raises for one genome's failure."""
@@ -69,6 +80,18 @@ class Backend(Protocol):
     def close(self, now: bool = False) -> None:
         """Release the backend; `now` (an interrupted search) stops evaluations in flight."""
         ...
+
+
+class _Batches:
+    """`evaluate` for a backend that has `submit` and `next_result`: submit every genome, then collect them."""
+
+    def evaluate(self, genomes: Sequence[Genome], spec: EvalSpec, on_epoch: OnEpoch | None = None) -> Iterator[tuple[Genome, EvalResult]]:
+        for g in genomes:
+            self.submit(g, g, spec, None if on_epoch is None else (lambda epoch, row, g=g: on_epoch(g, epoch, row)))
+        for _ in genomes:
+            result = self.next_result()
+            assert result is not None, "a submitted evaluation was lost"
+            yield result
 
 
 class DataCache:
@@ -128,20 +151,26 @@ def safe_evaluate(
         return failed(genome, f"{type(e).__name__}{where}: {e}")
 
 
-class InProcess:
-    """One evaluation at a time, in this process."""
+class InProcess(_Batches):
+    """One evaluation at a time, in this process: `next_result` trains the oldest submitted one."""
 
     parallelism, streams_epochs = 1, True
 
     def __init__(self, loader: Loader = data_mod.load, description: str = "in-process") -> None:
         self.cache, self.description = DataCache(loader), description
+        self._queued: collections.deque = collections.deque()
 
-    def evaluate(self, genomes: Sequence[Genome], spec: EvalSpec, on_epoch: OnEpoch | None = None) -> Iterator[tuple[Genome, EvalResult]]:
-        for g in genomes:
-            per_epoch = None if on_epoch is None else (lambda epoch, row, g=g: on_epoch(g, epoch, row))
-            yield g, safe_evaluate(g, spec, self.cache, "", per_epoch)
+    def submit(self, tag: Any, genome: Genome, spec: EvalSpec, on_epoch: EpochCallback | None = None) -> None:
+        self._queued.append((tag, genome, spec, on_epoch))
+
+    def next_result(self, timeout: float | None = None) -> tuple[Any, EvalResult] | None:
+        if not self._queued:
+            return None
+        tag, genome, spec, on_epoch = self._queued.popleft()
+        return tag, safe_evaluate(genome, spec, self.cache, "", on_epoch)
 
     def close(self, now: bool = False) -> None:
+        self._queued.clear()
         self.cache = DataCache(self.cache.loader)
 
 
@@ -186,7 +215,7 @@ def cpu_workers() -> int:
         return os.cpu_count() or 1
 
 
-class Workers:
+class Workers(_Batches):
     """`n` spawned single-threaded worker processes, each pinned to one core."""
 
     streams_epochs = False
@@ -200,20 +229,29 @@ class Workers:
         self.parallelism = n
         self.description = f"{n} worker processes, each pinned to one CPU core (workers=1 to disable)"
         self._pool = ctx.Pool(n, initializer=_init_worker, initargs=(cores, cache_dir, loader))
+        self._done: queue.Queue = queue.Queue()
+        self._in_flight = 0
 
-    def evaluate(self, genomes: Sequence[Genome], spec: EvalSpec, on_epoch: OnEpoch | None = None) -> Iterator[tuple[Genome, EvalResult]]:
+    def submit(self, tag: Any, genome: Genome, spec: EvalSpec, on_epoch: EpochCallback | None = None) -> None:
         from fmnas_jax.train import failed
 
-        done: queue.Queue = queue.Queue()
-        for g in genomes:
-            self._pool.apply_async(
-                _worker_evaluate,
-                (g, spec),
-                callback=lambda r, g=g: done.put((g, r)),
-                error_callback=lambda e, g=g: done.put((g, failed(g, f"{type(e).__name__} in a worker process: {e}"))),
-            )
-        for _ in genomes:
-            yield done.get()
+        self._in_flight += 1
+        self._pool.apply_async(
+            _worker_evaluate,
+            (genome, spec),
+            callback=lambda r: self._done.put((tag, r)),
+            error_callback=lambda e: self._done.put((tag, failed(genome, f"{type(e).__name__} in a worker process: {e}"))),
+        )
+
+    def next_result(self, timeout: float | None = None) -> tuple[Any, EvalResult] | None:
+        if not self._in_flight:
+            return None
+        try:
+            out = self._done.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        self._in_flight -= 1
+        return out
 
     def close(self, now: bool = False) -> None:
         """Let running evaluations finish; with `now` (an interrupted search) stop the workers at once."""
@@ -231,7 +269,7 @@ class _Stopped(Exception):
     """Raised at an epoch boundary inside an evaluation of a pool that is being closed."""
 
 
-class Devices:
+class Devices(_Batches):
     """`per_device` evaluations in flight on each device, a thread each.
 
     Genomes have different shapes, so the population is split across devices by placement (each
@@ -252,6 +290,8 @@ class Devices:
         self._pool = ThreadPoolExecutor(self.parallelism, thread_name_prefix="fmnas-device")
         self.cache = DataCache(loader)
         self._stop = threading.Event()
+        self._done: queue.Queue = queue.Queue()
+        self._in_flight = 0
 
     def _run(self, genome: Genome, spec: EvalSpec) -> EvalResult:
         device = self._free.get()
@@ -260,10 +300,19 @@ class Devices:
         finally:
             self._free.put(device)
 
-    def evaluate(self, genomes: Sequence[Genome], spec: EvalSpec, on_epoch: OnEpoch | None = None) -> Iterator[tuple[Genome, EvalResult]]:
-        futures = {self._pool.submit(self._run, g, spec): g for g in genomes}
-        for fut in as_completed(futures):
-            yield futures[fut], fut.result()
+    def submit(self, tag: Any, genome: Genome, spec: EvalSpec, on_epoch: EpochCallback | None = None) -> None:
+        self._in_flight += 1
+        self._pool.submit(self._run, genome, spec).add_done_callback(lambda fut: self._done.put((tag, fut.result())))
+
+    def next_result(self, timeout: float | None = None) -> tuple[Any, EvalResult] | None:
+        if not self._in_flight:
+            return None
+        try:
+            out = self._done.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        self._in_flight -= 1
+        return out
 
     def _check_stop(self, epoch: int, row: dict[str, float]) -> None:
         if self._stop.is_set():
@@ -284,7 +333,7 @@ class Devices:
 # -- masked buckets --------------------------------------------------------------------
 
 
-class Buckets:
+class Buckets(_Batches):
     """Masked buckets on one device: the genomes asked for together are grouped (`plan_buckets`:
     up to `max_models` per bucket, compute within `max_waste` x the genomes alone) and each bucket
     trains as one vmapped program. On XLA:CPU vmapped convolutions are slower than one model at a time."""
@@ -298,8 +347,26 @@ class Buckets:
         self.device, self.parallelism, self.max_waste = device, max_models, max_waste
         self.description = f"masked buckets of up to {max_models} genomes (batching=buckets)"
         self.cache = DataCache(loader)
+        self._queued: list[tuple[Any, Genome, EvalSpec]] = []
+        self._ready: collections.deque = collections.deque()
 
-    def evaluate(self, genomes: Sequence[Genome], spec: EvalSpec, on_epoch: OnEpoch | None = None) -> Iterator[tuple[Genome, EvalResult]]:
+    def submit(self, tag: Any, genome: Genome, spec: EvalSpec, on_epoch: EpochCallback | None = None) -> None:
+        self._queued.append((tag, genome, spec))
+
+    def next_result(self, timeout: float | None = None) -> tuple[Any, EvalResult] | None:
+        """Trains everything submitted so far (one spec at a time, in buckets) when no result is ready."""
+        if not self._ready and self._queued:
+            spec = self._queued[0][2]
+            batch = [q for q in self._queued if q[2] == spec]
+            self._queued = [q for q in self._queued if q[2] != spec]
+            tags = {}
+            for tag, g, _ in batch:
+                tags.setdefault(g, []).append(tag)
+            for g, result in self._train(list(tags), spec):
+                self._ready.extend((tag, result) for tag in tags[g])
+        return self._ready.popleft() if self._ready else None
+
+    def _train(self, genomes: list[Genome], spec: EvalSpec) -> Iterator[tuple[Genome, EvalResult]]:
         import jax
 
         from fmnas_jax.batched import plan_buckets, train_batched
@@ -317,6 +384,7 @@ class Buckets:
 
     def close(self, now: bool = False) -> None:
         """Buckets train in the caller's thread: an interrupt has already stopped them."""
+        self._queued, self._ready = [], collections.deque()
         self.cache = DataCache(self.cache.loader)
 
 

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from fmnas_jax.genome import ACTIVATIONS, HEAD_UNITS, IMAGE_SIZE, NUM_CLASSES, ConvGene, Genome, count_params
 from fmnas_jax.model import ACTIVATION_FNS, BN_MOMENTUM, init_variables, variable_shapes
@@ -43,17 +44,34 @@ from fmnas_jax.train import (
     TrainConfig,
     TrainState,
     batch_at,
+    cross_entropy,
     divergence,
     epoch_order,
     lr_schedule,
     make_optimizer,
     masked_sums,
     normalise,
-    train_update,
 )
 
 BN_EPSILON = 1e-5  # flax.linen.BatchNorm's default, which GenomeCNN uses
 Bucket = tuple[tuple[str, int, int, int], ...]  # per conv: (type, filters, kernel, smallest kernel in the group)
+
+
+def train_update(apply: Callable, tx: optax.GradientTransformation, state: TrainState, x, y, lr, smoothing: float = 0.0):
+    """One optimiser step of one (masked) model on one batch: (new state, [summed loss, correct count]).
+
+    The reported loss is the plain cross-entropy, whatever the smoothing (as fmnas_jax.programs' head)."""
+
+    def loss_fn(params):
+        logits, updates = apply({"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"])
+        return cross_entropy(logits, y, smoothing).mean(), (logits, updates["batch_stats"])
+
+    (_, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    opt_state = state.opt_state._replace(hyperparams={**state.opt_state.hyperparams, "learning_rate": lr})
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    sums = jnp.stack([cross_entropy(logits, y).sum(), (logits.argmax(-1) == y).sum().astype(jnp.float32)])
+    return TrainState(params, stats, opt_state), sums
 
 
 def bucket_of(genomes: Sequence[Genome]) -> Bucket:

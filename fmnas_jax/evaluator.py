@@ -25,8 +25,9 @@ from fmnas_jax.train import EvalResult, TrainConfig
 
 log = logging.getLogger("fmnas_jax")
 # Bump when the trainer or model changes what a setting produces. 2: optax-native optimiser state
-# and the recipe settings (augmentation, label smoothing) in the key.
-EVAL_VERSION = 2
+# and the recipe settings (augmentation, label smoothing) in the key. 3: the step composed of shared
+# pieces (fmnas_jax.programs) and a host-side cosine schedule: the same arithmetic, other float rounding.
+EVAL_VERSION = 3
 
 
 def budget_key(spec: EvalSpec) -> str:
@@ -65,6 +66,7 @@ class Outcome:
     variables: Any = None
     parent_run_id: str | None = None
     normalisation: tuple[float, float] | None = None
+    end_time: int = 0  # ms since the epoch when its run ended (a stored result: replays keep the order results arrived in)
 
     def metric(self, name: str) -> float:
         return self.metrics.get(name, math.nan)
@@ -103,7 +105,40 @@ class Evaluator:
         if stored is None:
             return None
         self.known[key] = stored
-        return Outcome(genome, key, stored.run_id, "FINISHED", stored.metrics, reused=True, parent_run_id=stored.parent_run_id)
+        return Outcome(genome, key, stored.run_id, "FINISHED", stored.metrics, reused=True, parent_run_id=stored.parent_run_id,
+                       end_time=stored.end_time)  # fmt: skip
+
+    def counts(self) -> dict[str, int]:
+        """Evaluations this evaluator trained, reused from the store, and saw fail."""
+        return {"trained": self.trained, "reused": self.reused, "failed": self.failed}
+
+    def running_elsewhere(self) -> dict[str, str]:
+        """eval_key -> run id of this budget's evaluations another live process is training now."""
+        return self.store.running_elsewhere(self.budget, self.role)
+
+    def is_live(self, run_id: str) -> bool:
+        return self.store.is_live(run_id)
+
+    def start(self, genome: Genome) -> str:
+        """Open the RUNNING run of a genome about to train here; returns its id."""
+        return self._start(genome)
+
+    def epoch_logger(self, genome: Genome, run_id: str) -> Callable[[int, dict[str, float]], None]:
+        """The callback that logs one run's per-epoch metrics as they stream in."""
+        log_epoch = self._epoch_logger({genome: run_id})
+        return lambda epoch, row: log_epoch(genome, epoch, row)
+
+    def finish(self, genome: Genome, run_id: str, result: EvalResult) -> Outcome:
+        """Log a result to its run and end it FINISHED or FAILED; the Outcome the search sees."""
+        return self._finish(genome, run_id, result)
+
+    def kill(self, run_id: str) -> None:
+        """Mark a run this evaluator started KILLED (its evaluation was interrupted)."""
+        self.store.end_run_on_the_way_out(run_id, "KILLED", "interrupted before this evaluation finished")
+
+    def reused_one(self, outcome: Outcome) -> None:
+        """Count a stored result handed to the search (the scheduler looked it up itself)."""
+        self.reused += 1
 
     def evaluate(self, genome: Genome) -> Outcome:
         """Reuse or train one genome; a failure (NaN, exception) comes back FAILED, not raised."""

@@ -49,8 +49,10 @@ class Allowance:
         parallelism: int = 1,
         reserve: Callable[[], float] = lambda: 0.0,
         clock: Callable[[], float] = time.monotonic,
+        replay_only: bool = False,
     ) -> None:
         self.count, self.cost, self.parallelism, self.reserve, self.clock = count, cost or CostModel(), parallelism, reserve, clock
+        self.replay_only = replay_only  # a finished search run again: only stored results, nothing trained
         self.deadline = None if seconds is None else clock() + seconds
         self.spent = 0  # new evaluations admitted
         self.pending = 0.0  # predicted seconds of the batch being admitted
@@ -65,7 +67,7 @@ class Allowance:
 
     def admit(self, genome: Genome, images: int) -> bool:
         """Whether one more new evaluation of `genome` on `images` images fits; counts it if so."""
-        if self.count is not None and self.spent >= self.count:
+        if (self.count is not None and self.spent >= self.count) or (self.replay_only and images > 0):
             self.exhausted = True
             return False
         if self.deadline is not None and images > 0:  # a stored result costs no training time

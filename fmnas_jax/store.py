@@ -92,6 +92,7 @@ class StoredEval:
     eval_key: str
     metrics: dict[str, float]
     parent_run_id: str | None
+    end_time: int = 0  # ms since the epoch
 
     def metric(self, name: str) -> float:
         return self.metrics.get(name, math.nan)
@@ -190,6 +191,7 @@ class Store:
         self._check_writable()
         self._owned: set[str] = set()  # RUNNING runs this process created and has not ended: they get heartbeats
         self._owned_lock = threading.Lock()
+        self._last_end = 0  # ms: the end time given to the last run this process ended
         self._beat_stop = threading.Event()
         self._beat_thread: threading.Thread | None = None
         self._gave_up: str | None = None  # the message, once this process has given up waiting for the store
@@ -344,7 +346,7 @@ class Store:
     @staticmethod
     def _stored(run: Any) -> StoredEval:
         tags = run.data.tags
-        return StoredEval(run.info.run_id, tags[GENOME], tags[EVAL_KEY], dict(run.data.metrics), tags.get(PARENT))
+        return StoredEval(run.info.run_id, tags[GENOME], tags[EVAL_KEY], dict(run.data.metrics), tags.get(PARENT), run.info.end_time or 0)
 
     def find_finished(self, eval_key: str, role: str = "evaluation") -> StoredEval | None:
         """The authoritative (earliest) FINISHED run of `role` for `eval_key`, or None."""
@@ -365,6 +367,11 @@ class Store:
             s = self._stored(run)
             out.setdefault(s.eval_key, s)
         return list(out.values())
+
+    def finished_runs(self, role: str, genome: str) -> list[RunRecord]:
+        """FINISHED runs of one role and genome (e.g. a winner's final retrains), earliest first."""
+        f = f"attributes.status = 'FINISHED' AND tags.`{ROLE}` = '{role}' AND tags.{GENOME} = '{genome}'"
+        return [self._record(r) for r in self._search(f, ["attributes.start_time ASC"])]
 
     def cost_samples(self, host: str, limit: int = 500) -> list[tuple[str, int, float, float]]:
         """(genome, images trained, wall seconds, train seconds) of this host's latest finished evaluations (for the cost model)."""
@@ -601,7 +608,9 @@ class Store:
         """End a run as FINISHED, FAILED or KILLED; a reason goes into the fmnas.reason tag."""
         if reason:
             self._retry(lambda: self.client.set_tag(run_id, REASON, reason[:8000]), "tagging a run")
-        self._retry(lambda: self.client.set_terminated(run_id, status), "ending a run")
+        with self._owned_lock:  # end times strictly increase within a process: a replay orders results by them
+            self._last_end = end = max(int(time.time() * 1000), self._last_end + 1)
+        self._retry(lambda: self.client.set_terminated(run_id, status, end_time=end), "ending a run")
         with self._owned_lock:
             self._owned.discard(run_id)
 
@@ -622,6 +631,10 @@ class Store:
             run = self._retry(lambda: self.client.get_run(run_id), "reading a run")
         except MlflowException as e:
             raise StoreError(f"run {run_id!r} not found in {self.uri}: {e.message}") from e
+        return self._record(run)
+
+    @staticmethod
+    def _record(run: Any) -> RunRecord:
         tags = dict(run.data.tags)
         return RunRecord(run.info.run_id, run.info.run_name, run.info.status, tags.get(ROLE), tags, dict(run.data.params),
                          dict(run.data.metrics), tags.get(PARENT))  # fmt: skip

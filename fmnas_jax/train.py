@@ -1,16 +1,15 @@
-"""Jit-compiled training and evaluation of one genome on a device-resident dataset.
+"""Training and evaluation of one genome on a device-resident dataset.
 
 Imports jax/flax/optax/numpy only, so it runs on a bare accelerator image.
 
-Loop structure: a jitted step called from a Python loop. On XLA:CPU the same step inside
-`lax.scan` ran ~15x slower (weight-gradient convolutions in a while-loop body get a slow
-layout); see docs/benchmarks.md. Steps dispatch asynchronously, and the host syncs once per
-epoch to read the loss, so the Python loop costs little on an accelerator as well.
+Loop structure: a step composed of small compiled pieces (fmnas_jax.programs), called from a Python
+loop. On XLA:CPU a step inside `lax.scan` ran ~15x slower (weight-gradient convolutions in a
+while-loop body get a slow layout); see docs/benchmarks.md. Pieces dispatch asynchronously, and the
+host syncs once per epoch to read the loss, so the Python loop costs little on an accelerator as well.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable
@@ -20,11 +19,23 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from fmnas_jax.data import Dataset
-from fmnas_jax.genome import IMAGE_SIZE, Genome, count_params
-from fmnas_jax.model import GenomeCNN, init_variables, variable_shapes
+from fmnas_jax.genome import Genome, count_params
+from fmnas_jax.model import init_variables
+from fmnas_jax.programs import (  # noqa: F401  (re-exported: the batched path and the tests use them)
+    EvalPlan,
+    Plan,
+    StepSettings,
+    TrainState,
+    augment,
+    batch_at,
+    cross_entropy,
+    init_opt_state,
+    make_optimizer,
+    masked_sums,
+    normalise,
+)
 from fmnas_jax.runtime import cache_hits
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -33,7 +44,6 @@ SCHEDULES = ("cosine", "constant")
 # Adam bounds each update, so a far too large learning rate can leave the loss huge but finite.
 DIVERGED_LOSS = 1e4
 AUGMENT_STREAM = 0xA06  # fold_in constant: the augmentation's random stream, apart from init and shuffling
-PROGRAM_CACHE = 64  # compiled train steps and eval chunks kept per process, least recently used dropped
 TRAIN_CAPACITY = 55_000  # training rows on the device (padded): every training subset fits, so all share one step
 
 
@@ -80,20 +90,6 @@ class TrainConfig:
     def step_settings(self) -> StepSettings:
         """What the compiled train step depends on (epochs, learning rate and schedule are fed at run time)."""
         return StepSettings(self.optimizer, self.batch_size, self.label_smoothing, self.augment_crop, self.augment_flip)
-
-
-class StepSettings(NamedTuple):
-    optimizer: str
-    batch_size: int
-    label_smoothing: float
-    augment_crop: int
-    augment_flip: bool
-
-
-class TrainState(NamedTuple):
-    params: Any
-    batch_stats: Any
-    opt_state: Any
 
 
 @dataclass
@@ -179,91 +175,15 @@ def to_device(data: Dataset, eval_batch: int = 1000) -> DeviceData:
                       n)  # fmt: skip
 
 
-# ---------------------------------------------------------------------------
-# The pieces of a step (shared with the batched path, so a bucket computes what solo training does)
-# ---------------------------------------------------------------------------
-
-
-def make_optimizer(optimizer: str, weight_decay: float = 0.0) -> optax.GradientTransformation:
-    """optax's optimiser with its learning rate injected as state, set per step (see `train_update`)."""
-    if optimizer == "sgd":
-        base = functools.partial(optax.sgd, momentum=0.9, nesterov=True)
-    elif optimizer == "adamw":
-        base = functools.partial(optax.adamw, weight_decay=weight_decay)
-    else:
-        base = optax.adam
-    return optax.inject_hyperparams(base)(learning_rate=0.0)
-
-
 def lr_schedule(cfg: TrainConfig, total_steps: int) -> np.ndarray:
-    """Per-step learning rates, (total_steps,) float32. Fed to the step as a scalar, so that
-    budgets of different lengths share one compiled program."""
+    """Per-step learning rates, (total_steps,) float32, computed on the host. Fed to the step as a
+    scalar, so that budgets of different lengths share one compiled program."""
+    steps = np.arange(total_steps, dtype=np.float64)
     if cfg.schedule == "constant":
-        schedule = optax.constant_schedule(cfg.learning_rate)
-    else:
-        schedule = optax.cosine_decay_schedule(cfg.learning_rate, max(total_steps, 1))
-    return np.asarray(jax.vmap(schedule)(jnp.arange(total_steps)), np.float32)
-
-
-def normalise(x: jax.Array, norm: jax.Array) -> jax.Array:
-    """uint8 images -> float32, standardised with the training split's mean and std."""
-    return (x.astype(jnp.float32) / 255.0 - norm[0]) / norm[1]
-
-
-def augment(x: jax.Array, key: jax.Array, crop: int, flip: bool) -> jax.Array:
-    """Random crops from the zero-padded images and random horizontal flips; x (batch, 28, 28, 1) uint8."""
-    n = x.shape[0]
-    k_crop, k_flip = jax.random.split(key)
-    if crop:
-        padded = jnp.pad(x, ((0, 0), (crop, crop), (crop, crop), (0, 0)))  # (batch, 28 + 2 crop, ..., 1)
-        offsets = jax.random.randint(k_crop, (n, 2), 0, 2 * crop + 1)
-        cut = functools.partial(jax.lax.dynamic_slice, slice_sizes=(IMAGE_SIZE, IMAGE_SIZE, 1))
-        x = jax.vmap(lambda img, o: cut(img, (o[0], o[1], 0)))(padded, offsets)
-    if flip:
-        mirrored = jax.random.bernoulli(k_flip, 0.5, (n, 1, 1, 1))
-        x = jnp.where(mirrored, x[:, :, ::-1], x)
-    return x
-
-
-def batch_at(settings: StepSettings, x_all, y_all, norm, perm, key, epoch, i) -> tuple[jax.Array, jax.Array]:
-    """Training batch i of an epoch (shuffled by `perm`, augmented from `key`), normalised."""
-    idx = jax.lax.dynamic_slice_in_dim(perm, i * settings.batch_size, settings.batch_size)
-    x = x_all[idx]  # (batch, 28, 28, 1) uint8
-    if settings.augment_crop or settings.augment_flip:
-        x = augment(x, jax.random.fold_in(jax.random.fold_in(key, epoch), i), settings.augment_crop, settings.augment_flip)
-    return normalise(x, norm), y_all[idx]
-
-
-def _loss(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
-    if not smoothing:
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
-    return optax.softmax_cross_entropy(logits, targets)
-
-
-def train_update(apply: Callable, tx: optax.GradientTransformation, state: TrainState, x, y, lr, smoothing: float = 0.0):
-    """One optimiser step on one batch: (new state, [summed loss, correct count]).
-
-    `apply(variables, x, train=..., mutable=...)` is the model's apply; the batched path passes its
-    masked model here too. The reported loss is the plain cross-entropy, whatever the smoothing."""
-
-    def loss_fn(params):
-        logits, updates = apply({"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"])
-        return _loss(logits, y, smoothing).mean(), (logits, updates["batch_stats"])
-
-    (_, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    opt_state = state.opt_state._replace(hyperparams={**state.opt_state.hyperparams, "learning_rate": lr})
-    updates, opt_state = tx.update(grads, opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    sums = jnp.stack([_loss(logits, y).sum(), (logits.argmax(-1) == y).sum().astype(jnp.float32)])
-    return TrainState(params, stats, opt_state), sums
-
-
-def masked_sums(logits: jax.Array, y: jax.Array, rows: jax.Array) -> jax.Array:
-    """[summed loss, correct count] over the rows that belong to the split (eval chunks are padded)."""
-    loss = jnp.where(rows, _loss(logits, y), 0.0).sum()
-    correct = jnp.where(rows, logits.argmax(-1) == y, False).sum()
-    return jnp.stack([loss, correct.astype(jnp.float32)])
+        return np.full(total_steps, cfg.learning_rate, np.float32)
+    # optax.cosine_decay_schedule(lr, total_steps) with alpha 0, in NumPy: an eager jax.vmap of the schedule
+    # compiled a program per distinct length (every budget) in every worker.
+    return (cfg.learning_rate * 0.5 * (1 + np.cos(np.pi * np.minimum(steps, max(total_steps, 1)) / max(total_steps, 1)))).astype(np.float32)
 
 
 def divergence(mean_loss: float, epoch: int) -> str | None:
@@ -274,97 +194,47 @@ def divergence(mean_loss: float, epoch: int) -> str | None:
 
 
 def init_state(genome: Genome, cfg: TrainConfig, seed: int) -> TrainState:
-    """Fresh variables (drawn on the host: no per-genome compile) and optax's initial optimiser state."""
+    """Fresh variables (drawn on the host: no per-genome compile) and optax's initial state of every parameter."""
     v = init_variables(genome, seed)
-    opt_state = make_optimizer(cfg.optimizer, cfg.weight_decay).init(v["params"])
-    return jax.device_put(TrainState(v["params"], v["batch_stats"], opt_state))
+    return jax.device_put(TrainState(v["params"], v["batch_stats"], init_opt_state(v["params"], cfg.optimizer, cfg.weight_decay)))
 
 
 # ---------------------------------------------------------------------------
-# Compiled programs, one pair per (genome, step settings, shapes, device)
+# Compiled programs: a genome's plan of shared pieces (fmnas_jax.programs)
 # ---------------------------------------------------------------------------
 
 
 class Programs(NamedTuple):
-    step: Callable
-    eval_chunk: Callable
+    step: Callable | None
+    eval: EvalPlan
     compile_seconds: float
 
 
-def _on(device: Any, tree: Any) -> Any:
-    """Abstract values of `tree` placed on `device` (what AOT lowering needs, without arrays)."""
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(np.shape(s), s.dtype, sharding=sharding), tree)
-
-
-def _eval_fn(genome: Genome, eval_batch: int) -> Callable:
-    model = GenomeCNN(genome)
-
-    def chunk(variables, acc, x_all, y_all, norm, start, stop):
-        x = normalise(jax.lax.dynamic_slice_in_dim(x_all, start, eval_batch), norm)
-        y = jax.lax.dynamic_slice_in_dim(y_all, start, eval_batch)
-        rows = (start + jnp.arange(eval_batch)) < stop  # rows past the split do not count
-        return acc + masked_sums(model.apply(variables, x, train=False), y, rows)
-
-    return jax.jit(chunk, donate_argnums=(1,))
-
-
-@functools.lru_cache(maxsize=PROGRAM_CACHE)
-def _compiled_eval(genome: Genome, eval_shape: tuple[int, ...], eval_batch: int, device: Any) -> Callable:
-    variables = _on(device, variable_shapes(genome))
-    vec = jax.ShapeDtypeStruct((2,), jnp.float32)  # the accumulator, and the normalisation
-    x, y = jax.ShapeDtypeStruct(eval_shape, jnp.uint8), jax.ShapeDtypeStruct(eval_shape[:1], jnp.int32)
-    return _eval_fn(genome, eval_batch).lower(variables, *_on(device, (vec, x, y, vec)), 0, 0).compile()  # start/stop: Python ints
-
-
-@functools.lru_cache(maxsize=PROGRAM_CACHE)
-def _compiled_step(genome: Genome, settings: StepSettings, train_shape: tuple[int, ...], device: Any) -> Callable:
-    model, tx = GenomeCNN(genome), make_optimizer(settings.optimizer)
-
-    def step(state: TrainState, acc: jax.Array, x_all, y_all, norm, perm, key, lr, epoch, i):
-        x, y = batch_at(settings, x_all, y_all, norm, perm, key, epoch, i)
-        state, sums = train_update(model.apply, tx, state, x, y, lr, settings.label_smoothing)
-        return state, acc + sums
-
-    v = variable_shapes(genome)
-    state = TrainState(v["params"], v["batch_stats"], jax.eval_shape(tx.init, v["params"]))
-    n, vec = train_shape[0], jax.ShapeDtypeStruct((2,), jnp.float32)
-    arrays = (
-        vec,
-        jax.ShapeDtypeStruct(train_shape, jnp.uint8),
-        jax.ShapeDtypeStruct((n,), jnp.int32),
-        vec,
-        jax.ShapeDtypeStruct((n,), jnp.int32),
-    )
-    key, lr = _on(device, jax.eval_shape(lambda: jax.random.key(0))), jax.ShapeDtypeStruct((), jnp.float32)
-    return jax.jit(step, donate_argnums=(0, 1)).lower(_on(device, state), *_on(device, arrays), key, lr, 0, 0).compile()  # epoch, i: ints
+def eval_chunk_size(batch_size: int, dd: DeviceData) -> int:
+    """Rows per eval chunk: the training batch (so eval reuses the training convolutions), within the eval padding."""
+    return min(batch_size, dd.eval_batch)
 
 
 def compiled_programs(genome: Genome, cfg: TrainConfig, dd: DeviceData) -> Programs:
-    """AOT-compiled train step and eval chunk for this genome and these shapes (an in-process LRU cache).
-
-    An in-process hit reports 0 compile seconds; a miss may still be fast when JAX's persistent
-    cache has the program from an earlier process.
-    """
-    misses = _compiled_step.cache_info().misses + _compiled_eval.cache_info().misses
-    t0 = time.perf_counter()
-    step = _compiled_step(genome, cfg.step_settings(), tuple(dd.x_train.shape), dd.device)
-    chunk = _compiled_eval(genome, tuple(dd.x_eval.shape), dd.eval_batch, dd.device)
-    fresh = _compiled_step.cache_info().misses + _compiled_eval.cache_info().misses > misses
-    return Programs(step, chunk, time.perf_counter() - t0 if fresh else 0.0)
+    """The compiled pieces of this genome's train step and eval chunk (shared with every genome that needs
+    the same piece); `compile_seconds` counts only pieces compiled by this call."""
+    chunk = eval_chunk_size(cfg.batch_size, dd)
+    plan = Plan(genome, cfg.step_settings(), tuple(dd.x_train.shape), tuple(dd.x_eval.shape), chunk, dd.device)
+    return Programs(plan.step, plan.eval, plan.compile_seconds)
 
 
-def compiled_eval(genome: Genome, dd: DeviceData) -> Programs:
-    """Only the eval chunk (for a trained model): the same program evaluation uses, so scores match."""
-    return Programs(None, _compiled_eval(genome, tuple(dd.x_eval.shape), dd.eval_batch, dd.device), 0.0)
+def compiled_eval(genome: Genome, dd: DeviceData, batch_size: int = 128) -> Programs:
+    """Only the eval pieces (for a trained model): the ones evaluation uses, so scores match."""
+    plan = EvalPlan(genome, eval_chunk_size(batch_size, dd), dd.device)
+    return Programs(None, plan, plan.compile_seconds)
 
 
 def evaluate_split(programs: Programs, variables: dict, dd: DeviceData, rows: tuple[int, int]) -> tuple[float, float]:
     """(mean loss, accuracy) of `variables` on eval rows [start, stop) (validation or test)."""
     start, stop = rows
     acc = jnp.zeros(2)
-    for s in range(start, stop, dd.eval_batch):
-        acc = programs.eval_chunk(variables, acc, dd.x_eval, dd.y_eval, dd.norm, s, stop)
+    for s in range(start, stop, programs.eval.chunk):
+        acc = programs.eval.eval_chunk(variables, acc, dd.x_eval, dd.y_eval, dd.norm, s, stop)
     loss_sum, correct = np.asarray(acc)
     return float(loss_sum / (stop - start)), float(correct / (stop - start))
 

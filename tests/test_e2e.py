@@ -185,7 +185,7 @@ def test_help_lists_the_experiments_and_groups(tmp_path):
         "+experiment=hillclimb",
         "experiment: hillclimb, long, paper, predict, smoke, train",
         "search: evolution, hillclimb, random, table",
-        "search/fidelity: halving, none",
+        "search/fidelity: asha, halving, none",
         "127.0.0.1",
     ):
         assert text in proc.stdout, text

@@ -9,10 +9,9 @@ import pytest
 from fmnas_jax import Genome
 from fmnas_jax.data import synthetic_dataset
 from fmnas_jax.model import GenomeCNN
+from fmnas_jax.programs import CACHE
 from fmnas_jax.train import (
     TrainConfig,
-    _compiled_eval,
-    _compiled_step,
     augment,
     compiled_programs,
     evaluate_split,
@@ -75,22 +74,34 @@ def test_programs_are_compiled_once_per_shape(dd):
     assert second.compile_seconds == 0.0  # another budget, same shapes: no recompilation
 
 
-def test_one_trace_per_genome_shape_across_budgets_and_recipes_values(dd):
-    """The step is traced once per (genome, step settings, shapes): epochs, learning rate, schedule and
-    weight decay are run-time values (optax's injected hyperparameters), so budgets share it."""
+def test_budgets_and_recipe_values_share_every_compiled_piece(dd):
+    """A genome's pieces are compiled once for all its budgets: epochs, learning rate, schedule and
+    weight decay are run-time values (optax's injected hyperparameters); flips change only the batch piece."""
     g = Genome.parse("NC 4 2 relu;RC 4 2 relu;NC 4 2 relu;RC 4 2 relu;FL relu;")
-    before = _compiled_step.cache_info().misses, _compiled_eval.cache_info().misses
+    assert train_and_evaluate(g, dd, TrainConfig(batch_size=64, epochs=1), seed=0).status == "FINISHED"
+    before = CACHE.compiles
     budgets = [
-        TrainConfig(batch_size=64, epochs=1),
         TrainConfig(batch_size=64, epochs=2, learning_rate=1e-3, schedule="constant"),
-        TrainConfig(batch_size=64, epochs=1, learning_rate=5e-3),
+        TrainConfig(batch_size=64, epochs=1, learning_rate=5e-3, optimizer="adam"),
     ]
     for cfg in budgets:
-        assert train_and_evaluate(g, dd, cfg, seed=0).status == "FINISHED"
-    after = _compiled_step.cache_info().misses, _compiled_eval.cache_info().misses
-    assert after == (before[0] + 1, before[1] + 1)
-    train_and_evaluate(g, dd, TrainConfig(batch_size=64, epochs=1, augment_flip=True), seed=0)  # a new program: flips
-    assert _compiled_step.cache_info().misses == before[0] + 2 and _compiled_eval.cache_info().misses == before[1] + 1
+        assert train_and_evaluate(g, dd, cfg, seed=1).status == "FINISHED"
+    assert CACHE.compiles == before
+    train_and_evaluate(g, dd, TrainConfig(batch_size=64, epochs=1, augment_flip=True), seed=0)
+    assert CACHE.compiles == before + 1  # the batch piece with flips; every layer piece is shared
+
+
+def test_a_neighbour_compiles_only_the_pieces_its_changed_gene_needs(dd):
+    cfg = TrainConfig(batch_size=64, epochs=1)
+    g = Genome.parse("NC 4 3 relu;RC 8 3 relu;NC 4 3 relu;RC 8 3 relu;FL relu;")
+    CACHE.clear()  # other tests may have compiled some of these pieces already
+    train_and_evaluate(g, dd, cfg, seed=0)
+    before = CACHE.compiles
+    train_and_evaluate(Genome.parse("NC 4 3 relu;RC 8 3 relu;NC 4 3 tanh;RC 8 3 relu;FL relu;"), dd, cfg, seed=0)
+    assert CACHE.compiles == before + 3  # tanh + BatchNorm at that size: forward, gradient, eval
+    before = CACHE.compiles
+    train_and_evaluate(Genome.parse("NC 4 3 relu;RC 8 3 relu;NC 4 3 relu;RC 8 3 relu;FL gelu;"), dd, cfg, seed=0)
+    assert CACHE.compiles == before + 2  # the head (train, eval)
 
 
 def test_augmentation_is_deterministic_for_a_seed_and_changes_images():
@@ -123,11 +134,12 @@ def test_budgets_of_any_training_size_share_one_program():
     """The training array is padded to one capacity: a multi-fidelity search's rungs (different
     data.train_size) and the final retrain reuse one compiled step per genome."""
     g = Genome.parse("NC 4 3 relu;RC 4 3 relu;NC 4 3 relu;RC 4 3 relu;FL relu;")
-    before = _compiled_step.cache_info().misses
-    results = [train_and_evaluate(g, to_device(synthetic_dataset(n, 100, 100, seed=0), 100), TrainConfig(batch_size=64, epochs=1), 0)
-               for n in (256, 512)]  # fmt: skip
-    assert _compiled_step.cache_info().misses == before + 1
-    assert [r.images_trained for r in results] == [256, 512]
+    cfg = TrainConfig(batch_size=64, epochs=1)
+    first = train_and_evaluate(g, to_device(synthetic_dataset(256, 100, 100, seed=0), 100), cfg, 0)
+    before = CACHE.compiles
+    second = train_and_evaluate(g, to_device(synthetic_dataset(512, 100, 100, seed=0), 100), cfg, 0)
+    assert CACHE.compiles == before and second.compile_seconds == 0.0
+    assert [first.images_trained, second.images_trained] == [256, 512]
 
 
 def test_divergence_is_a_failed_result_not_an_exception(dd):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -22,8 +23,12 @@ from fmnas_jax.jobs.common import card_of, class_report, open_store, print_card
 from fmnas_jax.objective import Allowance, HalvingObjective, SearchObjective, images_per_evaluation
 from fmnas_jax.progress import EpochBar, count_bar
 from fmnas_jax.report import Card, Row, plot_curves, plot_search, write_card, write_csv
-from fmnas_jax.search import hill_climb, random_search, regularized_evolution, table_climb
-from fmnas_jax.search.base import ClimbResult
+from fmnas_jax.scheduler import AsyncHalving
+from fmnas_jax.search import table_climb
+from fmnas_jax.search.base import ClimbResult, PopulationOnly, Strategy, drive
+from fmnas_jax.search.evolution import RegularizedEvolution
+from fmnas_jax.search.hillclimb import HillClimber
+from fmnas_jax.search.random_search import RandomSearch
 from fmnas_jax.store import Store, flatten, host_name
 
 log = logging.getLogger("fmnas_jax")
@@ -138,23 +143,41 @@ def _search(
     speedup = backend.parallelism / WORKERS_OVER_ONE_PROCESS if isinstance(backend, Workers) else 1.0
     cap = sc.final_share * (sc.time_budget_seconds or 0)
     reserve = lambda: min(cost.seconds(leader, final_images) / speedup, cap) if (leader := _leader(rungs)) else 0.0  # noqa: E731
-    allowance = Allowance(None, time_left, cost, backend.parallelism, reserve)
-    bar = _Bar(cfg, started)
+    # A time budget holds across attempts: what earlier attempts of this search spent is charged, and a rerun of a
+    # finished search only replays what it stored (trains nothing, so it ends where it ended).
+    spent, finished = _earlier_attempts(store, own, parent)
+    if spent or finished:
+        log.info("earlier attempts of this search spent %.0f s of its time budget%s", spent, "; it finished: replaying it" * finished)
+    if time_left is not None:
+        time_left -= spent
+    allowance = Allowance(None, time_left, cost, backend.parallelism, reserve, replay_only=finished)
+    progress = _Progress(cfg, store, parent, started)
     epochs = EpochBar(cfg.trainer.epochs, cfg.progress and backend.streams_epochs)
     for r, spec in enumerate(specs):
         ev = Evaluator(store, spec, backend, parent, epochs.update, rung=r if len(specs) > 1 else None)
-        rungs.append(SearchObjective(ev, cfg.fitness, own, allowance, n_train(spec.data), on_counted=bar.tick))
-    objective = HalvingObjective(rungs, sc.fidelity.eta) if len(rungs) > 1 else rungs[0]
-
-    # POPULATION: the paper's random models (halved through the rungs with fidelity); stored ones are reused.
+        rungs.append(SearchObjective(ev, cfg.fitness, own, allowance, n_train(spec.data), on_counted=progress.tick))
     population = sample_population(cfg.search_space, sc.population_size, rng)
-    scores = dict(zip(population, objective(population), strict=True))
-    _log_counts("population", rungs)
 
-    # STRATEGY
-    allowance.allow(0 if sc.strategy == "table" else sc.budget if sc.time_budget is None else 10**9)
-    result = _run_strategy(cfg, objective, rungs[-1], rng, scores)
-    bar.close()
+    if sc.fidelity.mode == "asha":
+        # POPULATION and STRATEGY through one asynchronous scheduler: the population is asked first.
+        count = None if sc.time_budget is not None else sc.population_size + (0 if sc.strategy == "table" else sc.budget)
+        allowance.allow(count if count is not None else 10**9)
+        scheduler = AsyncHalving(rungs, sc.fidelity.eta, backend)
+        result = scheduler.run(_strategy(cfg, rng, population=population, eager=True))
+        if sc.strategy == "table":
+            result = _table_climb(cfg, rungs[-1], rng)
+    else:
+        objective = HalvingObjective(rungs, sc.fidelity.eta) if len(rungs) > 1 else rungs[0]
+        # POPULATION: the paper's random models (halved through the rungs with fidelity); stored ones are reused.
+        scores = dict(zip(population, objective(population), strict=True))
+        _log_counts("population", rungs)
+        # STRATEGY
+        allowance.allow(0 if sc.strategy == "table" else sc.budget if sc.time_budget is None else 10**9)
+        if sc.strategy == "table":
+            result = _table_climb(cfg, rungs[-1], rng)
+        else:
+            result = drive(_strategy(cfg, rng, known=scores, start=max(scores, key=lambda g: scores[g])), objective)
+    progress.close()
     epochs.close()
     _log_counts(f"search done ({result.best}, fitness {result.best_fitness:.4f})", rungs)
     if len(rungs) > 1 and result.best not in rungs[-1].outcomes:
@@ -166,10 +189,19 @@ def _search(
 
     # RETRAIN the winner with the final budget and recipe, then REPORT.
     if sc.time_budget_seconds is not None:
-        final_spec = _fit_final(final_spec, result.best, cost, speedup, sc.time_budget_seconds - (time.monotonic() - started))
+        earlier_epochs = _earlier_final_epochs(store, own, result.best)
+        if earlier_epochs is not None:  # an earlier attempt retrained it already: the same run, reused
+            final_spec = replace(final_spec, trainer=replace(final_spec.trainer, epochs=earlier_epochs))
+        else:
+            final_spec = _fit_final(final_spec, result.best, cost, speedup, sc.time_budget_seconds - (time.monotonic() - started) - spent)
     log.info("retraining the winner %s: %s", result.best, describe_budget(final_spec.trainer, final_spec.data))
     with EpochBar(final_spec.trainer.epochs, cfg.progress) as final_bar:
-        final = Evaluator(store, final_spec, InProcess(), parent, final_bar.update, role="final",
+
+        def on_final_epoch(genome: Genome, epoch: int, row: dict[str, float]) -> None:
+            final_bar.update(genome, epoch, row)
+            progress.log_elapsed()
+
+        final = Evaluator(store, final_spec, InProcess(), parent, on_final_epoch, role="final",
                           register_as=cfg.registry.model_name).evaluate(result.best)  # fmt: skip
     if final.reused:
         log.info("the winner's final run %s was already in the store; reused", final.run_id)
@@ -210,17 +242,35 @@ def _leader(rungs: list[SearchObjective]) -> Genome | None:
     return None
 
 
-def _run_strategy(
-    cfg: AppConfig, objective: SearchObjective | HalvingObjective, top: SearchObjective, rng: np.random.Generator, scores: dict
-) -> ClimbResult:
+def _strategy(cfg: AppConfig, rng: np.random.Generator, known: dict | None = None, start: Genome | None = None,
+              population: list[Genome] | tuple[Genome, ...] = (), eager: bool = False) -> Strategy:  # fmt: skip
+    """The configured strategy, given the evaluated population (`known`, `start`) or the population to ask first."""
     sc = cfg.search
     if sc.strategy == "hillclimb":
-        return hill_climb(cfg.search_space, objective, rng, sc, max(scores, key=lambda g: scores[g]))
+        return HillClimber(cfg.search_space, rng, sc, start=start, population=population, eager=eager)
     if sc.strategy == "random":
-        return random_search(cfg.search_space, objective, rng, scores)
+        return RandomSearch(cfg.search_space, rng, known, population)
     if sc.strategy == "evolution":
-        return regularized_evolution(cfg.search_space, objective, rng, scores, sc.tournament_size)
-    return _table_climb(cfg, top, rng)
+        return RegularizedEvolution(cfg.search_space, rng, sc.tournament_size, known, population)
+    return PopulationOnly(population)  # table: the population only; the climb runs over the stored table afterwards
+
+
+def _earlier_attempts(store: Store, own: OwnSearches, parent: str) -> tuple[float, bool]:
+    """(seconds the earlier attempts of this search spent, whether one of them finished)."""
+    spent, finished = 0.0, False
+    for run_id in sorted(own.known - {parent}):
+        record = store.get_run(run_id)
+        spent += max(record.metric("elapsed_seconds"), 0.0) if math.isfinite(record.metric("elapsed_seconds")) else 0.0
+        finished |= record.status == "FINISHED"
+    return spent, finished
+
+
+def _earlier_final_epochs(store: Store, own: OwnSearches, genome: Genome) -> int | None:
+    """The epochs of this winner's final retrain by an earlier attempt of this search, if one finished."""
+    for record in store.finished_runs("final", str(genome)):
+        if record.parent_run_id in own:
+            return record.int_param("trainer.epochs")
+    return None
 
 
 def _table_climb(cfg: AppConfig, top: SearchObjective, rng: np.random.Generator) -> ClimbResult:
@@ -244,11 +294,12 @@ def _parsed(text: str, space: SearchSpace) -> Genome | None:
         return None
 
 
-class _Bar:
-    """New evaluations (count budget) or elapsed seconds of the time budget, with ETA."""
+class _Progress:
+    """The search's progress: a bar of new evaluations (count budget) or of the time budget, with ETA, and the
+    search run's `elapsed_seconds` metric (what a resumed attempt charges against the time budget)."""
 
-    def __init__(self, cfg: AppConfig, started: float) -> None:
-        sc, self.started = cfg.search, started
+    def __init__(self, cfg: AppConfig, store: Store, parent: str, started: float) -> None:
+        sc, self.started, self.store, self.parent, self.count = cfg.search, started, store, parent, 0
         self.seconds = sc.time_budget_seconds
         planned = sc.population_size + (sc.budget if sc.strategy != "table" else 0)
         if self.seconds is not None:
@@ -261,6 +312,11 @@ class _Bar:
             self.bar.update()
         else:
             self.bar.update(min(int(time.monotonic() - self.started), int(self.seconds)) - self.bar.n)
+        self.log_elapsed()
+
+    def log_elapsed(self) -> None:
+        self.count += 1
+        self.store.log(self.parent, metrics={"elapsed_seconds": time.monotonic() - self.started}, step=self.count)
 
     def close(self) -> None:
         self.bar.close()

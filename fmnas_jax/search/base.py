@@ -1,11 +1,16 @@
-"""What every strategy shares: its settings, the objective it calls, and the path it records.
+"""What every strategy shares: its settings, the ask/tell interface, the synchronous driver, the path it records.
 
-Strategies see genomes and fitness values only. The objective they are handed decides
-whether a genome is trained or read from the store, and reports when the budget is spent.
+Strategies see genomes and fitness values only (evosax's ask -> evaluate -> tell): `ask()` proposes the
+next genome (None: nothing until more results arrive), `tell(genome, fitness)` reports a result (again,
+higher, when a genome reaches a higher rung). Who evaluates is not their business: `drive` asks a batch
+of the objective's parallelism and tells its fitness values (synchronous rounds); the asynchronous
+scheduler (fmnas_jax.scheduler) asks whenever a worker is free. Which genome is trained and which is
+read back from the store is decided behind the objective, by the evaluator.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -14,7 +19,7 @@ from fmnas_jax.cost import parse_duration
 from fmnas_jax.genome import Genome
 
 STRATEGIES = ("hillclimb", "table", "random", "evolution")
-FIDELITY_MODES = ("none", "halving")
+FIDELITY_MODES = ("none", "halving", "asha")
 MOVES = ("first", "steepest")
 
 
@@ -120,3 +125,63 @@ class ClimbResult:
     best: Genome
     best_fitness: float
     path: tuple[Step, ...]
+
+
+class Strategy(Protocol):
+    """A search strategy in ask/tell form."""
+
+    def ask(self) -> Genome | None:
+        """The next genome to evaluate, or None when nothing can be proposed before more results arrive."""
+        ...
+
+    def tell(self, genome: Genome, fitness: float) -> None:
+        """A result for a genome this strategy asked for (possibly again, higher, from a higher rung)."""
+        ...
+
+    @property
+    def done(self) -> bool:
+        """The strategy has finished (e.g. hill climbing ran out of restarts): ask nothing more."""
+        ...
+
+    def stop(self, why: str) -> None:
+        """The evaluations ended for `why` ('budget'): record it in the path."""
+        ...
+
+    def result(self) -> ClimbResult: ...
+
+
+class PopulationOnly:
+    """Asks the given genomes and nothing else (the table climber's population, which it then climbs on its own)."""
+
+    def __init__(self, population: Sequence[Genome]) -> None:
+        self._queue, self.scores, self.done = list(population), {}, False
+
+    def ask(self) -> Genome | None:
+        return self._queue.pop(0) if self._queue else None
+
+    def tell(self, genome: Genome, fitness: float) -> None:
+        self.scores[genome] = max(self.scores.get(genome, -math.inf), fitness)
+
+    def stop(self, why: str) -> None:
+        self.done = True
+
+    def result(self) -> ClimbResult:
+        best = max(self.scores, key=lambda g: self.scores[g]) if self.scores else None
+        steps = tuple(Step(0, i, g, f, "start") for i, (g, f) in enumerate(self.scores.items()))
+        return ClimbResult(best, self.scores.get(best, -math.inf), steps)  # type: ignore[arg-type]
+
+
+def drive(strategy: Strategy, objective: Objective) -> ClimbResult:
+    """Synchronous rounds: ask up to the objective's parallelism, evaluate the batch together, tell every fitness."""
+    while not strategy.done and not objective.exhausted:
+        batch: list[Genome] = []
+        while len(batch) < max(1, objective.parallelism) and (g := strategy.ask()) is not None:
+            batch.append(g)
+        if not batch:
+            break
+        for g, f in zip(batch, objective(batch), strict=True):
+            if math.isfinite(f) or not objective.exhausted:  # -inf once exhausted: never evaluated, nothing to tell
+                strategy.tell(g, f)
+    if objective.exhausted and not strategy.done:
+        strategy.stop("budget")
+    return strategy.result()

@@ -1,4 +1,17 @@
-"""Hill climbing in genome space with random restarts (first or steepest improvement)."""
+"""Hill climbing in genome space with random restarts (first or steepest improvement), in ask/tell form.
+
+A climb starts from an origin (the best of the population, or a random genome after a restart), asks
+the origin's neighbours in a random order and moves: with `first`, to the first candidate told better
+than the current point; with `steepest`, to the best of the whole neighbourhood. Results of the
+previous point's candidates that arrive after a move do not move the climb (they still count for the
+best genome found). A neighbourhood with nothing better is a local optimum: restart, until `patience`
+restarts in a row bring no improvement or `max_restarts` is reached.
+
+`eager` (the asynchronous scheduler): candidates are asked before the current point's own result is
+known, so a free worker always gets a genome, and the climb moves to any genome asked in this climb
+(the population's too, in the first) whose result beats the current point's, whenever it arrives: with
+rungs, results come back rung by rung, and the one that reaches the top rung first is where to climb on.
+"""
 
 from __future__ import annotations
 
@@ -7,62 +20,168 @@ import math
 import numpy as np
 
 from fmnas_jax.genome import Genome, SearchSpace, neighbours, random_genome
-from fmnas_jax.search.base import ClimbResult, Objective, SearchConfig, Step
+from fmnas_jax.search.base import ClimbResult, Objective, SearchConfig, Step, drive
 
 
-def _climb_once(start: Genome, space: SearchSpace, objective: Objective, rng: np.random.Generator, move: str, restart: int) -> list[Step]:
-    """Climb from `start` to a local optimum (or until the budget runs out)."""
-    current, f_cur = start, objective([start])[0]
-    path = [Step(restart, 0, current, f_cur, "start")]
-    while not objective.exhausted:
-        nbrs = neighbours(current, space)
-        order = rng.permutation(len(nbrs))
-        candidates = [nbrs[i] for i in order]
-        if move == "steepest":
-            scores = objective(candidates)
-            best = int(np.argmax(scores))
-            nxt, f_nxt = candidates[best], scores[best]
+class HillClimber:
+    """Hill climbing with restarts as a Strategy (ask/tell); see the module docstring."""
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        rng: np.random.Generator,
+        cfg: SearchConfig,
+        start: Genome | None = None,
+        population: list[Genome] | tuple[Genome, ...] = (),
+        eager: bool = False,
+    ) -> None:
+        self.space, self.rng, self.cfg, self.eager = space, rng, cfg, eager
+        self.known: dict[Genome, float] = {}
+        self.path: list[Step] = []
+        self._population, self._members = list(population), set(population)
+        self._start = start
+        self._restart, self._stale, self._done = 0, 0, False
+        self._best: Genome | None = None
+        self._best_f = -math.inf
+        self._current: Genome | None = None
+        self._f: float | None = None
+        self._climb: list[Step] = []
+        self._queue: list[Genome] = []
+        self._asked: set[Genome] = set()  # candidates of the current point not told yet
+        self._climb_asked: set[Genome] = set()  # every genome this climb asked (eager: any of them may move it)
+        self._scores: dict[Genome, float] = {}  # candidates of the current point told (steepest)
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    # -- ask ----------------------------------------------------------------------
+
+    def ask(self) -> Genome | None:
+        if self._done:
+            return None
+        if self._population:
+            return self._population.pop(0)
+        if self._current is None and not self._begin():
+            return None
+        if self._f is None and self._current not in self.known:
+            if self._current not in self._asked:
+                self._asked.add(self._current)
+                self._climb_asked.add(self._current)
+                return self._current  # the origin itself
+            if not self.eager:
+                return None
+        return self._candidate()
+
+    def _begin(self) -> bool:
+        """Start a climb at its origin; False while the population's results are still awaited."""
+        if self._restart == 0 and self._start is not None:
+            origin = self._start
+        elif self._restart == 0 and self._members:
+            told = [g for g in self._members if g in self.known]
+            if not told or (not self.eager and len(told) < len(self._members)):
+                return False
+            origin = max(sorted(told, key=str), key=lambda g: self.known[g])
         else:
-            nxt, f_nxt = _first_better(candidates, f_cur, objective)
-        if nxt is None or f_nxt <= f_cur:
-            path.append(Step(restart, len(path), current, f_cur, "budget" if objective.exhausted else "optimum"))
-            break
-        current, f_cur = nxt, f_nxt
-        path.append(Step(restart, len(path), current, f_cur, "improve"))
-    else:
-        path.append(Step(restart, len(path), current, f_cur, "budget"))
-    return path
+            origin = random_genome(self.space, self.rng)
+        self._current, self._f = origin, self.known.get(origin)
+        self._climb = []
+        self._climb_asked = set(self._members) if self._restart == 0 else set()
+        if self._f is not None:
+            self._record(origin, self._f, "start")
+        nbrs = neighbours(origin, self.space)
+        self._queue = [nbrs[i] for i in self.rng.permutation(len(nbrs))]
+        self._asked, self._scores = set(), {}
+        return True
 
+    def _candidate(self) -> Genome | None:
+        while self._queue:
+            g = self._queue.pop(0)
+            if g in self.known:  # told before (the population, an earlier climb): no need to ask
+                self._consider(g, self.known[g], candidate=True)
+                if self._current is None:
+                    return self.ask()
+                continue
+            self._asked.add(g)
+            self._climb_asked.add(g)
+            return g
+        if self._asked - {self._current} or self._f is None:
+            return None  # wait for the neighbourhood's results
+        if self.cfg.move == "steepest" and self._scores:
+            g = max(sorted(self._scores, key=str), key=lambda c: self._scores[c])
+            if self._scores[g] > self._f:
+                self._move(g, self._scores[g])
+                return self.ask()
+        self._end("optimum")
+        return self.ask()
 
-def _first_better(candidates: list[Genome], f_cur: float, objective: Objective) -> tuple[Genome | None, float]:
-    """The first candidate (in order) that beats f_cur, asking in chunks of the objective's parallelism."""
-    k = max(1, objective.parallelism)
-    for i in range(0, len(candidates), k):
-        chunk = candidates[i : i + k]
-        for cand, f in zip(chunk, objective(chunk), strict=True):
-            if f > f_cur:
-                return cand, f
-        if objective.exhausted:
-            break
-    return None, -math.inf
+    # -- tell ---------------------------------------------------------------------
+
+    def tell(self, genome: Genome, fitness: float) -> None:
+        self.known[genome] = max(self.known.get(genome, -math.inf), fitness)
+        fitness = self.known[genome]
+        if genome == self._current:
+            first = self._f is None
+            self._f = fitness
+            self._asked.discard(genome)
+            if first:
+                self._record(genome, fitness, "start")
+            return
+        if genome in self._asked:
+            self._asked.discard(genome)
+            self._consider(genome, fitness, candidate=True)
+        elif self.eager and genome in self._climb_asked and self._current is not None:
+            self._consider(genome, fitness, candidate=False)  # an earlier point's candidate (or a population member) that beats it
+
+    def _consider(self, genome: Genome, fitness: float, candidate: bool) -> None:
+        if candidate and self.cfg.move == "steepest":
+            self._scores[genome] = fitness
+        elif self._f is not None and fitness > self._f:
+            self._move(genome, fitness)
+
+    def _move(self, genome: Genome, fitness: float) -> None:
+        self._current, self._f = genome, fitness
+        self._record(genome, fitness, "improve")
+        nbrs = neighbours(genome, self.space)
+        self._queue = [nbrs[i] for i in self.rng.permutation(len(nbrs))]
+        self._asked, self._scores = set(), {}
+
+    def _record(self, genome: Genome, fitness: float, move: str) -> None:
+        step = Step(self._restart, len(self._climb), genome, fitness, move)
+        self._climb.append(step)
+        self.path.append(step)
+
+    def _end(self, why: str) -> None:
+        """End the current climb (a local optimum, or the budget), then restart or finish."""
+        if self._current is not None and self._f is not None:
+            self._record(self._current, self._f, why)
+        top = max((s.fitness for s in self._climb), default=-math.inf)
+        if top > self._best_f:
+            self._best, self._best_f, self._stale = max(self._climb, key=lambda s: s.fitness).genome, top, 0
+        else:
+            self._stale += 1
+        self._current, self._f, self._climb = None, None, []
+        self._restart += 1
+        if why != "optimum" or self._stale >= self.cfg.patience or self._restart > self.cfg.max_restarts:
+            self._done = True
+
+    def stop(self, why: str) -> None:
+        if not self._done:
+            self._end(why)
+            self._done = True
+
+    def result(self) -> ClimbResult:
+        if not self._done:
+            self.stop("budget")
+        if self._best is None:
+            told = max(self.known, key=lambda g: self.known[g]) if self.known else None
+            best = told or (self.path[0].genome if self.path else self._start)
+            return ClimbResult(best, self.known.get(best, -math.inf), tuple(self.path))
+        return ClimbResult(self._best, self._best_f, tuple(self.path))
 
 
 def hill_climb(
     space: SearchSpace, objective: Objective, rng: np.random.Generator, cfg: SearchConfig, start: Genome | None = None
 ) -> ClimbResult:
     """Climb from `start` (or a random genome), restart at random until `patience` restarts bring nothing."""
-    best, best_f = None, -math.inf
-    path: list[Step] = []
-    stale = 0
-    for restart in range(cfg.max_restarts + 1):
-        origin = start if (restart == 0 and start is not None) else random_genome(space, rng)
-        steps = _climb_once(origin, space, objective, rng, cfg.move, restart)
-        path += steps
-        top = max(steps, key=lambda s: s.fitness)
-        if top.fitness > best_f:
-            best, best_f, stale = top.genome, top.fitness, 0
-        else:
-            stale += 1
-        if objective.exhausted or stale >= cfg.patience:
-            break
-    return ClimbResult(best or path[0].genome, best_f, tuple(path))
+    return drive(HillClimber(space, rng, cfg, start), objective)

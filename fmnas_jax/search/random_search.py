@@ -1,4 +1,4 @@
-"""Random search: uniform genomes of the space, asked for in batches, until the budget is spent (the baseline)."""
+"""Random search: uniform genomes of the space until the budget is spent (the baseline), in ask/tell form."""
 
 from __future__ import annotations
 
@@ -7,24 +7,48 @@ import math
 import numpy as np
 
 from fmnas_jax.genome import Genome, SearchSpace, random_genome
-from fmnas_jax.search.base import ClimbResult, Objective, Step
+from fmnas_jax.search.base import ClimbResult, Objective, Step, drive
 
-MAX_ROUNDS = 100_000  # a guard for an objective that never runs out
+MAX_DRAWS = 1000  # draws for one genome not seen yet (a nearly exhausted small space gives up)
+
+
+class RandomSearch:
+    """Uniform random genomes (first the given population, then fresh draws never asked before)."""
+
+    def __init__(self, space: SearchSpace, rng: np.random.Generator, known: dict[Genome, float] | None = None,
+                 population: list[Genome] | tuple[Genome, ...] = ()) -> None:  # fmt: skip
+        self.space, self.rng = space, rng
+        self.scores: dict[Genome, float] = dict(known or {})
+        self.path = [Step(0, i, g, f, "start") for i, (g, f) in enumerate(self.scores.items())]
+        self._population, self._asked = list(population), set(self.scores) | set(population)
+        self.done = False
+
+    def ask(self) -> Genome | None:
+        if self._population:
+            return self._population.pop(0)
+        for _ in range(MAX_DRAWS):
+            g = random_genome(self.space, self.rng)
+            if g not in self._asked:
+                self._asked.add(g)
+                return g
+        self.done = True
+        return None
+
+    def tell(self, genome: Genome, fitness: float) -> None:
+        if genome not in self.scores:
+            self.path.append(Step(0, len(self.path), genome, fitness, "sample"))
+        self.scores[genome] = max(self.scores.get(genome, -math.inf), fitness)
+
+    def stop(self, why: str) -> None:
+        self.done = True
+
+    def result(self) -> ClimbResult:
+        best = max(self.scores, key=lambda g: self.scores[g]) if self.scores else None
+        if best is None or not math.isfinite(self.scores[best]):
+            raise RuntimeError("random search evaluated no genome successfully")
+        return ClimbResult(best, self.scores[best], tuple(self.path))
 
 
 def random_search(space: SearchSpace, objective: Objective, rng: np.random.Generator, seen: dict[Genome, float]) -> ClimbResult:
     """Sample new genomes until the objective is exhausted; the best of `seen` and the samples wins."""
-    scores = dict(seen)
-    path = [Step(0, i, g, f, "start") for i, (g, f) in enumerate(seen.items())]
-    for _ in range(MAX_ROUNDS):
-        if objective.exhausted:
-            break
-        batch = [random_genome(space, rng) for _ in range(max(1, objective.parallelism))]
-        batch = [g for g in dict.fromkeys(batch) if g not in scores]
-        for g, f in zip(batch, objective(batch), strict=True):
-            scores[g] = f
-            path.append(Step(0, len(path), g, f, "sample"))
-    best = max(scores, key=lambda g: scores[g]) if scores else None
-    if best is None or not math.isfinite(scores[best]):
-        raise RuntimeError("random search evaluated no genome successfully")
-    return ClimbResult(best, scores[best], tuple(path))
+    return drive(RandomSearch(space, rng, seen), objective)

@@ -1,0 +1,125 @@
+"""The composed step computes what one fused step of the Flax model computes, and its pieces are shared."""
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fmnas_jax import Genome
+from fmnas_jax.data import synthetic_dataset
+from fmnas_jax.model import GenomeCNN
+from fmnas_jax.programs import CACHE, EvalPlan, _Cache
+from fmnas_jax.train import TrainConfig, compiled_programs, evaluate_split, init_state, to_device
+
+GENOME = Genome.parse("NC 8 3 swish;RC 16 4 gelu;NC 4 2 tanh;RC 8 3 sigmoid;FL relu;")
+
+
+@pytest.fixture(scope="module")
+def dd():
+    return to_device(synthetic_dataset(256, 96, 96, seed=1), eval_batch=64)
+
+
+def _reference_step(genome, variables, x, y, lr, optimizer, weight_decay, smoothing):
+    """One step of GenomeCNN with optax's own optimiser on the whole tree (what the fused step did)."""
+    tx = {"adam": optax.adam(lr), "adamw": optax.adamw(lr, weight_decay=weight_decay), "sgd": optax.sgd(lr, 0.9, nesterov=True)}[optimizer]
+    model = GenomeCNN(genome)
+
+    def loss_fn(params):
+        logits, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True, mutable=["batch_stats"])
+        targets = optax.smooth_labels(jax.nn.one_hot(y, 10), smoothing)
+        return optax.softmax_cross_entropy(logits, targets).mean(), (logits, upd["batch_stats"])
+
+    params = variables["params"]
+    opt = tx.init(params)
+    for _ in range(2):  # two steps: the optimiser state matters from the second on
+        (_, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt = tx.update(grads, opt, params)
+        params = optax.apply_updates(params, updates)
+        variables = {"params": params, "batch_stats": stats}
+    return variables, logits
+
+
+@pytest.mark.parametrize(("optimizer", "weight_decay", "smoothing"), [("adam", 0.0, 0.0), ("adamw", 0.1, 0.1), ("sgd", 0.0, 0.0)])
+def test_the_composed_step_equals_a_fused_step_of_the_flax_model(dd, optimizer, weight_decay, smoothing):
+    cfg = TrainConfig(batch_size=32, optimizer=optimizer, weight_decay=weight_decay, label_smoothing=smoothing)
+    programs = compiled_programs(GENOME, cfg, dd)
+    state = init_state(GENOME, cfg, 0)
+    expected_start = jax.tree_util.tree_map(np.asarray, {"params": state.params, "batch_stats": state.batch_stats})
+    perm, key, lr = jnp.arange(dd.x_train.shape[0]), jax.random.key(0), 1e-2
+    for _ in range(2):  # the same batch twice (i = 0); acc keeps the second step's sums
+        state, acc = programs.step(state, jnp.zeros(2), dd.x_train, dd.y_train, dd.norm, perm, key, np.float32(lr), 0, 0)
+    x = (dd.x_train[:32].astype(jnp.float32) / 255 - dd.norm[0]) / dd.norm[1]
+    expected, logits = _reference_step(GENOME, expected_start, x, dd.y_train[:32], lr, optimizer, weight_decay, smoothing)
+    got = {"params": state.params, "batch_stats": state.batch_stats}
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5), got, expected)
+    plain_loss = optax.softmax_cross_entropy_with_integer_labels(logits, dd.y_train[:32]).sum()  # reported unsmoothed
+    assert float(acc[1]) == float((logits.argmax(-1) == dd.y_train[:32]).sum())
+    assert float(acc[0]) == pytest.approx(float(plain_loss), rel=1e-4)
+
+
+def test_weight_decay_has_an_effect_and_is_a_run_time_value(dd):
+    before = CACHE.compiles
+    runs = {}
+    for wd in (0.0, 0.5):
+        cfg = TrainConfig(batch_size=32, optimizer="adamw", weight_decay=wd)
+        programs = compiled_programs(GENOME, cfg, dd)
+        state, acc = init_state(GENOME, cfg, 0), jnp.zeros(2)
+        for i in range(3):
+            state, acc = programs.step(state, acc, dd.x_train, dd.y_train, dd.norm, jnp.arange(dd.x_train.shape[0]), jax.random.key(0),
+                                       np.float32(1e-2), 0, i)  # fmt: skip
+        runs[wd] = np.abs(np.asarray(state.params["Conv_1"]["kernel"])).sum()
+        if wd == 0.0:
+            before = CACHE.compiles
+    assert CACHE.compiles == before  # another decay: no new program
+    assert runs[0.5] < runs[0.0]  # decay shrinks the weights
+
+
+def test_eval_pieces_score_like_the_flax_model(dd):
+    cfg = TrainConfig(batch_size=32)
+    state = init_state(GENOME, cfg, 3)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    programs = compiled_programs(GENOME, cfg, dd)
+    loss, accuracy = evaluate_split(programs, variables, dd, dd.test_range)
+    x = (dd.x_eval[96:192].astype(jnp.float32) / 255 - dd.norm[0]) / dd.norm[1]
+    logits = GenomeCNN(GENOME).apply(variables, x, train=False)
+    assert accuracy == pytest.approx(float((logits.argmax(-1) == dd.y_eval[96:192]).mean()), abs=1e-6)
+    assert loss == pytest.approx(float(optax.softmax_cross_entropy_with_integer_labels(logits, dd.y_eval[96:192]).mean()), rel=1e-4)
+    images = np.asarray(dd.x_eval[96:128])
+    classes = EvalPlan(GENOME, 32, dd.device).classes(variables, jnp.asarray(images), dd.norm)
+    assert np.array_equal(np.asarray(classes), np.asarray(logits.argmax(-1))[:32])
+
+
+def test_a_piece_asked_for_by_several_threads_compiles_once():
+    cache, calls, gate = _Cache(8), [], threading.Event()
+
+    def build():
+        calls.append(1)
+        gate.wait(5)
+        return "program"
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get(("k",), build))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    gate.set()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and [r[0] for r in results] == ["program"] * 4
+    assert sorted(r[1] > 0 for r in results) == [False, False, False, True]  # one caller paid the compile
+
+
+def test_a_failed_compile_is_not_cached():
+    cache = _Cache(8)
+    with pytest.raises(ValueError):
+        cache.get(("k",), lambda: (_ for _ in ()).throw(ValueError("bad")))
+    assert cache.get(("k",), lambda: "ok")[0] == "ok"
+
+
+def test_the_cache_is_bounded():
+    cache = _Cache(3)
+    for i in range(5):
+        cache.get((i,), lambda i=i: i)
+    assert len(cache._entries) == 3 and cache.get((0,), lambda: "rebuilt")[0] == "rebuilt"
