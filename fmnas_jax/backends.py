@@ -221,6 +221,10 @@ class Workers(_Batches):
     streams_epochs = False
 
     def __init__(self, n: int, cache_dir: str | None, loader: Loader = data_mod.load) -> None:
+        from fmnas_jax.runtime import with_huge_pages
+
+        if (env := with_huge_pages(os.environ)) is not None:  # the workers start with glibc's huge pages (fmnas_jax.runtime)
+            os.environ["GLIBC_TUNABLES"] = env["GLIBC_TUNABLES"]
         ctx = mp.get_context("spawn")  # a fresh interpreter: no forked XLA threads
         cores = ctx.Queue()
         allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(n))

@@ -75,7 +75,7 @@ def main(cfg: DictConfig) -> float:
     from fmnas_jax import jobs
     from fmnas_jax.checkpoint import CheckpointError
     from fmnas_jax.data import DataError
-    from fmnas_jax.runtime import enable_compilation_cache, platform_summary
+    from fmnas_jax.runtime import enable_compilation_cache, malloc_summary, platform_summary
     from fmnas_jax.store import StoreError, resolve_uri
 
     app = replace(app, cache_dir=app.cache_dir or os.path.expanduser("~/.cache/fmnas_jax/jax"))  # workers share it
@@ -86,7 +86,7 @@ def main(cfg: DictConfig) -> float:
         app = replace(app, workers=1)
     enable_compilation_cache(app.cache_dir)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    log.info("platform: %s; run directory: %s", platform_summary(), out_dir)
+    log.info("platform: %s; malloc: %s; run directory: %s", platform_summary(), malloc_summary(), out_dir)
     try:
         with logging_redirect_tqdm():  # log lines print above the progress bars, not through them
             card = jobs.run(app, OmegaConf.to_yaml(cfg, resolve=True), out_dir)
@@ -122,5 +122,10 @@ def quote_values(argv: list[str]) -> list[str]:
 
 def entry() -> None:
     """Entry point for `python -m fmnas_jax` and the `fmnas-jax` script."""
+    from fmnas_jax.runtime import with_huge_pages
+
+    env = with_huge_pages(os.environ) if sys.platform.startswith("linux") else None
+    if env is not None:  # glibc reads its tunables at start: run this same command again with them (same pid)
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     sys.argv = quote_values(sys.argv)
     main()

@@ -35,6 +35,7 @@ def test_smoke_end_to_end_then_rerun_trains_nothing(tmp_path):
     first = cli(tmp_path, "+experiment=smoke", "tracking.system_metrics_seconds=1")
     out = "\n".join((first.stdout, first.stderr))
     assert f"sqlite:///{tmp_path / 'mlflow.db'}" in out and "result card" in out
+    assert "malloc: glibc.malloc.hugetlb=1" in out  # the CLI restarted itself with glibc's huge pages
     evals = runs(tmp_path, "evaluation")
     assert evals and all(r.info.status == "FINISHED" for r in evals)
     assert len({r.data.tags["eval_key"] for r in evals}) == len(evals)  # one run per eval_key

@@ -123,3 +123,15 @@ def test_the_cache_is_bounded():
     for i in range(5):
         cache.get((i,), lambda i=i: i)
     assert len(cache._entries) == 3 and cache.get((0,), lambda: "rebuilt")[0] == "rebuilt"
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_the_host_built_optimiser_state_is_optax_own(optimizer):
+    from fmnas_jax.model import init_variables
+    from fmnas_jax.programs import init_opt_state, moments
+
+    params = init_variables(GENOME, 0)["params"]
+    ours = init_opt_state(params, optimizer, 0.1)
+    for module, p in params.items():
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), ours[module],
+                               moments(optimizer).init(p))  # fmt: skip
