@@ -125,7 +125,13 @@ class _CallbackError(Exception):
 
 
 def safe_evaluate(
-    genome: Genome, spec: EvalSpec, cache: DataCache, where: str = "", on_epoch: Callable | None = None, device: Any = None
+    genome: Genome,
+    spec: EvalSpec,
+    cache: DataCache,
+    where: str = "",
+    on_epoch: Callable | None = None,
+    device: Any = None,
+    fused: bool = False,
 ) -> EvalResult:
     """train_and_evaluate on `device`; an exception becomes a FAILED result whose reason says where."""
     import jax
@@ -143,7 +149,7 @@ def safe_evaluate(
     try:
         dd = cache.get(spec, device)
         with jax.default_device(dd.device):
-            return train_and_evaluate(genome, dd, spec.trainer, spec.seed, on_epoch and reporting, spec.keep_variables, spec.test)
+            return train_and_evaluate(genome, dd, spec.trainer, spec.seed, on_epoch and reporting, spec.keep_variables, spec.test, fused)
     except _CallbackError as e:
         raise e.__cause__ from None
     except Exception as e:  # one broken genome must not end a search of many
@@ -152,12 +158,15 @@ def safe_evaluate(
 
 
 class InProcess(_Batches):
-    """One evaluation at a time, in this process: `next_result` trains the oldest submitted one."""
+    """One evaluation at a time, in this process: `next_result` trains the oldest submitted one.
+
+    `fused` compiles each genome's whole step as one program: for a long training of one genome (the final
+    retrain, +experiment=train) on several threads; a search's many genomes share compiled pieces instead."""
 
     parallelism, streams_epochs = 1, True
 
-    def __init__(self, loader: Loader = data_mod.load, description: str = "in-process") -> None:
-        self.cache, self.description = DataCache(loader), description
+    def __init__(self, loader: Loader = data_mod.load, description: str = "in-process", fused: bool = False) -> None:
+        self.cache, self.description, self.fused = DataCache(loader), description, fused
         self._queued: collections.deque = collections.deque()
 
     def submit(self, tag: Any, genome: Genome, spec: EvalSpec, on_epoch: EpochCallback | None = None) -> None:
@@ -167,7 +176,7 @@ class InProcess(_Batches):
         if not self._queued:
             return None
         tag, genome, spec, on_epoch = self._queued.popleft()
-        return tag, safe_evaluate(genome, spec, self.cache, "", on_epoch)
+        return tag, safe_evaluate(genome, spec, self.cache, "", on_epoch, fused=self.fused)
 
     def close(self, now: bool = False) -> None:
         self._queued.clear()

@@ -109,10 +109,21 @@ def _spec(shape: tuple[int, ...], dtype: Any = F32) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def _compile(fn: Callable, donate: tuple[int, ...], device: Any, *args: Any) -> Any:
-    """AOT-compile `fn` for abstract `args` on `device`; Python ints stay run-time scalars."""
-    placed = [a if isinstance(a, int) else _abstract(device, a) for a in args]
-    return jax.jit(fn, donate_argnums=donate).lower(*placed).compile()
+class _Piece(NamedTuple):
+    """A piece before compilation: the function, the arguments it donates, abstract arguments (ints stay run-time scalars)."""
+
+    fn: Callable
+    donate: tuple[int, ...]
+    args: tuple
+
+    def compile(self, device: Any) -> Any:
+        """AOT-compiled for `device`."""
+        placed = [a if isinstance(a, int) else _abstract(device, a) for a in self.args]
+        return jax.jit(self.fn, donate_argnums=self.donate).lower(*placed).compile()
+
+
+def _lazy(fn: Callable, donate: tuple[int, ...], *args: Any) -> _Piece:
+    return _Piece(fn, donate, args)
 
 
 # ---------------------------------------------------------------------------
@@ -214,31 +225,36 @@ def _head_logits(activation: str, p: dict, pooled: jax.Array) -> jax.Array:
 
 def piece(key: tuple, device: Any) -> tuple[Callable, float]:
     """The compiled program for `key` on `device`, and the seconds spent compiling it now (0 if cached)."""
-    return CACHE.get((*key, device.platform, device.id), lambda: _BUILDERS[key[0]](device, *key[1:]))
+    return CACHE.get((*key, device.platform, device.id), lambda: _BUILDERS[key[0]](*key[1:]).compile(device))
 
 
-def _sample(device, settings: StepSettings, train_shape: tuple[int, ...]):
+def raw(key: tuple) -> Callable:
+    """The uncompiled function of the piece `key` (to trace inside a bigger program)."""
+    return _BUILDERS[key[0]](*key[1:]).fn
+
+
+def _sample(settings: StepSettings, train_shape: tuple[int, ...]):
     n, vec = train_shape[0], _spec((2,))
     key = jax.eval_shape(lambda: jax.random.key(0))
     fn = lambda *a: batch_at(settings, *a)  # noqa: E731
-    return _compile(fn, (), device, _spec(train_shape, jnp.uint8), _spec((n,), jnp.int32), vec, _spec((n,), jnp.int32), key, 0, 0)
+    return _lazy(fn, (), _spec(train_shape, jnp.uint8), _spec((n,), jnp.int32), vec, _spec((n,), jnp.int32), key, 0, 0)
 
 
-def _eval_sample(device, eval_shape: tuple[int, ...], batch: int):
+def _eval_sample(eval_shape: tuple[int, ...], batch: int):
     def fn(x_all, y_all, norm, start, stop):
         x = normalise(jax.lax.dynamic_slice_in_dim(x_all, start, batch), norm)
         y = jax.lax.dynamic_slice_in_dim(y_all, start, batch)
         return x, y, (start + jnp.arange(batch)) < stop  # rows past the split do not count
 
-    return _compile(fn, (), device, _spec(eval_shape, jnp.uint8), _spec(eval_shape[:1], jnp.int32), _spec((2,)), 0, 0)
+    return _lazy(fn, (), _spec(eval_shape, jnp.uint8), _spec(eval_shape[:1], jnp.int32), _spec((2,)), 0, 0)
 
 
-def _conv_fwd(device, kind: str, filters: int, kernel: int, c_in: int, size: int, batch: int):
+def _conv_fwd(kind: str, filters: int, kernel: int, c_in: int, size: int, batch: int):
     conv, shapes = _conv(kind, filters, kernel), _conv_shapes(filters, kernel, c_in)
-    return _compile(lambda p, x: conv.apply({"params": p}, x), (), device, shapes, _spec((batch, size, size, c_in)))
+    return _lazy(lambda p, x: conv.apply({"params": p}, x), (), shapes, _spec((batch, size, size, c_in)))
 
 
-def _conv_bwd(device, kind: str, filters: int, kernel: int, c_in: int, size: int, batch: int, need_dx: bool):
+def _conv_bwd(kind: str, filters: int, kernel: int, c_in: int, size: int, batch: int, need_dx: bool):
     """Gradients of a convolution from its output's gradient; its forward result is not recomputed (XLA drops it)."""
     conv, out = _conv(kind, filters, kernel), output_sizes(Genome((ConvGene(kind, filters, kernel, "relu"),), "relu"), size)[0]
 
@@ -250,18 +266,18 @@ def _conv_bwd(device, kind: str, filters: int, kernel: int, c_in: int, size: int
         return vjp(dz)[0], None
 
     args = (_conv_shapes(filters, kernel, c_in), _spec((batch, size, size, c_in)), _spec((batch, out, out, filters)))
-    return _compile(fn, (), device, *args)
+    return _lazy(fn, (), *args)
 
 
-def _post_fwd(device, activation: str, f: int, size: int, batch: int, train: bool):
+def _post_fwd(activation: str, f: int, size: int, batch: int, train: bool):
     p, stats = _bn_shapes(f)
     if train:
         fn = lambda p, stats, z: _post(activation, p, stats, z, True)  # noqa: E731
-        return _compile(fn, (1,), device, p, stats, _spec((batch, size, size, f)))
-    return _compile(lambda p, stats, z: _post(activation, p, stats, z, False)[0], (), device, p, stats, _spec((batch, size, size, f)))
+        return _lazy(fn, (1,), p, stats, _spec((batch, size, size, f)))
+    return _lazy(lambda p, stats, z: _post(activation, p, stats, z, False)[0], (), p, stats, _spec((batch, size, size, f)))
 
 
-def _post_bwd(device, activation: str, f: int, size: int, batch: int):
+def _post_bwd(activation: str, f: int, size: int, batch: int):
     """Gradients of activation + BatchNorm, recomputed from the conv output z (cheap: elementwise and reductions)."""
 
     def fn(p, stats, z, dy):
@@ -269,19 +285,19 @@ def _post_bwd(device, activation: str, f: int, size: int, batch: int):
         return vjp(dy)
 
     p, stats = _bn_shapes(f)
-    return _compile(fn, (3,), device, p, stats, _spec((batch, size, size, f)), _spec((batch, size, size, f)))
+    return _lazy(fn, (3,), p, stats, _spec((batch, size, size, f)), _spec((batch, size, size, f)))
 
 
-def _pool(device, size: int, c: int, batch: int):
-    return _compile(lambda y: y.mean(axis=(1, 2)), (), device, _spec((batch, size, size, c)))  # (batch, c)
+def _pool(size: int, c: int, batch: int):
+    return _lazy(lambda y: y.mean(axis=(1, 2)), (), _spec((batch, size, size, c)))  # (batch, c)
 
 
-def _pool_bwd(device, size: int, c: int, batch: int):
+def _pool_bwd(size: int, c: int, batch: int):
     fn = lambda d: jnp.broadcast_to(d[:, None, None, :] / (size * size), (batch, size, size, c))  # noqa: E731
-    return _compile(fn, (), device, _spec((batch, c)))
+    return _lazy(fn, (), _spec((batch, c)))
 
 
-def _head(device, c: int, activation: str, smoothing: float, batch: int):
+def _head(c: int, activation: str, smoothing: float, batch: int):
     """Loss, gradients of the head and of its pooled input, and [summed plain loss, correct count] added to `acc`."""
 
     def fn(p, acc, pooled, y):
@@ -293,22 +309,22 @@ def _head(device, c: int, activation: str, smoothing: float, batch: int):
         sums = jnp.stack([cross_entropy(logits, y).sum(), (logits.argmax(-1) == y).sum().astype(F32)])
         return grads, acc + sums
 
-    return _compile(fn, (1,), device, _head_shapes(c), _spec((2,)), _spec((batch, c)), _spec((batch,), jnp.int32))
+    return _lazy(fn, (1,), _head_shapes(c), _spec((2,)), _spec((batch, c)), _spec((batch,), jnp.int32))
 
 
-def _head_eval(device, c: int, activation: str, batch: int):
+def _head_eval(c: int, activation: str, batch: int):
     fn = lambda p, acc, pooled, y, rows: acc + masked_sums(_head_logits(activation, p, pooled), y, rows)  # noqa: E731
     args = (_head_shapes(c), _spec((2,)), _spec((batch, c)), _spec((batch,), jnp.int32), _spec((batch,), jnp.bool_))
-    return _compile(fn, (1,), device, *args)
+    return _lazy(fn, (1,), *args)
 
 
-def _head_classes(device, c: int, activation: str, batch: int):
+def _head_classes(c: int, activation: str, batch: int):
     fn = lambda p, pooled: _head_logits(activation, p, pooled).argmax(-1)  # noqa: E731
-    return _compile(fn, (), device, _head_shapes(c), _spec((batch, c)))
+    return _lazy(fn, (), _head_shapes(c), _spec((batch, c)))
 
 
-def _normalised(device, batch: int):
-    return _compile(normalise, (), device, _spec((batch, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.uint8), _spec((2,)))
+def _normalised(batch: int):
+    return _lazy(normalise, (), _spec((batch, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.uint8), _spec((2,)))
 
 
 def moments(optimizer: str) -> optax.GradientTransformation:
@@ -320,7 +336,7 @@ def moments(optimizer: str) -> optax.GradientTransformation:
     return optax.trace(decay=0.9, nesterov=True) if optimizer == "sgd" else optax.scale_by_adam()
 
 
-def _update(device, optimizer: str, shapes: tuple[tuple[str, tuple[int, ...]], ...]):
+def _update(optimizer: str, shapes: tuple[tuple[str, tuple[int, ...]], ...]):
     """One optimiser step of one module's parameters (e.g. a conv's kernel and bias)."""
     tx, decay = moments(optimizer), optimizer == "adamw"
 
@@ -331,7 +347,7 @@ def _update(device, optimizer: str, shapes: tuple[tuple[str, tuple[int, ...]], .
         return jax.tree_util.tree_map(lambda p, u: p - lr * u, p, u), state
 
     params = {n: _spec(shape) for n, shape in shapes}
-    return _compile(fn, (0, 2), device, params, params, jax.eval_shape(tx.init, params), _spec(()), _spec(()))
+    return _lazy(fn, (0, 2), params, params, jax.eval_shape(tx.init, params), _spec(()), _spec(()))
 
 
 _BUILDERS: dict[str, Callable] = {
@@ -393,12 +409,19 @@ class _Pieces:
         return program
 
 
+class _Raw(_Pieces):
+    """The pieces' functions uncompiled, to trace a whole step or eval chunk as one program (`fused`)."""
+
+    def get(self, key: tuple) -> Callable:
+        return raw(key)
+
+
 class EvalPlan:
     """The pieces that score or classify one genome's trained variables, `chunk` images at a time."""
 
     def __init__(self, genome: Genome, chunk: int, device: Any, pieces: _Pieces | None = None) -> None:
         self.pieces = pieces or _Pieces(device)
-        self.chunk, self.genome = chunk, genome
+        self.chunk, self.genome, self.device = chunk, genome, device
         get = self.pieces.get
         self._layers, c, size = [], IN_CHANNELS, IMAGE_SIZE
         for i, (gene, out) in enumerate(zip(genome.convs, output_sizes(genome), strict=True)):
@@ -443,8 +466,8 @@ class Plan:
     """The compiled pieces one genome's training uses, `step` over them, and its `EvalPlan`."""
 
     def __init__(self, genome: Genome, settings: StepSettings, train_shape: tuple[int, ...], eval_shape: tuple[int, ...], chunk: int,
-                 device: Any) -> None:  # fmt: skip
-        self.pieces = _Pieces(device)
+                 device: Any, pieces: _Pieces | None = None) -> None:  # fmt: skip
+        self.pieces = pieces or _Pieces(device)
         get, b = self.pieces.get, settings.batch_size
         self._sample = get(("sample", settings, train_shape))
         self._layers: list[_Layer] = []
@@ -496,3 +519,56 @@ class Plan:
             self._apply(params, opt, bn, d_bn, lr)
             self._apply(params, opt, conv, d_conv, lr)
         return TrainState(params, stats, opt), acc
+
+
+# ---------------------------------------------------------------------------
+# The same plan as one program per step (XLA sees the whole step)
+# ---------------------------------------------------------------------------
+
+
+def _abstract_state(genome: Genome, optimizer: str) -> TrainState:
+    v = variable_shapes(genome)
+    opt = init_opt_state(v["params"], optimizer, 0.0)
+    return TrainState(v["params"], v["batch_stats"], jax.tree_util.tree_map(lambda a: _spec(np.shape(a), np.asarray(a).dtype), opt))
+
+
+def _fused_step(genome: Genome, settings: StepSettings, train_shape: tuple[int, ...], eval_shape: tuple[int, ...], chunk: int) -> _Piece:
+    plan = Plan(genome, settings, train_shape, eval_shape, chunk, None, _Raw(None))
+    n, vec = train_shape[0], _spec((2,))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    arrays = (_spec(train_shape, jnp.uint8), _spec((n,), jnp.int32), vec, _spec((n,), jnp.int32), key, _spec(()))
+    return _lazy(plan.step, (0, 1), _abstract_state(genome, settings.optimizer), vec, *arrays, 0, 0)
+
+
+def _fused_eval(genome: Genome, eval_shape: tuple[int, ...], chunk: int) -> _Piece:
+    plan = EvalPlan(genome, chunk, None, _Raw(None))
+    v = variable_shapes(genome)
+    variables = {"params": v["params"], "batch_stats": v["batch_stats"]}
+    return _lazy(plan.eval_chunk, (1,), variables, _spec((2,)), _spec(eval_shape, jnp.uint8), _spec(eval_shape[:1], jnp.int32),
+                 _spec((2,)), 0, 0)  # fmt: skip
+
+
+_BUILDERS |= {"fused_step": _fused_step, "fused_eval": _fused_eval}
+
+
+class FusedPlan:
+    """A genome's Plan traced whole: one compiled program per step and one per eval chunk (compiled per genome).
+
+    For a process that gives XLA several threads (an in-process run, the final retrain): a fused step let
+    XLA:CPU overlap and fuse across pieces, 8,533 against 6,347 images/s for the paper's genome on 2 threads
+    of a 2-core AMD EPYC (docs/benchmarks.md), while single-threaded workers ran both about equally fast."""
+
+    def __init__(self, genome: Genome, settings: StepSettings, train_shape: tuple[int, ...], eval_shape: tuple[int, ...], chunk: int,
+                 device: Any) -> None:  # fmt: skip
+        self.pieces = _Pieces(device)
+        self.step = self.pieces.get(("fused_step", genome, settings, train_shape, eval_shape, chunk))
+        self.eval = _FusedEval(self.pieces.get(("fused_eval", genome, eval_shape, chunk)), chunk)
+
+    @property
+    def compile_seconds(self) -> float:
+        return self.pieces.compile_seconds
+
+
+class _FusedEval(NamedTuple):
+    eval_chunk: Callable
+    chunk: int

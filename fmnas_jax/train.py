@@ -25,6 +25,7 @@ from fmnas_jax.genome import Genome, count_params
 from fmnas_jax.model import init_variables
 from fmnas_jax.programs import (  # noqa: F401  (re-exported: the batched path and the tests use them)
     EvalPlan,
+    FusedPlan,
     Plan,
     StepSettings,
     TrainState,
@@ -215,11 +216,13 @@ def eval_chunk_size(batch_size: int, dd: DeviceData) -> int:
     return min(batch_size, dd.eval_batch)
 
 
-def compiled_programs(genome: Genome, cfg: TrainConfig, dd: DeviceData) -> Programs:
+def compiled_programs(genome: Genome, cfg: TrainConfig, dd: DeviceData, fused: bool = False) -> Programs:
     """The compiled pieces of this genome's train step and eval chunk (shared with every genome that needs
-    the same piece); `compile_seconds` counts only pieces compiled by this call."""
+    the same piece), or with `fused` one program each for the whole step and chunk (see programs.FusedPlan);
+    `compile_seconds` counts only what this call compiled."""
     chunk = eval_chunk_size(cfg.batch_size, dd)
-    plan = Plan(genome, cfg.step_settings(), tuple(dd.x_train.shape), tuple(dd.x_eval.shape), chunk, dd.device)
+    kind = FusedPlan if fused else Plan
+    plan = kind(genome, cfg.step_settings(), tuple(dd.x_train.shape), tuple(dd.x_eval.shape), chunk, dd.device)
     return Programs(plan.step, plan.eval, plan.compile_seconds)
 
 
@@ -258,8 +261,11 @@ def train_and_evaluate(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     keep_variables: bool = False,
     test: bool = True,
+    fused: bool = False,
 ) -> EvalResult:
-    """Train `genome` for cfg.epochs and report train/val (and test) metrics; NaN/inf loss -> FAILED."""
+    """Train `genome` for cfg.epochs and report train/val (and test) metrics; NaN/inf loss -> FAILED.
+
+    `fused`: one compiled program for the whole step (for a process whose XLA has several threads)."""
     started = time.perf_counter()
     n_train = dd.n_train
     steps = n_train // cfg.batch_size
@@ -272,7 +278,7 @@ def train_and_evaluate(
     result = EvalResult(str(genome), "FINISHED", count_params(genome), normalisation=tuple(np.asarray(dd.norm).tolist()))
     history: dict[str, list[float]] = {k: [] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")}
     hits = cache_hits()
-    programs = compiled_programs(genome, cfg, dd)
+    programs = compiled_programs(genome, cfg, dd, fused)
     result.compile_seconds, result.cache_hits = programs.compile_seconds, cache_hits() - hits
 
     # TRAIN: steps dispatch asynchronously; one host sync per epoch reads the sums.

@@ -1,9 +1,13 @@
 """One genome's training throughput: the fmnas_jax jitted step vs an equivalent PyTorch eager loop.
 
     .venv/bin/python scripts/bench_trainer.py                       # paper's genome, batch 128, float32
+    .venv/bin/python scripts/bench_trainer.py --genome 'NC 64 7 relu;RC 32 3 relu;NC 32 3 relu;RC 64 3 relu;FL relu;'
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 ...                        # as the package's own processes run (fmnas_jax.runtime)
     .venv/bin/python scripts/bench_trainer.py --torch-python /opt/torchvenv/bin/python --rounds 3
 
-Both sides train the same architecture (Conv -> act -> BatchNorm x4, GAP, Dense(64, act), Dense(10))
+The JAX side runs the package's step both ways: fused (one program per step, the final retrain's) and
+composed of shared pieces (a search's evaluations'), in this process with XLA's default threads. Both
+sides train the same architecture (Conv -> act -> BatchNorm x4, GAP, Dense(64, act), Dense(10))
 with Adam on the same real Fashion-MNIST batches, in alternating rounds in one run on one machine.
 The PyTorch side runs in a subprocess (torch may live in another Python, e.g. 3.11). Prints a table,
 the FLOP/s reached against the CPU's peak, and a one-line summary.
@@ -83,11 +87,11 @@ def find_torch_python(explicit: str | None) -> str | None:
     return None
 
 
-def jax_rounds(genome: Genome, dd, batch: int, steps: int, rounds: int, warmup: int) -> list[float]:
-    """Images/s of the package's compiled train step over `rounds` timed windows of `steps` steps."""
+def jax_rounds(genome: Genome, dd, batch: int, steps: int, rounds: int, warmup: int, fused: bool) -> list[float]:
+    """Images/s of the package's train step (the whole step as one program, or composed of shared pieces)."""
     cfg = TrainConfig(batch_size=batch)
     state = init_state(genome, cfg, 0)
-    programs = compiled_programs(genome, cfg, dd)
+    programs = compiled_programs(genome, cfg, dd, fused)
     n = dd.n_train
     perm, per_epoch, key = jnp.arange(dd.x_train.shape[0]), n // batch, jax.random.key(0)
     lr = np.float32(1e-3)
@@ -142,9 +146,10 @@ def main() -> None:
     np.save(tmp / "bench_y.npy", data.y_train)
     torch_py = find_torch_python(args.torch_python)
 
-    jax_ips, torch_ips, torch_info = [], [], {}
+    jax_ips, composed_ips, torch_ips, torch_info = [], [], [], {}
     for _ in range(args.rounds):  # alternate, so both sides see the same machine state
-        jax_ips += jax_rounds(genome, dd, args.batch, args.steps, 1, args.warmup)
+        jax_ips += jax_rounds(genome, dd, args.batch, args.steps, 1, args.warmup, fused=True)
+        composed_ips += jax_rounds(genome, dd, args.batch, args.steps, 1, args.warmup, fused=False)
         if torch_py:
             spec = {"convs": [[c.kind, c.filters, c.kernel, c.activation] for c in genome.convs], "head": genome.head_activation,
                     "x": str(tmp / "bench_x.npy"), "y": str(tmp / "bench_y.npy"), "batch": args.batch, "steps": args.steps,
@@ -158,7 +163,7 @@ def main() -> None:
     if jax.default_backend() != "cpu":
         peak, peak_desc = float("nan"), f"{jax.devices()[0].device_kind} (peak not computed)"
     j = statistics.median(jax_ips)
-    rows = [("fmnas_jax (jax " + jax.__version__ + ", jitted step)", j)]
+    rows = [(f"fmnas_jax (jax {jax.__version__}, fused step)", j), ("fmnas_jax (composed step)", statistics.median(composed_ips))]
     if torch_ips:
         rows.append((f"PyTorch {torch_info['torch']} eager ({torch_info['threads']} threads)", statistics.median(torch_ips)))
     print(f"genome: {genome}   batch {args.batch}, float32, {flops / 1e6:.2f} MFLOP per training image")
@@ -166,7 +171,8 @@ def main() -> None:
     print(f"{'side':<48} {'images/s':>10} {'GFLOP/s':>9} {'% peak':>7}")
     for name, ips in rows:
         print(f"{name:<48} {ips:>10,.0f} {ips * flops / 1e9:>9.1f} {100 * ips * flops / peak:>6.1f}%")
-    summary = {"jax_images_per_second": j, "jax_rounds": jax_ips, "torch_rounds": torch_ips, "flops_per_image": flops, "peak_flops": peak}
+    summary = {"jax_images_per_second": j, "jax_rounds": jax_ips, "composed_rounds": composed_ips, "torch_rounds": torch_ips,
+               "flops_per_image": flops, "peak_flops": peak}  # fmt: skip
     if torch_ips:
         ratio = j / statistics.median(torch_ips)
         summary["ratio"] = ratio

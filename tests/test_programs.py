@@ -135,3 +135,14 @@ def test_the_host_built_optimiser_state_is_optax_own(optimizer):
     for module, p in params.items():
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), ours[module],
                                moments(optimizer).init(p))  # fmt: skip
+
+
+def test_the_fused_plan_trains_like_the_composed_one(dd):
+    from fmnas_jax.train import train_and_evaluate
+
+    cfg = TrainConfig(batch_size=32, epochs=2, label_smoothing=0.1, augment_flip=True)
+    composed = train_and_evaluate(GENOME, dd, cfg, seed=5)
+    fused = train_and_evaluate(GENOME, dd, cfg, seed=5, fused=True)
+    assert fused.status == composed.status == "FINISHED" and fused.compile_seconds > 0
+    for k in ("train_loss", "val_loss", "val_accuracy", "test_accuracy"):
+        assert getattr(fused, k) == pytest.approx(getattr(composed, k), rel=1e-3, abs=2e-3), k  # float rounding only

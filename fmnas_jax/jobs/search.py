@@ -201,7 +201,7 @@ def _search(
             final_bar.update(genome, epoch, row)
             progress.log_elapsed()
 
-        final = Evaluator(store, final_spec, InProcess(), parent, on_final_epoch, role="final",
+        final = Evaluator(store, final_spec, InProcess(fused=True), parent, on_final_epoch, role="final",
                           register_as=cfg.registry.model_name).evaluate(result.best)  # fmt: skip
     if final.reused:
         log.info("the winner's final run %s was already in the store; reused", final.run_id)

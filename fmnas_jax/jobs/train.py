@@ -22,7 +22,7 @@ def run_train(cfg: AppConfig, config_yaml: str, out_dir: Path) -> Card:
     store = open_store(cfg)
     spec = EvalSpec(cfg.trainer, cfg.data, cfg.seed, keep_variables=cfg.trainer.save)
     with EpochBar(cfg.trainer.epochs, cfg.progress) as bar:
-        outcome = Evaluator(store, spec, InProcess(), on_epoch=bar.update, register_as=cfg.registry.model_name).evaluate(genome)
+        outcome = Evaluator(store, spec, InProcess(fused=True), on_epoch=bar.update, register_as=cfg.registry.model_name).evaluate(genome)
     if outcome.reused:
         log.info("reused stored run %s (same genome and budget); nothing trained", outcome.run_id)
     else:
