@@ -108,6 +108,10 @@ class Evaluator:
         return Outcome(genome, key, stored.run_id, "FINISHED", stored.metrics, reused=True, parent_run_id=stored.parent_run_id,
                        end_time=stored.end_time)  # fmt: skip
 
+    def stored(self) -> list[StoredEval]:
+        """Every FINISHED result of this budget and role the store held when the evaluator was made."""
+        return list(self.known.values())
+
     def counts(self) -> dict[str, int]:
         """Evaluations this evaluator trained, reused from the store, and saw fail."""
         return {"trained": self.trained, "reused": self.reused, "failed": self.failed}

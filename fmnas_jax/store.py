@@ -110,6 +110,7 @@ class RunRecord:
     params: dict[str, str]
     metrics: dict[str, float]
     parent_run_id: str | None
+    start_time: int = 0  # ms since the epoch
 
     @property
     def checkpoint(self) -> str | None:
@@ -637,7 +638,7 @@ class Store:
     def _record(run: Any) -> RunRecord:
         tags = dict(run.data.tags)
         return RunRecord(run.info.run_id, run.info.run_name, run.info.status, tags.get(ROLE), tags, dict(run.data.params),
-                         dict(run.data.metrics), tags.get(PARENT))  # fmt: skip
+                         dict(run.data.metrics), tags.get(PARENT), run.info.start_time or 0)  # fmt: skip
 
     # -- recovery -----------------------------------------------------------------
 

@@ -104,11 +104,14 @@ def test_asha_promotes_the_top_third_of_each_rung_so_far_and_keeps_every_slot_bu
     assert rungs[0].fitness_of(rungs[0].outcomes[below]) - 2 * RUNG_PENALTY < result.best_fitness  # penalised below the top
 
 
-def test_a_rerun_trains_nothing_and_retraces_the_same_path(tracking_uri):
+@pytest.mark.parametrize("strategy", [True, "optuna"])
+def test_a_rerun_trains_nothing_and_retraces_the_same_path(tracking_uri, strategy):
+    if strategy == "optuna":
+        pytest.importorskip("optuna")
     store = Store(tracking_uri, "asha")
-    first_parent, first_rungs, first = _search(store, SimulatedWorkers(3), set(), climb=True)
+    first_parent, first_rungs, first = _search(store, SimulatedWorkers(3), set(), climb=strategy)
     again = SimulatedWorkers(3)
-    _, rungs, second = _search(store, again, {first_parent}, climb=True)
+    _, rungs, second = _search(store, again, {first_parent}, climb=strategy)
     assert again.trained == []
     assert [s.genome for s in second.path] == [s.genome for s in first.path] and second.best == first.best
     assert [list(r.outcomes) for r in rungs] == [list(r.outcomes) for r in first_rungs]  # the same order of arrival

@@ -214,3 +214,57 @@ def test_local_search_beats_random_search_at_equal_budget_on_a_smooth_landscape(
     climb = [hill_climb(SPACE, TableObjective(budget), np.random.default_rng(s), SearchConfig(budget=budget)).best_fitness for s in seeds]
     evolve = [_evolve(s, budget)[0].best_fitness for s in seeds]
     assert np.mean(climb) > np.mean(rand) and np.mean(evolve) > np.mean(rand), (climb, evolve, rand)
+
+
+def _optuna(seed: int, budget: int, sampler: str = "tpe"):
+    from fmnas_jax.search.base import drive
+    from fmnas_jax.search.optuna_search import OptunaSearch
+
+    obj = TableObjective(budget)
+    return drive(OptunaSearch(SPACE, seed, sampler), obj), obj
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "random"])
+def test_optuna_respects_the_budget_and_is_seeded(sampler):
+    pytest.importorskip("optuna")
+    res, obj = _optuna(1, 40, sampler)
+    assert len(obj.seen) == 40 and obj.exhausted
+    assert res.best_fitness == max(obj.seen.values()) and str(res.best) in obj.seen
+    assert _optuna(1, 40, sampler)[0] == res and _optuna(2, 40, sampler)[0].path != res.path
+
+
+def test_optuna_genes_round_trip_and_keep_to_the_size_cap():
+    pytest.importorskip("optuna")
+    from fmnas_jax.search.optuna_search import OptunaSearch, decode, encode
+
+    assert decode(encode(TARGET, SPACE), SPACE) == TARGET
+    capped = SearchSpace(max_params=5000)
+    search = OptunaSearch(capped, seed=0)
+    asked = [search.ask() for _ in range(30)]
+    assert all(capped.fits(g) for g in asked)
+    for g in asked:
+        search.tell(g, -distance(g))
+    failed = [t for t in search.study.trials if t.state.name == "FAIL"]
+    assert len(search.study.trials) == 30 + len(failed)  # over-the-cap proposals are failed trials, not evaluations
+
+
+def test_optuna_learns_from_known_results_and_a_higher_rung_adds_a_trial():
+    pytest.importorskip("optuna")
+    from fmnas_jax.search.optuna_search import OptunaSearch
+
+    known = {random_genome(SPACE, np.random.default_rng(i)): float(-i) for i in range(5)}
+    search = OptunaSearch(SPACE, seed=0, known=known)
+    assert len(search.study.trials) == 5
+    g = search.ask()
+    search.tell(g, -30.0)  # a rung-0 result
+    search.tell(g, -2.5)  # the same genome from a higher rung
+    assert len(search.study.trials) == 7 and max(t.value for t in search.study.trials if t.params == search.study.trials[-1].params) == -2.5
+    assert search.scores[g] == -2.5
+
+
+def test_tpe_beats_random_sampling_at_equal_budget_on_a_smooth_landscape():
+    pytest.importorskip("optuna")
+    budget, seeds = 120, range(4)
+    tpe = [_optuna(s, budget)[0].best_fitness for s in seeds]
+    rand = [random_search(SPACE, TableObjective(budget), np.random.default_rng(s), {}).best_fitness for s in seeds]
+    assert np.mean(tpe) > np.mean(rand), (tpe, rand)

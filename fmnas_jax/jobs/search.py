@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,7 @@ def _search(
         count = None if sc.time_budget is not None else sc.population_size + (0 if sc.strategy == "table" else sc.budget)
         allowance.allow(count if count is not None else 10**9)
         scheduler = AsyncHalving(rungs, sc.fidelity.eta, backend)
-        result = scheduler.run(_strategy(cfg, rng, population=population, eager=True))
+        result = scheduler.run(_strategy(cfg, rng, population=population, eager=True, foreign=_foreign(cfg, store, rungs[-1], own)))
         if sc.strategy == "table":
             result = _table_climb(cfg, rungs[-1], rng)
     else:
@@ -176,7 +177,8 @@ def _search(
         if sc.strategy == "table":
             result = _table_climb(cfg, rungs[-1], rng)
         else:
-            result = drive(_strategy(cfg, rng, known=scores, start=max(scores, key=lambda g: scores[g])), objective)
+            start = max(scores, key=lambda g: scores[g])
+            result = drive(_strategy(cfg, rng, known=scores, start=start, foreign=_foreign(cfg, store, rungs[-1], own)), objective)
     progress.close()
     epochs.close()
     _log_counts(f"search done ({result.best}, fitness {result.best_fitness:.4f})", rungs)
@@ -243,8 +245,9 @@ def _leader(rungs: list[SearchObjective]) -> Genome | None:
 
 
 def _strategy(cfg: AppConfig, rng: np.random.Generator, known: dict | None = None, start: Genome | None = None,
-              population: list[Genome] | tuple[Genome, ...] = (), eager: bool = False) -> Strategy:  # fmt: skip
-    """The configured strategy, given the evaluated population (`known`, `start`) or the population to ask first."""
+              population: Sequence[Genome] = (), eager: bool = False, foreign: dict | None = None) -> Strategy:  # fmt: skip
+    """The configured strategy, given the evaluated population (`known`, `start`) or the population to ask first;
+    `foreign`: other searches' results a model-based sampler may learn from."""
     sc = cfg.search
     if sc.strategy == "hillclimb":
         return HillClimber(cfg.search_space, rng, sc, start=start, population=population, eager=eager)
@@ -252,7 +255,25 @@ def _strategy(cfg: AppConfig, rng: np.random.Generator, known: dict | None = Non
         return RandomSearch(cfg.search_space, rng, known, population)
     if sc.strategy == "evolution":
         return RegularizedEvolution(cfg.search_space, rng, sc.tournament_size, known, population)
+    if sc.strategy == "optuna":
+        from fmnas_jax.search.optuna_search import OptunaSearch
+
+        return OptunaSearch(cfg.search_space, sc.seed, sc.sampler, {**(foreign or {}), **(known or {})}, population)
     return PopulationOnly(population)  # table: the population only; the climb runs over the stored table afterwards
+
+
+def _foreign(cfg: AppConfig, store: Store, top: SearchObjective, own: OwnSearches) -> dict[Genome, float]:
+    """Other searches' results at this search's own budget, stored before its first attempt began (so every attempt
+    sees the same ones), for a sampler that learns from them (search=optuna); {} for the other strategies."""
+    if cfg.search.strategy != "optuna":
+        return {}
+    first = min(store.get_run(r).start_time for r in own.known)
+    out = {}
+    for s in top.evaluator.stored():
+        genome = _parsed(s.genome, cfg.search_space)
+        if genome is not None and s.parent_run_id not in own and s.end_time < first:
+            out[genome] = top.fitness_of(Outcome(genome, s.eval_key, s.run_id, "FINISHED", s.metrics, True))
+    return out
 
 
 def _earlier_attempts(store: Store, own: OwnSearches, parent: str) -> tuple[float, bool]:

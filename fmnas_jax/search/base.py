@@ -18,7 +18,8 @@ from typing import Protocol
 from fmnas_jax.cost import parse_duration
 from fmnas_jax.genome import Genome
 
-STRATEGIES = ("hillclimb", "table", "random", "evolution")
+STRATEGIES = ("hillclimb", "table", "random", "evolution", "optuna")
+SAMPLERS = ("tpe", "nsga2", "random")  # search=optuna
 FIDELITY_MODES = ("none", "halving", "asha")
 MOVES = ("first", "steepest")
 
@@ -64,6 +65,7 @@ class SearchConfig:
     patience: int = 2
     max_restarts: int = 10
     tournament_size: int = 5
+    sampler: str = "tpe"  # search=optuna: tpe | nsga2 | random
     time_budget: str | None = None  # the whole job (search and final retrain): 600, '12m', '1.5h'; null = no limit
     final_share: float = 0.5  # the most of time_budget the search keeps back for the winner's retrain
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
@@ -83,6 +85,8 @@ class SearchConfig:
             raise ValueError(f"search.final_share {self.final_share} must be between 0 and 1 (exclusive)")
         if self.tournament_size < 1:
             raise ValueError(f"search.tournament_size {self.tournament_size} must be >= 1")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"search.sampler {self.sampler!r} is not one of {list(SAMPLERS)}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"search.strategy {self.strategy!r} is not one of {list(STRATEGIES)}")
         if self.move not in MOVES:
