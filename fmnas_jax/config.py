@@ -7,6 +7,7 @@ them. `build()` rejects unknown keys and wrong types with the key's full dotted 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import types
 import typing
@@ -21,6 +22,7 @@ from fmnas_jax.search.fitness import FitnessConfig
 from fmnas_jax.train import TrainConfig
 
 MODES = ("search", "train", "predict")
+FULL_TRAIN = 60_000  # Fashion-MNIST's training images, the validation split included
 BATCHING = ("none", "buckets")
 
 
@@ -134,6 +136,20 @@ class AppConfig:
         check_bucket_limits(self.bucket_size, self.bucket_waste)
         if self.mode == "search":
             self.final.trainer(self.trainer)  # a bad final.* value fails now, named as final.*
+            self._check_rungs()
+
+    def _check_rungs(self) -> None:
+        """Each rung must train fewer images than the next, up to the search's own budget (trainer.* on data.*)."""
+        fid = self.search.fidelity
+        if fid.mode == "none":
+            return
+        pool = FULL_TRAIN - self.data.val_size
+        cost = [(f"search.fidelity.rungs[{i}]", r.epochs, r.train_size or pool) for i, r in enumerate(fid.rungs)]
+        cost.append(("the search's own budget (trainer.epochs on data.train_size)", self.trainer.epochs, self.data.train_size or pool))
+        for (a, ea, na), (b, eb, nb) in itertools.pairwise(cost):
+            if ea * na >= eb * nb:
+                raise ValueError(f"{a} trains {ea} x {na:,} = {ea * na:,} images, not fewer than {b}'s {eb} x {nb:,} = {eb * nb:,}: "
+                                 "rungs must grow in cost up to the search's own budget")  # fmt: skip
 
 
 class ConfigError(ValueError):

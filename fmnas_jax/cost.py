@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import nnls
 
 from fmnas_jax.genome import Genome, activation_elements, train_flops_per_image
 
@@ -26,9 +27,11 @@ MIN_SAMPLES = 6
 # ~0.1 ms per image of fixed cost, ~13 GFLOP/s of training compute per worker (the paper's genome,
 # 9.8 MFLOP per image, at ~1,200 images/s).
 PRIOR = (2.0, 1.0e-4, 1 / 1.3e10, 0.0)
-# Two pinned single-threaded workers evaluate ~1.2x the images/s of one process using both cores
-# (docs/benchmarks.md), so one in-process evaluation runs ~n/1.2 times faster than one worker's.
-WORKERS_OVER_ONE_PROCESS = 1.2
+# Two pinned single-threaded workers (the composed step) train ~1.05x the images/s of one process running the
+# fused step on both cores (the final retrain), for the narrow genomes the main job picks: 2 x 5,703 against
+# 11,096 and 2 x 4,430 against 8,253 images/s (2-core AMD EPYC, 2026-12-01, docs/benchmarks.md); so one
+# in-process evaluation runs ~n/1.05 times faster than one worker's. (Wide genomes scale worse on threads.)
+WORKERS_OVER_ONE_PROCESS = 1.05
 
 
 @dataclass(frozen=True)
@@ -61,15 +64,8 @@ class CostModel:
         features = np.array([[1.0, train_flops_per_image(s.genome), activation_elements(s.genome)] for s in recent])
         per_image = np.array([s.train_seconds / s.images for s in recent])
         overhead = float(np.median([s.seconds - s.train_seconds for s in recent]))
-        scale = features.max(axis=0)  # columns of similar size for the solver
-        active = [0, 1, 2]
-        while True:  # non-negative least squares by dropping negative terms (3 columns: at most 3 rounds)
-            coef, *_ = np.linalg.lstsq(features[:, active] / scale[active], per_image, rcond=None)
-            if (coef >= 0).all() or len(active) == 1:
-                break
-            active.pop(int(np.argmin(coef)))
-        full = np.zeros(3)
-        full[active] = np.maximum(coef, 0) / scale[active]
+        scale = np.maximum(features.max(axis=0), 1e-12)  # columns of similar size for the solver
+        full = nnls(features / scale, per_image)[0] / scale  # non-negative: no term may make an image cheaper
         if full.sum() > 0:
             self.coef = (max(overhead, 0.0), float(full[0]), float(full[1]), float(full[2]))
 

@@ -84,6 +84,14 @@ def test_command_line_overrides_win():
         ("batching=vmap", "batching 'vmap' is not one of ['none', 'buckets']"),
         ("bucket_waste=0.5", "bucket_waste 0.5"),
         ("search.final_share=1.0", "search.final_share 1.0 must be between 0 and 1"),
+        ("search.sampler=cmaes", "search.sampler 'cmaes' is not one of ['tpe', 'nsga2', 'random']"),
+        ("search.time_budget=null", "search.budget and search.time_budget are both null"),
+        # a "tiny" search whose rungs cost more than its own budget: refused, naming the settings
+        ("data.train_size=2000", "search.fidelity.rungs[1] trains 2 x 10,000 = 20,000 images, not fewer than the search's own budget"),
+        (
+            "search.fidelity.rungs=[{epochs: 2, train_size: 4000}, {epochs: 1, train_size: 4000}]",
+            "search.fidelity.rungs[0] trains 2 x 4,000 = 8,000 images, not fewer than search.fidelity.rungs[1]'s 1 x 4,000",
+        ),
     ],
 )
 def test_bad_values_are_refused_with_their_name(override, fragment):
@@ -124,3 +132,15 @@ def test_build_checks_types():
         build(SearchConfig, {"budget": 2.5}, "search")
     with pytest.raises(ConfigError, match="search.seed must be an integer, got True"):
         build(SearchConfig, {"seed": True}, "search")
+
+
+def test_a_count_and_a_time_budget_together_both_hold():
+    from fmnas_jax.objective import Allowance
+
+    app = to_app_config(_compose("+experiment=hillclimb", "search.budget=6"))
+    assert app.search.budget == 6 and app.search.time_budget == "14m"  # both kept, not one silently dropped
+    from fmnas_jax.genome import PAPER_GENOME, Genome
+
+    allowance = Allowance(count=2, seconds=1000)
+    g = Genome.parse(PAPER_GENOME)
+    assert [allowance.admit(g, 100) for _ in range(3)] == [True, True, False] and allowance.exhausted  # the count ended first

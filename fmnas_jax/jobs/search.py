@@ -73,11 +73,9 @@ def run_search(cfg: AppConfig, config_yaml: str, out_dir: Path) -> Card:
     specs = rung_specs(cfg)
     budgets = " | ".join(f"rung {i}: {describe_budget(s.trainer, s.data)}" for i, s in enumerate(specs)) if len(specs) > 1 else \
         describe_budget(cfg.trainer, cfg.data)  # fmt: skip
-    limit = (
-        f"time budget {sc.time_budget} (search and final retrain)"
-        if sc.time_budget
-        else f"{sc.budget} new evaluations after the population"
-    )
+    limits = [f"time budget {sc.time_budget} (search and final retrain)"] * bool(sc.time_budget)
+    limits += [f"{sc.budget} new evaluations after the population"] * (sc.budget is not None and sc.strategy != "table")
+    limit = " and ".join(limits) + (", whichever ends first" if len(limits) > 1 else "")
     log.info("search: %s, population %d, %s; each evaluation: %s", sc.strategy, sc.population_size, limit, budgets)
     log.info("change it with e.g. search.time_budget=30m search.population_size=40 trainer.epochs=5 data.train_size=null")
     key = search_key(cfg)
@@ -161,7 +159,8 @@ def _search(
 
     if sc.fidelity.mode == "asha":
         # POPULATION and STRATEGY through one asynchronous scheduler: the population is asked first.
-        count = None if sc.time_budget is not None else sc.population_size + (0 if sc.strategy == "table" else sc.budget)
+        # Both limits hold, whichever ends first; with asynchronous rounds the population's evaluations count too.
+        count = sc.population_size + (0 if sc.strategy == "table" else sc.budget) if sc.budget is not None else None
         allowance.allow(count if count is not None else 10**9)
         scheduler = AsyncHalving(rungs, sc.fidelity.eta, backend)
         result = scheduler.run(_strategy(cfg, rng, population=population, eager=True, foreign=_foreign(cfg, store, rungs[-1], own)))
@@ -173,7 +172,7 @@ def _search(
         scores = dict(zip(population, objective(population), strict=True))
         _log_counts("population", rungs)
         # STRATEGY
-        allowance.allow(0 if sc.strategy == "table" else sc.budget if sc.time_budget is None else 10**9)
+        allowance.allow(0 if sc.strategy == "table" else sc.budget if sc.budget is not None else 10**9)  # and the clock, if timed
         if sc.strategy == "table":
             result = _table_climb(cfg, rungs[-1], rng)
         else:
@@ -304,7 +303,7 @@ def _table_climb(cfg: AppConfig, top: SearchObjective, rng: np.random.Generator)
         o = Outcome(genome, s.eval_key, s.run_id, "FINISHED", s.metrics, True, parent_run_id=s.parent_run_id)
         top.outcomes.setdefault(genome, o)
         rows.append((genome, int(s.metric("param_count")), s.metric(cfg.fitness.metric), top.fitness_of(o)))
-    return table_climb(rows, rng, cfg.search.patience, max(cfg.search.max_restarts, 1000))
+    return table_climb(rows, rng, cfg.search.patience, cfg.search.max_restarts)
 
 
 def _parsed(text: str, space: SearchSpace) -> Genome | None:
@@ -322,7 +321,7 @@ class _Progress:
     def __init__(self, cfg: AppConfig, store: Store, parent: str, started: float) -> None:
         sc, self.started, self.store, self.parent, self.count = cfg.search, started, store, parent, 0
         self.seconds = sc.time_budget_seconds
-        planned = sc.population_size + (sc.budget if sc.strategy != "table" else 0)
+        planned = sc.population_size + (sc.budget or 0 if sc.strategy != "table" else 0)
         if self.seconds is not None:
             self.bar = count_bar(int(self.seconds), "time budget", "s", cfg.progress)
         else:

@@ -60,7 +60,7 @@ class SearchConfig:
     strategy: str = "hillclimb"
     seed: int = 0
     population_size: int = 20
-    budget: int = 30
+    budget: int | None = 30  # new evaluations after the population; null = as many as the time budget allows
     move: str = "first"
     patience: int = 2
     max_restarts: int = 10
@@ -93,8 +93,10 @@ class SearchConfig:
             raise ValueError(f"search.move {self.move!r} is not one of {list(MOVES)}")
         if self.population_size < 1:
             raise ValueError(f"search.population_size {self.population_size} must be >= 1")
-        if self.budget < 0:
+        if self.budget is not None and self.budget < 0:
             raise ValueError(f"search.budget {self.budget} must be >= 0")
+        if self.budget is None and self.time_budget is None:
+            raise ValueError("search.budget and search.time_budget are both null: the search would never end; set one (or both)")
         if self.patience < 1 or self.max_restarts < 0:
             raise ValueError(f"search.patience {self.patience} must be >= 1 and search.max_restarts {self.max_restarts} >= 0")
 

@@ -1,0 +1,115 @@
+"""What the strategy benchmark (scripts/bench_search.py) computes from its CSV: intervals and paired differences.
+
+One row per (strategy, seed): the search's winner and its test accuracy after a retrain done alike for
+every winner. Seeds are paired across strategies (every strategy ran each seed's population), so a
+strategy is compared with random search by the per-seed differences, which cancels most of the seed's
+own luck. Intervals are Student-t 95 % intervals of a mean over seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from scipy import stats
+
+BASELINE = "random+asha"  # what the other strategies are paired against (random search with the same rungs)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One benchmark search: its strategy, seed and winner, the winner's retrained accuracy, what it cost."""
+
+    strategy: str
+    main: str  # "yes" on the rows of the strategy +experiment=hillclimb uses
+    seed: int
+    winner: str
+    params: int
+    val_accuracy: float  # the retrain's validation accuracy
+    test_accuracy: float  # the retrain's test accuracy (reported, never selected on)
+    evaluations: int  # new evaluations the search trained, all rungs
+    wall_seconds: float  # the search's wall-clock seconds
+    top_rung_evaluations: int = 0
+    search_val_accuracy: float = math.nan  # the winner's validation accuracy at the search's top rung
+    search_run_id: str = ""
+
+
+def read_rows(path: str | Path) -> list[Row]:
+    """The rows of a benchmark CSV ([] if it does not exist yet)."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    types = {f.name: f.type for f in fields(Row)}
+    out = []
+    with p.open(newline="") as f:
+        for raw in csv.DictReader(f):
+            values = {k: (int(v) if types[k] in ("int", int) else float(v) if types[k] in ("float", float) else v) for k, v in raw.items()}
+            out.append(Row(**values))
+    return out
+
+
+def append_row(path: str | Path, row: Row) -> None:
+    """Add one row (the header first if the file is new): a stopped benchmark keeps what it finished."""
+    p = Path(path)
+    new = not p.exists()
+    with p.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Row)])
+        if new:
+            w.writeheader()
+        w.writerow(asdict(row))
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+
+def mean_interval(values: Sequence[float], level: float = 0.95) -> Interval:
+    """Mean and its Student-t interval (a single value: the interval is that value)."""
+    n = len(values)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    m = statistics.fmean(values)
+    if n == 1:
+        return Interval(m, m, m, 1)
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return Interval(m, m - half, m + half, n)
+
+
+def paired_difference(rows: Iterable[Row], strategy: str, baseline: str = BASELINE, key: str = "test_accuracy") -> Interval:
+    """Mean over the seeds both ran of (strategy - baseline) in `key`, with its interval."""
+    by = {(r.strategy, r.seed): getattr(r, key) for r in rows}
+    seeds = sorted({s for st, s in by if st == strategy} & {s for st, s in by if st == baseline})
+    return mean_interval([by[strategy, s] - by[baseline, s] for s in seeds])
+
+
+def summary_table(rows: Sequence[Row], baseline: str = BASELINE) -> str:
+    """Markdown: per strategy, winner test accuracy and parameters with intervals, and the paired difference to `baseline`."""
+    lines = [
+        f"| strategy | seeds | winner test accuracy (95 % CI) | parameters | evaluations | minus {baseline}, paired (95 % CI) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in dict.fromkeys(r.strategy for r in rows):
+        mine = [r for r in rows if r.strategy == name]
+        t, p = mean_interval([100 * r.test_accuracy for r in mine]), mean_interval([r.params for r in mine])
+        e = statistics.fmean(r.evaluations for r in mine)
+        main = " (main job)" if mine[0].main == "yes" else ""
+        if name == baseline:
+            diff = "—"
+        else:
+            d = paired_difference(rows, name, baseline)
+            diff = f"{100 * d.mean:+.2f} ({100 * d.low:+.2f} .. {100 * d.high:+.2f}), n={d.n}" if d.n else "no paired seeds"
+        lines.append(f"| {name}{main} | {len(mine)} | {t.mean:.2f} ({t.low:.2f} .. {t.high:.2f}) % | {p.mean:,.0f} ± {p.half_width:,.0f} "
+                     f"| {e:.0f} | {diff} |")  # fmt: skip
+    return "\n".join(lines) + "\n"

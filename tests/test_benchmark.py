@@ -1,0 +1,52 @@
+"""The strategy benchmark's statistics on a fixed CSV give the numbers worked out by hand."""
+
+import math
+
+import pytest
+
+from fmnas_jax.benchmark import Row, append_row, mean_interval, paired_difference, read_rows, summary_table
+
+T_975_2 = 4.302652729749464  # Student t, 97.5 % quantile, 2 degrees of freedom
+
+
+def _rows():
+    acc = {"random+asha": [0.90, 0.91, 0.89], "hillclimb+asha": [0.91, 0.93, 0.90], "tpe+asha": [0.92, 0.90]}
+    return [Row(name, "yes" if name == "hillclimb+asha" else "no", seed, f"g{seed}", 10000 + seed, a + 0.005, a, 100, 600.0, 30, a + 0.01)
+            for name, values in acc.items() for seed, a in enumerate(values)]  # fmt: skip
+
+
+def test_csv_round_trip_appends_rows(tmp_path):
+    path = tmp_path / "bench.csv"
+    assert read_rows(path) == []
+    for r in _rows():
+        append_row(path, r)
+    assert read_rows(path) == _rows()
+    header = "strategy,main,seed,winner,params,val_accuracy,test_accuracy,evaluations,wall_seconds"
+    assert path.read_text().splitlines()[0].startswith(header)
+
+
+def test_mean_interval_by_hand():
+    i = mean_interval([0.90, 0.91, 0.89])
+    sd = 0.01
+    assert i.mean == pytest.approx(0.90) and i.n == 3
+    assert i.half_width == pytest.approx(T_975_2 * sd / math.sqrt(3))
+    assert mean_interval([0.5]).low == 0.5 and math.isnan(mean_interval([]).mean)
+
+
+def test_paired_difference_by_hand():
+    d = paired_difference(_rows(), "hillclimb+asha", "random+asha")
+    diffs = [0.01, 0.02, 0.01]
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 2)
+    assert d.n == 3 and d.mean == pytest.approx(mean)
+    assert (d.low, d.high) == pytest.approx((mean - T_975_2 * sd / math.sqrt(3), mean + T_975_2 * sd / math.sqrt(3)))
+    assert d.low < 0 < d.high  # three seeds this close do not tell them apart
+    tpe = paired_difference(_rows(), "tpe+asha", "random+asha")  # only the seeds both ran: 0 and 1
+    assert tpe.n == 2 and tpe.mean == pytest.approx(((0.92 - 0.90) + (0.90 - 0.91)) / 2)
+
+
+def test_summary_table_names_the_main_job_and_the_paired_differences():
+    table = summary_table(_rows(), "random+asha")
+    assert "| hillclimb+asha (main job) | 3 | 91.33 (" in table
+    assert "+1.33 (" in table and "n=3" in table
+    assert "| random+asha | 3 | 90.00 (" in table and "| — |" in table
