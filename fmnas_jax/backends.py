@@ -10,8 +10,9 @@
   vmapped program per bucket; opt-in, meant for GPUs.
 
 Every backend loads data through a `DataCache` (with an injectable loader, so tests can use
-synthetic data) and turns an exception into a FAILED result with a reason (`safe_evaluate`),
-so one broken genome never ends a search. No jax import at module level: a worker process
+synthetic data) and turns an exception into a FAILED result with a reason, so one broken genome
+never ends a search: `safe_evaluate` for one genome, and for a bucket (which trains several at
+once) the same for each of its genomes. No jax import at module level: a worker process
 must set its XLA flags before jax loads.
 """
 
@@ -63,6 +64,7 @@ class Backend(Protocol):
     parallelism: int  # evaluations it runs at once (strategies may ask for this many together)
     description: str  # for the log
     streams_epochs: bool  # True: on_epoch is called as epochs end; False: results carry their whole history
+    separate_processes: bool  # each slot is a process of its own (one in-process evaluation may use all their cores)
 
     def submit(self, tag: Any, genome: Genome, spec: EvalSpec, on_epoch: EpochCallback | None = None) -> None:
         """Start (or queue) one evaluation; its result comes back from `next_result` with `tag`."""
@@ -163,7 +165,7 @@ class InProcess(_Batches):
     `fused` compiles each genome's whole step as one program: for a long training of one genome (the final
     retrain, +experiment=train) on several threads; a search's many genomes share compiled pieces instead."""
 
-    parallelism, streams_epochs = 1, True
+    parallelism, streams_epochs, separate_processes = 1, True, False
 
     def __init__(self, loader: Loader = data_mod.load, description: str = "in-process", fused: bool = False) -> None:
         self.cache, self.description, self.fused = DataCache(loader), description, fused
@@ -227,7 +229,7 @@ def cpu_workers() -> int:
 class Workers(_Batches):
     """`n` spawned single-threaded worker processes, each pinned to one core."""
 
-    streams_epochs = False
+    streams_epochs, separate_processes = False, True
 
     def __init__(self, n: int, cache_dir: str | None, loader: Loader = data_mod.load) -> None:
         from fmnas_jax.runtime import with_huge_pages
@@ -240,7 +242,7 @@ class Workers(_Batches):
         for i in range(n):
             cores.put(allowed[i % len(allowed)])
         self.parallelism = n
-        self.description = f"{n} worker processes, each pinned to one CPU core (workers=1 to disable)"
+        self.description = f"{n} worker processes, each pinned to one CPU core (backend=inprocess to train in this process)"
         self._pool = ctx.Pool(n, initializer=_init_worker, initargs=(cores, cache_dir, loader))
         self._done: queue.Queue = queue.Queue()
         self._in_flight = 0
@@ -290,7 +292,7 @@ class Devices(_Batches):
     of one program. Results equal a single device's: the programs and inputs are the same.
     """
 
-    streams_epochs = False
+    streams_epochs, separate_processes = False, False
 
     def __init__(self, devices: Sequence[Any], per_device: int = 1, loader: Loader = data_mod.load, description: str = "") -> None:
         self.devices = list(devices)
@@ -351,14 +353,14 @@ class Buckets(_Batches):
     up to `max_models` per bucket, compute within `max_waste` x the genomes alone) and each bucket
     trains as one vmapped program. On XLA:CPU vmapped convolutions are slower than one model at a time."""
 
-    streams_epochs = False
+    streams_epochs, separate_processes = False, False
 
     def __init__(self, device: Any, max_models: int = 16, max_waste: float = 2.0, loader: Loader = data_mod.load) -> None:
         from fmnas_jax.batched import check_bucket_limits
 
         check_bucket_limits(max_models, max_waste)
         self.device, self.parallelism, self.max_waste = device, max_models, max_waste
-        self.description = f"masked buckets of up to {max_models} genomes (batching=buckets)"
+        self.description = f"masked buckets of up to {max_models} genomes (backend=buckets)"
         self.cache = DataCache(loader)
         self._queued: list[tuple[Any, Genome, EvalSpec]] = []
         self._ready: collections.deque = collections.deque()
@@ -389,7 +391,7 @@ class Buckets(_Batches):
         for group in plan_buckets(genomes, self.parallelism, self.max_waste):
             try:
                 with jax.default_device(self.device):
-                    results = train_batched(group, dd, spec.trainer, spec.seed, keep=spec.keep_variables)
+                    results = train_batched(group, dd, spec.trainer, spec.seed, keep=spec.keep_variables, test=spec.test)
             except Exception as e:  # one broken bucket must not end the search
                 log.error("bucket of %d genomes raised:\n%s", len(group), traceback.format_exc())
                 results = [failed(g, f"{type(e).__name__} in a bucket: {e}") for g in group]
@@ -401,39 +403,31 @@ class Buckets(_Batches):
         self.cache = DataCache(self.cache.loader)
 
 
-def choose_backend(
-    workers: int = 0,
-    batching: str = "none",
-    bucket_size: int = 16,
-    bucket_waste: float = 2.0,
-    cache_dir: str | None = None,
-    loader: Loader = data_mod.load,
-) -> Backend:
-    """The fastest evaluation path for this platform (its `description` says which, for the log).
+def choose_backend(cfg: Any, cache_dir: str | None = None, loader: Loader = data_mod.load) -> Backend:
+    """The backend `cfg` (a config.BackendConfig) names; for `auto`, the fastest path for this platform
+    (its `description` says which, for the log).
 
-    `batching=buckets`: masked buckets on the first device. `workers=1`: in-process. Accelerators:
-    `workers` (default 4) evaluations in flight per device; a small CNN alone leaves a GPU idle
-    between kernel launches, and compiles overlap too. Several CPU devices (JAX_NUM_CPU_DEVICES):
-    one evaluation per device. One multi-core CPU: one single-threaded worker process per core.
+    auto: accelerators get `per_device` evaluations in flight per device (a small CNN alone leaves a GPU idle
+    between kernel launches, and compiles overlap too); several CPU devices (JAX_NUM_CPU_DEVICES) one
+    evaluation per device; one multi-core CPU one single-threaded worker process per core (`workers`, 0 = all).
     """
     import jax
 
     from fmnas_jax.runtime import platform_summary
 
-    devices, where = jax.devices(), platform_summary()
-    if batching == "buckets":
-        return Buckets(devices[0], bucket_size, bucket_waste, loader)
-    if workers == 1:
-        return InProcess(loader, f"in-process on {where} (workers=1)")
-    if jax.default_backend() != "cpu":
-        per_device = workers or ACCELERATOR_SLOTS
-        text = f"{per_device} evaluations in flight on each of {len(devices)} device(s) ({where}; workers=N to change)"
-        return Devices(devices, per_device, loader, text)
-    if len(devices) > 1:
-        chosen = devices[: workers or len(devices)]
+    devices, where, kind = jax.devices(), platform_summary(), cfg.kind
+    if kind == "buckets":
+        return Buckets(devices[0], cfg.bucket_size, cfg.bucket_waste, loader)
+    if kind == "inprocess":
+        return InProcess(loader, f"in-process on {where} (backend=inprocess)")
+    if kind == "devices" or (kind == "auto" and jax.default_backend() != "cpu"):
+        text = f"{cfg.per_device} evaluation(s) in flight on each of {len(devices)} device(s) ({where}; backend.per_device=N to change)"
+        return Devices(devices, cfg.per_device, loader, text)
+    if kind == "auto" and len(devices) > 1:
+        chosen = devices[: cfg.workers or len(devices)]
         return Devices(chosen, 1, loader, f"{len(chosen)} devices, one evaluation on each at a time ({where})")
-    n = workers or cpu_workers()
-    if n > 1:
+    n = cfg.workers or cpu_workers()
+    if n > 1 or kind == "workers":
         return Workers(n, cache_dir, loader)
     return InProcess(loader, f"in-process on {where}")
 

@@ -53,7 +53,6 @@ from fmnas_jax.train import (
     normalise,
 )
 
-BN_EPSILON = 1e-5  # flax.linen.BatchNorm's default, which GenomeCNN uses
 Bucket = tuple[tuple[str, int, int, int], ...]  # per conv: (type, filters, kernel, smallest kernel in the group)
 
 
@@ -165,31 +164,6 @@ def masks(genome: Genome, bucket: Bucket) -> dict[str, np.ndarray]:
     return out
 
 
-class MaskedBatchNorm(nn.Module):
-    """flax.linen.BatchNorm (same variables, fast-variance formula) over the valid positions only."""
-
-    momentum: float = BN_MOMENTUM
-
-    @nn.compact
-    def __call__(self, x: jax.Array, valid: jax.Array, train: bool) -> jax.Array:
-        f = x.shape[-1]
-        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(f, jnp.float32))
-        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(f, jnp.float32))
-        scale = self.param("scale", nn.initializers.ones, (f,))
-        bias = self.param("bias", nn.initializers.zeros, (f,))
-        if train:
-            n = jnp.maximum(x.shape[0] * valid.sum((0, 1)), 1.0)  # per channel; padded channels count none
-            mean = (x * valid).sum((0, 1, 2)) / n
-            var = jnp.maximum(0.0, (x * x * valid).sum((0, 1, 2)) / n - mean * mean)
-            if not self.is_initializing():
-                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-        else:
-            mean, var = ra_mean.value, ra_var.value
-        y = (x - mean) * (jax.lax.rsqrt(var + BN_EPSILON) * scale) + bias
-        return y * valid
-
-
 class MaskedCNN(nn.Module):
     """GenomeCNN for any genome of a bucket, told which one by `masks` (same variable names, bigger arrays)."""
 
@@ -208,7 +182,12 @@ class MaskedCNN(nn.Module):
             weight_mask = jnp.broadcast_to(m[f"kernel_{i}"], (big_k, big_k, x.shape[-1], filters))
             x = nn.Conv(filters, (big_k, big_k), strides=stride, padding=pads, mask=weight_mask, name=f"Conv_{i}")(x)
             x = _act(m["acts"][i], x)
-            x = MaskedBatchNorm(name=f"BatchNorm_{i}")(x, m[f"valid_{i}"], train)
+            valid = m[f"valid_{i}"]  # (h, w, filters): the genome's own positions and channels
+            # flax's masked BatchNorm: statistics over the valid positions; a padded channel (no valid position) is
+            # counted everywhere instead (a constant, so it normalises to its zero bias, not to NaN), then zeroed.
+            counted = jnp.logical_or(valid > 0, valid.max(axis=(0, 1)) == 0)
+            bn = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, name=f"BatchNorm_{i}")
+            x = bn(x, mask=jnp.broadcast_to(counted, x.shape)) * valid
             h_in = h_out
         x = x.sum(axis=(1, 2)) / m["pool_count"]  # global average pooling over the valid positions
         x = _act(m["acts"][-1], nn.Dense(HEAD_UNITS, name="Dense_0")(x))
@@ -309,11 +288,17 @@ def _evaluate(eval_chunk, variables, m, dd: DeviceData, rows: tuple[int, int], m
 
 
 def train_batched(
-    genomes: Sequence[Genome], dd: DeviceData, cfg: TrainConfig, seed: int, bucket: Bucket | None = None, keep: bool = False
+    genomes: Sequence[Genome],
+    dd: DeviceData,
+    cfg: TrainConfig,
+    seed: int,
+    bucket: Bucket | None = None,
+    keep: bool = False,
+    test: bool = True,
 ) -> list[EvalResult]:
     """Train genomes of one layout together in one masked bucket (default: the smallest that holds
-    them); one EvalResult each, as train_and_evaluate would give. `keep` returns each genome's own
-    trained variables (GenomeCNN tree) in `EvalResult.variables`."""
+    them); one EvalResult each, as train_and_evaluate would give (`test`: measure test accuracy too).
+    `keep` returns each genome's own trained variables (GenomeCNN tree) in `EvalResult.variables`."""
     bucket = bucket or bucket_of(genomes)
     n, m = dd.n_train, len(genomes)
     steps = n // cfg.batch_size
@@ -349,16 +334,19 @@ def train_batched(
             for k, v in zip(histories[j], (sums[j, 0], sums[j, 1], val[j, 0], val[j, 1]), strict=True):
                 histories[j][k].append(float(v))
     final = {"params": state.params, "batch_stats": state.batch_stats}
-    test = _evaluate(eval_chunk, final, mk, dd, dd.test_range, m)
+    tested = _evaluate(eval_chunk, final, mk, dd, dd.test_range, m) if test else None
     elapsed = time.perf_counter() - t0
     for j, r in enumerate(results):
         h = r.history = histories[j]
         r.train_seconds = train_time / m  # the group's time, shared out
         r.compile_seconds = max(elapsed - train_time, 0.0) / m
+        r.wall_seconds = elapsed / m
+        r.images_trained = (len(h["train_loss"]) + (r.status == "FAILED")) * steps * cfg.batch_size  # as train_and_evaluate counts
         r.images_per_second = steps * cfg.batch_size * cfg.epochs * m / max(train_time, 1e-9)
         if r.status == "FINISHED":
             r.train_loss, r.train_accuracy, r.val_loss, r.val_accuracy = (h[k][-1] for k in h)
-            r.test_accuracy = float(test[j, 1])
+            if tested is not None:
+                r.test_accuracy = float(tested[j, 1])
             if keep:
                 own = jax.tree_util.tree_map(lambda a, j=j: np.asarray(a[j]), final)
                 r.variables = extract_variables(genomes[j], bucket, own)

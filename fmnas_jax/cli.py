@@ -80,10 +80,10 @@ def main(cfg: DictConfig) -> float:
 
     app = replace(app, cache_dir=app.cache_dir or os.path.expanduser("~/.cache/fmnas_jax/jax"))  # workers share it
     launcher = str(HydraConfig.get().launcher.get("_target_", ""))
-    if app.workers == 0 and "BasicLauncher" not in launcher:
+    if app.backend.kind == "auto" and "BasicLauncher" not in launcher:
         # A parallel launcher (joblib, submitit) already runs jobs side by side; no pools inside its workers.
-        log.info("workers=auto under %s: evaluating in-process", launcher.rsplit(".", 1)[-1])
-        app = replace(app, workers=1)
+        log.info("backend=auto under %s: evaluating in-process", launcher.rsplit(".", 1)[-1])
+        app = replace(app, backend=replace(app.backend, kind="inprocess"))
     enable_compilation_cache(app.cache_dir)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     log.info("platform: %s; malloc: %s; run directory: %s", platform_summary(), malloc_summary(), out_dir)

@@ -15,15 +15,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fmnas_jax.batched import check_bucket_limits
-from fmnas_jax.data import DataConfig
+from fmnas_jax.data import TRAIN_IMAGES, DataConfig
 from fmnas_jax.genome import SearchSpace
 from fmnas_jax.search.base import SearchConfig
 from fmnas_jax.search.fitness import FitnessConfig
 from fmnas_jax.train import TrainConfig
 
 MODES = ("search", "train", "predict")
-FULL_TRAIN = 60_000  # Fashion-MNIST's training images, the validation split included
-BATCHING = ("none", "buckets")
+BACKENDS = ("auto", "inprocess", "workers", "devices", "buckets")
+MOVED = {  # top-level keys that moved into the backend group, and what replaces each
+    "workers": "backend=inprocess (was workers=1) or backend=workers backend.workers=N",
+    "batching": "backend=buckets (was batching=buckets)",
+    "bucket_size": "backend=buckets backend.bucket_size=N",
+    "bucket_waste": "backend=buckets backend.bucket_waste=X",
+}
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,27 @@ class FinalConfig:
 
 
 @dataclass(frozen=True)
+class BackendConfig:
+    """Where genomes train (conf/backend/*.yaml); each kind reads its own settings."""
+
+    kind: str = "auto"  # auto | inprocess | workers | devices | buckets
+    workers: int = 0  # auto, workers: CPU worker processes (0 = one per core)
+    per_device: int = 4  # auto (accelerators), devices: evaluations in flight per device
+    bucket_size: int = 16  # buckets: most genomes per bucket
+    bucket_waste: float = 2.0  # buckets: most compute a bucket may spend, relative to its genomes alone
+
+    def __post_init__(self) -> None:
+        if self.kind not in BACKENDS:
+            raise ValueError(f"backend {self.kind!r} is not one of {list(BACKENDS)}")
+        if self.workers < 0:
+            raise ValueError(f"backend.workers {self.workers} must be >= 0 (0 = one pinned process per CPU core)")
+        if self.per_device < 1:
+            raise ValueError(f"backend.per_device {self.per_device} must be >= 1")
+        if self.kind == "buckets":
+            check_bucket_limits(self.bucket_size, self.bucket_waste)
+
+
+@dataclass(frozen=True)
 class RegistryConfig:
     """Where retrained winners (and saved train runs) are registered as MLflow Model versions."""
 
@@ -119,21 +145,20 @@ class AppConfig:
     fitness: FitnessConfig = field(default_factory=FitnessConfig)
     final: FinalConfig = field(default_factory=FinalConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
-    workers: int = 0
-    batching: str = "none"
-    bucket_size: int = 16
-    bucket_waste: float = 2.0
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    workers: int | None = None  # moved to backend (refused when set)
+    batching: str | None = None
+    bucket_size: int | None = None
+    bucket_waste: float | None = None
     cache_dir: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {list(MODES)}")
-        if self.workers < 0:
-            raise ValueError(f"workers {self.workers} must be >= 0 (0 = auto: one pinned process per CPU core, 4 per GPU; 1 = in-process)")
-        if self.batching not in BATCHING:
-            raise ValueError(f"batching {self.batching!r} is not one of {list(BATCHING)}")
-        check_bucket_limits(self.bucket_size, self.bucket_waste)
+        moved = [f"{k}={getattr(self, k)}: use {v}" for k, v in MOVED.items() if getattr(self, k) is not None]
+        if moved:
+            raise ValueError("settings moved into the backend group (conf/backend/): " + "; ".join(moved))
         if self.mode == "search":
             self.final.trainer(self.trainer)  # a bad final.* value fails now, named as final.*
             self._check_rungs()
@@ -143,9 +168,9 @@ class AppConfig:
         fid = self.search.fidelity
         if fid.mode == "none":
             return
-        pool = FULL_TRAIN - self.data.val_size
+        pool = TRAIN_IMAGES - self.data.val_size  # a rung with train_size null trains on all of them
         cost = [(f"search.fidelity.rungs[{i}]", r.epochs, r.train_size or pool) for i, r in enumerate(fid.rungs)]
-        cost.append(("the search's own budget (trainer.epochs on data.train_size)", self.trainer.epochs, self.data.train_size or pool))
+        cost.append(("the search's own budget (trainer.epochs on data.train_size)", self.trainer.epochs, self.data.n_train))
         for (a, ea, na), (b, eb, nb) in itertools.pairwise(cost):
             if ea * na >= eb * nb:
                 raise ValueError(f"{a} trains {ea} x {na:,} = {ea * na:,} images, not fewer than {b}'s {eb} x {nb:,} = {eb * nb:,}: "

@@ -48,6 +48,9 @@ class DataError(RuntimeError):
     """The dataset is missing, truncated or corrupt."""
 
 
+TRAIN_IMAGES = 60_000  # Fashion-MNIST's training images, the validation split carved from them
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the data comes from and how it is split."""
@@ -64,8 +67,13 @@ class DataConfig:
             raise ValueError(f"data.source {self.source!r} is not one of {list(SOURCES)}")
         if self.val_size < 10 or self.val_size > 30000:
             raise ValueError(f"data.val_size {self.val_size} must be in [10..30000] (a multiple of 10 keeps it stratified)")
-        if self.train_size is not None and not 10 <= self.train_size <= 60000 - self.val_size:
-            raise ValueError(f"data.train_size {self.train_size} must be null or in [10..{60000 - self.val_size}]")
+        if self.train_size is not None and not 10 <= self.train_size <= TRAIN_IMAGES - self.val_size:
+            raise ValueError(f"data.train_size {self.train_size} must be null or in [10..{TRAIN_IMAGES - self.val_size}]")
+
+    @property
+    def n_train(self) -> int:
+        """Training images this config gives: train_size, or the rest of the 60,000 after validation."""
+        return self.train_size if self.train_size is not None else TRAIN_IMAGES - self.val_size
 
     def result_settings(self) -> dict:
         """Settings that change an evaluation's result (for the eval key)."""
@@ -230,13 +238,23 @@ def _reads_idx(source: str, folder: str) -> bool:
     return source == "idx" or (source == "auto" and Path(folder).is_dir())
 
 
+@functools.lru_cache(maxsize=2)
 def load_arrays(source: str, folder: str, verify: bool, tfds_dir: str | None = None) -> tuple[tuple[np.ndarray, ...], str]:
-    """Raw (x_train, y_train, x_test, y_test) in the IDX files' order and a description of where they came from."""
+    """Raw (x_train, y_train, x_test, y_test) in the IDX files' order and a description of where they came from.
+
+    Read and checked once per process (a job checks the data before it opens the store, then trains and
+    reports from it): the arrays are shared, read-only."""
     if _reads_idx(source, folder):
-        return load_idx_dir(folder, verify), f"idx:{folder}"
+        return _read_only(load_idx_dir(folder, verify)), f"idx:{folder}"
     if source == "tfds":
-        return load_tfds(tfds_dir, verify), "tfds:fashion_mnist"
+        return _read_only(load_tfds(tfds_dir, verify)), "tfds:fashion_mnist"
     raise DataError(f"data.dir {folder!r} does not exist and data.source=auto found no other source. {HOW_TO_GET}")
+
+
+def _read_only(arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    for a in arrays:
+        a.flags.writeable = False
+    return arrays
 
 
 @dataclass(frozen=True)
@@ -255,8 +273,7 @@ def split_records(cfg: DataConfig, seed: int, test: bool = True) -> list[SplitRe
     """The train/validation(/test) splits an evaluation with these settings uses (no data is read)."""
     files = ",".join(SHA256.values())
     source, source_type = (str(Path(cfg.dir).resolve()), "local") if _reads_idx(cfg.source, cfg.dir) else ("tfds:fashion_mnist", "tfds")
-    n_train = cfg.train_size or 60000 - cfg.val_size
-    splits = [("train", "training", n_train, f"{cfg.train_size}"), ("validation", "validation", cfg.val_size, "")]
+    splits = [("train", "training", cfg.n_train, f"{cfg.train_size}"), ("validation", "validation", cfg.val_size, "")]
     if test:
         splits.append(("test", "testing", 10000, ""))
     out = []

@@ -108,9 +108,17 @@ class Evaluator:
         return Outcome(genome, key, stored.run_id, "FINISHED", stored.metrics, reused=True, parent_run_id=stored.parent_run_id,
                        end_time=stored.end_time)  # fmt: skip
 
-    def stored(self) -> list[StoredEval]:
-        """Every FINISHED result of this budget and role the store held when the evaluator was made."""
-        return list(self.known.values())
+    def finished(self, parse: Callable[[str], Genome | None]) -> list[Outcome]:
+        """Every FINISHED result of this budget and role the store holds now, as Outcomes (earliest first), for
+        genomes `parse` accepts (it returns None for one outside the caller's space)."""
+        out = []
+        for s in self.store.finished_evaluations(self.budget, self.role):
+            genome = parse(s.genome)
+            if genome is not None:
+                self.known.setdefault(s.eval_key, s)
+                out.append(Outcome(genome, s.eval_key, s.run_id, "FINISHED", s.metrics, True, parent_run_id=s.parent_run_id,
+                                   end_time=s.end_time))  # fmt: skip
+        return out
 
     def counts(self) -> dict[str, int]:
         """Evaluations this evaluator trained, reused from the store, and saw fail."""

@@ -66,15 +66,6 @@ class SearchSpace:
             return f"[{ks[0]}..{ks[-1]}]"
         return str(list(ks))
 
-    def contains(self, genome: Genome) -> bool:
-        """Whether every gene of `genome` is allowed here (same layout, filters, kernels, activations)."""
-        return (
-            tuple(c.kind for c in genome.convs) == self.layout
-            and all(c.filters in self.filters and c.kernel in self.kernel_sizes and c.activation in self.activations for c in genome.convs)
-            and genome.head_activation in self.activations
-            and self.fits(genome)
-        )
-
     def fits(self, genome: Genome) -> bool:
         """Whether the genome keeps to the space's size constraint (max_params)."""
         return self.max_params is None or count_params(genome) <= self.max_params

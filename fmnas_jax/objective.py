@@ -111,6 +111,10 @@ class SearchObjective:
         """How many genomes one call can evaluate at once (strategies may batch by it)."""
         return self.evaluator.backend.parallelism
 
+    def record(self, o: Outcome) -> None:
+        """Count a stored result as one of this search's outcomes (the table climber's rows), unless it has one already."""
+        self.outcomes.setdefault(o.genome, o)
+
     def fitness_of(self, o: Outcome) -> float:
         if o.status != "FINISHED":
             return -math.inf  # failed (e.g. diverged): the worst fitness, and the search goes on

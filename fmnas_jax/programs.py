@@ -23,356 +23,21 @@ so they reuse the training convolutions. Imports jax/flax/optax/numpy only.
 
 from __future__ import annotations
 
-import threading
-import time
-from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from fmnas_jax.genome import IMAGE_SIZE, IN_CHANNELS, ConvGene, Genome, output_sizes
-from fmnas_jax.model import ACTIVATION_FNS, BN_MOMENTUM, variable_shapes
-
-CACHE_SIZE = 2048  # compiled pieces kept per process (each a few tens of KB of machine code)
-F32 = jnp.float32
-
-
-class StepSettings(NamedTuple):
-    """What the compiled pieces of a step depend on besides shapes (learning rate, epochs and schedule are run-time values)."""
-
-    optimizer: str
-    batch_size: int
-    label_smoothing: float
-    augment_crop: int
-    augment_flip: bool
-
-
-# ---------------------------------------------------------------------------
-# The cache of compiled pieces
-# ---------------------------------------------------------------------------
-
-
-class _Cache:
-    """Compiled pieces by key; a piece another thread is compiling is waited for, never compiled twice."""
-
-    def __init__(self, size: int) -> None:
-        self.size, self.compiles = size, 0
-        self._entries: OrderedDict[tuple, Future] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple, build: Callable[[], Any]) -> tuple[Any, float]:
-        """(compiled piece, seconds this call spent compiling it: 0 when it was cached)."""
-        with self._lock:
-            entry = self._entries.get(key)
-            mine = entry is None
-            if mine:
-                entry = self._entries[key] = Future()
-                while len(self._entries) > self.size:
-                    self._entries.popitem(last=False)
-            else:
-                self._entries.move_to_end(key)
-        if not mine:
-            return entry.result(), 0.0
-        t0 = time.perf_counter()
-        try:
-            entry.set_result(build())
-        except BaseException as e:
-            with self._lock:
-                self._entries.pop(key, None)
-            entry.set_exception(e)
-            raise
-        with self._lock:
-            self.compiles += 1
-        return entry.result(), time.perf_counter() - t0
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-
-CACHE = _Cache(CACHE_SIZE)
-
-
-def _abstract(device: Any, tree: Any) -> Any:
-    """ShapeDtypeStructs of `tree` placed on `device` (what AOT lowering needs, without arrays)."""
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(jnp.shape(s), s.dtype, sharding=sharding), tree)
-
-
-def _spec(shape: tuple[int, ...], dtype: Any = F32) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(shape, dtype)
-
-
-class _Piece(NamedTuple):
-    """A piece before compilation: the function, the arguments it donates, abstract arguments (ints stay run-time scalars)."""
-
-    fn: Callable
-    donate: tuple[int, ...]
-    args: tuple
-
-    def compile(self, device: Any) -> Any:
-        """AOT-compiled for `device`."""
-        placed = [a if isinstance(a, int) else _abstract(device, a) for a in self.args]
-        return jax.jit(self.fn, donate_argnums=self.donate).lower(*placed).compile()
-
-
-def _lazy(fn: Callable, donate: tuple[int, ...], *args: Any) -> _Piece:
-    return _Piece(fn, donate, args)
-
-
-# ---------------------------------------------------------------------------
-# The pieces (pure functions; each builder returns an AOT-compiled program)
-# ---------------------------------------------------------------------------
-
-
-def make_optimizer(optimizer: str, weight_decay: float = 0.0) -> optax.GradientTransformation:
-    """optax's optimiser with its hyperparameters injected as state (the learning rate is set per step;
-    weight decay travels in the state, so every value shares one compiled update)."""
-    import functools
-
-    if optimizer == "sgd":
-        base = functools.partial(optax.sgd, momentum=0.9, nesterov=True)
-    elif optimizer == "adamw":
-        base = functools.partial(optax.adamw, weight_decay=weight_decay)
-    else:
-        base = optax.adam
-    return optax.inject_hyperparams(base)(learning_rate=0.0)
-
-
-def normalise(x: jax.Array, norm: jax.Array) -> jax.Array:
-    """uint8 images -> float32, standardised with the training split's mean and std."""
-    return (x.astype(F32) / 255.0 - norm[0]) / norm[1]
-
-
-def augment(x: jax.Array, key: jax.Array, crop: int, flip: bool) -> jax.Array:
-    """Random crops from the zero-padded images and random horizontal flips; x (batch, 28, 28, 1) uint8."""
-    n = x.shape[0]
-    k_crop, k_flip = jax.random.split(key)
-    if crop:
-        padded = jnp.pad(x, ((0, 0), (crop, crop), (crop, crop), (0, 0)))  # (batch, 28 + 2 crop, ..., 1)
-        offsets = jax.random.randint(k_crop, (n, 2), 0, 2 * crop + 1)
-        cut = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (IMAGE_SIZE, IMAGE_SIZE, 1))  # noqa: E731
-        x = jax.vmap(cut)(padded, offsets)
-    if flip:
-        mirrored = jax.random.bernoulli(k_flip, 0.5, (n, 1, 1, 1))
-        x = jnp.where(mirrored, x[:, :, ::-1], x)
-    return x
-
-
-def batch_at(settings: StepSettings, x_all, y_all, norm, perm, key, epoch, i) -> tuple[jax.Array, jax.Array]:
-    """Training batch i of an epoch (shuffled by `perm`, augmented from `key`), normalised."""
-    idx = jax.lax.dynamic_slice_in_dim(perm, i * settings.batch_size, settings.batch_size)
-    x = x_all[idx]  # (batch, 28, 28, 1) uint8
-    if settings.augment_crop or settings.augment_flip:
-        x = augment(x, jax.random.fold_in(jax.random.fold_in(key, epoch), i), settings.augment_crop, settings.augment_flip)
-    return normalise(x, norm), y_all[idx]
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
-    """Per-example softmax cross-entropy against integer labels, optionally label-smoothed."""
-    if not smoothing:
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
-    return optax.softmax_cross_entropy(logits, targets)
-
-
-def masked_sums(logits: jax.Array, y: jax.Array, rows: jax.Array) -> jax.Array:
-    """[summed loss, correct count] over the rows that belong to the split (eval chunks are padded)."""
-    loss = jnp.where(rows, cross_entropy(logits, y), 0.0).sum()
-    correct = jnp.where(rows, logits.argmax(-1) == y, False).sum()
-    return jnp.stack([loss, correct.astype(F32)])
-
-
-def _conv(kind: str, filters: int, kernel: int) -> nn.Conv:
-    gene = ConvGene(kind, filters, kernel, "relu")  # the activation is not the convolution's
-    return nn.Conv(filters, (kernel, kernel), strides=gene.stride, padding=gene.padding)
-
-
-def _post(activation: str, p: dict, stats: dict, z: jax.Array, train: bool) -> tuple[jax.Array, dict]:
-    """activation, then BatchNorm (batch statistics when training, running ones otherwise): GenomeCNN's order."""
-    bn = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM)
-    y, updates = bn.apply({"params": p, "batch_stats": stats}, ACTIVATION_FNS[activation](z), mutable=["batch_stats"])
-    return y, updates["batch_stats"]
-
-
-def _conv_shapes(filters: int, kernel: int, c_in: int) -> dict:
-    return {"kernel": _spec((kernel, kernel, c_in, filters)), "bias": _spec((filters,))}
-
-
-def _bn_shapes(f: int) -> tuple[dict, dict]:
-    return {"scale": _spec((f,)), "bias": _spec((f,))}, {"mean": _spec((f,)), "var": _spec((f,))}
-
-
-def _head_shapes(c: int) -> dict:
-    from fmnas_jax.genome import HEAD_UNITS, NUM_CLASSES
-
-    dense = lambda i, o: {"kernel": _spec((i, o)), "bias": _spec((o,))}  # noqa: E731
-    return {"Dense_0": dense(c, HEAD_UNITS), "Dense_1": dense(HEAD_UNITS, NUM_CLASSES)}
-
-
-def _head_logits(activation: str, p: dict, pooled: jax.Array) -> jax.Array:
-    from fmnas_jax.genome import HEAD_UNITS, NUM_CLASSES
-
-    h = ACTIVATION_FNS[activation](nn.Dense(HEAD_UNITS).apply({"params": p["Dense_0"]}, pooled))
-    return nn.Dense(NUM_CLASSES).apply({"params": p["Dense_1"]}, h)
-
-
-def piece(key: tuple, device: Any) -> tuple[Callable, float]:
-    """The compiled program for `key` on `device`, and the seconds spent compiling it now (0 if cached)."""
-    return CACHE.get((*key, device.platform, device.id), lambda: _BUILDERS[key[0]](*key[1:]).compile(device))
-
-
-def raw(key: tuple) -> Callable:
-    """The uncompiled function of the piece `key` (to trace inside a bigger program)."""
-    return _BUILDERS[key[0]](*key[1:]).fn
-
-
-def _sample(settings: StepSettings, train_shape: tuple[int, ...]):
-    n, vec = train_shape[0], _spec((2,))
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    fn = lambda *a: batch_at(settings, *a)  # noqa: E731
-    return _lazy(fn, (), _spec(train_shape, jnp.uint8), _spec((n,), jnp.int32), vec, _spec((n,), jnp.int32), key, 0, 0)
-
-
-def _eval_sample(eval_shape: tuple[int, ...], batch: int):
-    def fn(x_all, y_all, norm, start, stop):
-        x = normalise(jax.lax.dynamic_slice_in_dim(x_all, start, batch), norm)
-        y = jax.lax.dynamic_slice_in_dim(y_all, start, batch)
-        return x, y, (start + jnp.arange(batch)) < stop  # rows past the split do not count
-
-    return _lazy(fn, (), _spec(eval_shape, jnp.uint8), _spec(eval_shape[:1], jnp.int32), _spec((2,)), 0, 0)
-
-
-def _conv_fwd(kind: str, filters: int, kernel: int, c_in: int, size: int, batch: int):
-    conv, shapes = _conv(kind, filters, kernel), _conv_shapes(filters, kernel, c_in)
-    return _lazy(lambda p, x: conv.apply({"params": p}, x), (), shapes, _spec((batch, size, size, c_in)))
-
-
-def _conv_bwd(kind: str, filters: int, kernel: int, c_in: int, size: int, batch: int, need_dx: bool):
-    """Gradients of a convolution from its output's gradient; its forward result is not recomputed (XLA drops it)."""
-    conv, out = _conv(kind, filters, kernel), output_sizes(Genome((ConvGene(kind, filters, kernel, "relu"),), "relu"), size)[0]
-
-    def fn(p, x, dz):
-        if need_dx:
-            _, vjp = jax.vjp(lambda p, x: conv.apply({"params": p}, x), p, x)
-            return vjp(dz)
-        _, vjp = jax.vjp(lambda p: conv.apply({"params": p}, x), p)
-        return vjp(dz)[0], None
-
-    args = (_conv_shapes(filters, kernel, c_in), _spec((batch, size, size, c_in)), _spec((batch, out, out, filters)))
-    return _lazy(fn, (), *args)
-
-
-def _post_fwd(activation: str, f: int, size: int, batch: int, train: bool):
-    p, stats = _bn_shapes(f)
-    if train:
-        fn = lambda p, stats, z: _post(activation, p, stats, z, True)  # noqa: E731
-        return _lazy(fn, (1,), p, stats, _spec((batch, size, size, f)))
-    return _lazy(lambda p, stats, z: _post(activation, p, stats, z, False)[0], (), p, stats, _spec((batch, size, size, f)))
-
-
-def _post_bwd(activation: str, f: int, size: int, batch: int):
-    """Gradients of activation + BatchNorm, recomputed from the conv output z (cheap: elementwise and reductions)."""
-
-    def fn(p, stats, z, dy):
-        _, vjp = jax.vjp(lambda p, z: _post(activation, p, stats, z, True)[0], p, z)
-        return vjp(dy)
-
-    p, stats = _bn_shapes(f)
-    return _lazy(fn, (3,), p, stats, _spec((batch, size, size, f)), _spec((batch, size, size, f)))
-
-
-def _pool(size: int, c: int, batch: int):
-    return _lazy(lambda y: y.mean(axis=(1, 2)), (), _spec((batch, size, size, c)))  # (batch, c)
-
-
-def _pool_bwd(size: int, c: int, batch: int):
-    fn = lambda d: jnp.broadcast_to(d[:, None, None, :] / (size * size), (batch, size, size, c))  # noqa: E731
-    return _lazy(fn, (), _spec((batch, c)))
-
-
-def _head(c: int, activation: str, smoothing: float, batch: int):
-    """Loss, gradients of the head and of its pooled input, and [summed plain loss, correct count] added to `acc`."""
-
-    def fn(p, acc, pooled, y):
-        def loss(p, pooled):
-            logits = _head_logits(activation, p, pooled)
-            return cross_entropy(logits, y, smoothing).mean(), logits
-
-        (_, logits), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(p, pooled)
-        sums = jnp.stack([cross_entropy(logits, y).sum(), (logits.argmax(-1) == y).sum().astype(F32)])
-        return grads, acc + sums
-
-    return _lazy(fn, (1,), _head_shapes(c), _spec((2,)), _spec((batch, c)), _spec((batch,), jnp.int32))
-
-
-def _head_eval(c: int, activation: str, batch: int):
-    fn = lambda p, acc, pooled, y, rows: acc + masked_sums(_head_logits(activation, p, pooled), y, rows)  # noqa: E731
-    args = (_head_shapes(c), _spec((2,)), _spec((batch, c)), _spec((batch,), jnp.int32), _spec((batch,), jnp.bool_))
-    return _lazy(fn, (1,), *args)
-
-
-def _head_classes(c: int, activation: str, batch: int):
-    fn = lambda p, pooled: _head_logits(activation, p, pooled).argmax(-1)  # noqa: E731
-    return _lazy(fn, (), _head_shapes(c), _spec((batch, c)))
-
-
-def _normalised(batch: int):
-    return _lazy(normalise, (), _spec((batch, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.uint8), _spec((2,)))
-
-
-def moments(optimizer: str) -> optax.GradientTransformation:
-    """The optimiser without its learning rate: Adam's moments (adam, adamw) or Nesterov momentum 0.9 (sgd).
-
-    `optax.adam(lr)` is `chain(scale_by_adam(), scale_by_learning_rate(lr))` (adamw adds decayed weights
-    between them; sgd is `trace` then the rate): `_update` applies the rest with the rate and the decay as
-    run-time scalars, so every value shares one compiled update."""
-    return optax.trace(decay=0.9, nesterov=True) if optimizer == "sgd" else optax.scale_by_adam()
-
-
-def _update(optimizer: str, shapes: tuple[tuple[str, tuple[int, ...]], ...]):
-    """One optimiser step of one module's parameters (e.g. a conv's kernel and bias)."""
-    tx, decay = moments(optimizer), optimizer == "adamw"
-
-    def fn(p, g, state, lr, weight_decay):
-        u, state = tx.update(g, state, p)
-        if decay:
-            u = jax.tree_util.tree_map(lambda u, p: u + weight_decay * p, u, p)
-        return jax.tree_util.tree_map(lambda p, u: p - lr * u, p, u), state
-
-    params = {n: _spec(shape) for n, shape in shapes}
-    return _lazy(fn, (0, 2), params, params, jax.eval_shape(tx.init, params), _spec(()), _spec(()))
-
-
-_BUILDERS: dict[str, Callable] = {
-    "sample": _sample,
-    "eval_sample": _eval_sample,
-    "conv": _conv_fwd,
-    "conv_bwd": _conv_bwd,
-    "post": _post_fwd,
-    "post_bwd": _post_bwd,
-    "pool": _pool,
-    "pool_bwd": _pool_bwd,
-    "head": _head,
-    "head_eval": _head_eval,
-    "head_classes": _head_classes,
-    "normalised": _normalised,
-    "update": _update,
-}
-
+from fmnas_jax.genome import IMAGE_SIZE, IN_CHANNELS, Genome, output_sizes
+from fmnas_jax.model import variable_shapes
+from fmnas_jax.ops import WEIGHT_DECAY, StepSettings, init_opt_state, sds
+from fmnas_jax.pieces import _BUILDERS, _lazy, _Piece, piece, raw
 
 # ---------------------------------------------------------------------------
 # A genome's plan: which pieces, in which order
 # ---------------------------------------------------------------------------
-
-
-WEIGHT_DECAY = "weight_decay"  # the opt_state entry holding adamw's decay (a run-time scalar)
 
 
 class TrainState(NamedTuple):
@@ -382,19 +47,6 @@ class TrainState(NamedTuple):
     params: Any
     batch_stats: Any
     opt_state: Any
-
-
-def init_opt_state(params: dict, optimizer: str, weight_decay: float) -> dict:
-    """The optimiser's initial state of every module of a params tree, built on the host.
-
-    Every leaf of `scale_by_adam`'s and `trace`'s initial state is zero (count, moments, momentum), so
-    zeros of the shapes `eval_shape` gives are that state: `tx.init` itself ran an eager program per new
-    parameter shape (~0.1-0.2 s for a new genome's first evaluation in a worker)."""
-    tx = moments(optimizer)
-    zeros = lambda s: np.zeros(s.shape, s.dtype)  # noqa: E731
-    return {m: jax.tree_util.tree_map(zeros, jax.eval_shape(tx.init, p)) for m, p in params.items()} | {
-        WEIGHT_DECAY: np.float32(weight_decay)
-    }
 
 
 class _Pieces:
@@ -529,14 +181,14 @@ class Plan:
 def _abstract_state(genome: Genome, optimizer: str) -> TrainState:
     v = variable_shapes(genome)
     opt = init_opt_state(v["params"], optimizer, 0.0)
-    return TrainState(v["params"], v["batch_stats"], jax.tree_util.tree_map(lambda a: _spec(np.shape(a), np.asarray(a).dtype), opt))
+    return TrainState(v["params"], v["batch_stats"], jax.tree_util.tree_map(lambda a: sds(np.shape(a), np.asarray(a).dtype), opt))
 
 
 def _fused_step(genome: Genome, settings: StepSettings, train_shape: tuple[int, ...], eval_shape: tuple[int, ...], chunk: int) -> _Piece:
     plan = Plan(genome, settings, train_shape, eval_shape, chunk, None, _Raw(None))
-    n, vec = train_shape[0], _spec((2,))
+    n, vec = train_shape[0], sds((2,))
     key = jax.eval_shape(lambda: jax.random.key(0))
-    arrays = (_spec(train_shape, jnp.uint8), _spec((n,), jnp.int32), vec, _spec((n,), jnp.int32), key, _spec(()))
+    arrays = (sds(train_shape, jnp.uint8), sds((n,), jnp.int32), vec, sds((n,), jnp.int32), key, sds(()))
     return _lazy(plan.step, (0, 1), _abstract_state(genome, settings.optimizer), vec, *arrays, 0, 0)
 
 
@@ -544,8 +196,8 @@ def _fused_eval(genome: Genome, eval_shape: tuple[int, ...], chunk: int) -> _Pie
     plan = EvalPlan(genome, chunk, None, _Raw(None))
     v = variable_shapes(genome)
     variables = {"params": v["params"], "batch_stats": v["batch_stats"]}
-    return _lazy(plan.eval_chunk, (1,), variables, _spec((2,)), _spec(eval_shape, jnp.uint8), _spec(eval_shape[:1], jnp.int32),
-                 _spec((2,)), 0, 0)  # fmt: skip
+    return _lazy(plan.eval_chunk, (1,), variables, sds((2,)), sds(eval_shape, jnp.uint8), sds(eval_shape[:1], jnp.int32),
+                 sds((2,)), 0, 0)  # fmt: skip
 
 
 _BUILDERS |= {"fused_step": _fused_step, "fused_eval": _fused_eval}

@@ -23,12 +23,8 @@ import numpy as np
 from fmnas_jax.data import Dataset
 from fmnas_jax.genome import Genome, count_params
 from fmnas_jax.model import init_variables
-from fmnas_jax.programs import (  # noqa: F401  (re-exported: the batched path and the tests use them)
-    EvalPlan,
-    FusedPlan,
-    Plan,
+from fmnas_jax.ops import (  # noqa: F401  (re-exported: the batched path and the tests use them)
     StepSettings,
-    TrainState,
     augment,
     batch_at,
     cross_entropy,
@@ -37,6 +33,7 @@ from fmnas_jax.programs import (  # noqa: F401  (re-exported: the batched path a
     masked_sums,
     normalise,
 )
+from fmnas_jax.programs import EvalPlan, FusedPlan, Plan, TrainState
 from fmnas_jax.runtime import cache_hits
 
 OPTIMIZERS = ("adam", "adamw", "sgd")

@@ -81,8 +81,10 @@ def test_command_line_overrides_win():
         ("data.val_size=3", "data.val_size 3"),
         ("search_space.kernel_sizes=[0,3]", "kernel sizes [0]"),
         ("search_space.activations=[relu,elu]", "['elu']"),
-        ("batching=vmap", "batching 'vmap' is not one of ['none', 'buckets']"),
-        ("bucket_waste=0.5", "bucket_waste 0.5"),
+        (("backend=buckets", "backend.bucket_waste=0.5"), "bucket_waste 0.5"),
+        ("backend.per_device=0", "backend.per_device 0 must be >= 1"),
+        ("workers=1", "settings moved into the backend group (conf/backend/): workers=1: use backend=inprocess"),
+        ("batching=buckets", "batching=buckets: use backend=buckets"),
         ("search.final_share=1.0", "search.final_share 1.0 must be between 0 and 1"),
         ("search.sampler=cmaes", "search.sampler 'cmaes' is not one of ['tpe', 'nsga2', 'random']"),
         ("search.time_budget=null", "search.budget and search.time_budget are both null"),
@@ -96,7 +98,7 @@ def test_command_line_overrides_win():
 )
 def test_bad_values_are_refused_with_their_name(override, fragment):
     with pytest.raises(ValueError) as info:
-        to_app_config(_compose("+experiment=hillclimb", override))
+        to_app_config(_compose("+experiment=hillclimb", *([override] if isinstance(override, str) else override)))
     assert fragment in str(info.value)
 
 

@@ -48,7 +48,8 @@ def test_search_key_changes_with_what_shapes_the_path():
     assert search_key(replace(app, fitness=FitnessConfig(size_weight=0.05))) != search_key(app)
     assert search_key(replace(app, trainer=TrainConfig(epochs=2))) != search_key(app)
     assert search_key(replace(app, search=SearchConfig(time_budget="10m"))) != search_key(app)
-    assert search_key(replace(app, progress=False, workers=1)) == search_key(app)  # how it runs, not what it finds
+    in_process = replace(app, progress=False, backend=replace(app.backend, kind="inprocess"))
+    assert search_key(in_process) == search_key(app)  # how it runs, not what it finds
 
 
 @pytest.fixture

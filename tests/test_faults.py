@@ -21,10 +21,11 @@ from conftest import needs_real_data
 from mlflow import MlflowClient
 from services import HAVE_POSTGRES, MlflowServer, Postgres, wait_until
 
-from fmnas_jax.store import HEARTBEAT, REASON, Store, _schema_head
+from fmnas_jax.store import HEARTBEAT, REASON, Store
+from fmnas_jax.store.connection import _schema_head
 
 # A real search, small: 3 random genomes, 1 climb evaluation, the winner retrained (~30 s once compiled).
-SMOKE = ["+experiment=smoke", "search.budget=1", "workers=1", "progress=false"]
+SMOKE = ["+experiment=smoke", "search.budget=1", "backend=inprocess", "progress=false"]
 
 
 def _launch(cwd: Path, name: str, *args: str, host: str | None = None) -> tuple[subprocess.Popen, Path]:

@@ -11,7 +11,8 @@ import pytest
 from fmnas_jax import Genome
 from fmnas_jax.data import synthetic_dataset
 from fmnas_jax.model import GenomeCNN
-from fmnas_jax.programs import CACHE, EvalPlan, _Cache
+from fmnas_jax.pieces import CACHE, _Cache
+from fmnas_jax.programs import EvalPlan
 from fmnas_jax.train import TrainConfig, compiled_programs, evaluate_split, init_state, to_device
 
 GENOME = Genome.parse("NC 8 3 swish;RC 16 4 gelu;NC 4 2 tanh;RC 8 3 sigmoid;FL relu;")
@@ -128,7 +129,7 @@ def test_the_cache_is_bounded():
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
 def test_the_host_built_optimiser_state_is_optax_own(optimizer):
     from fmnas_jax.model import init_variables
-    from fmnas_jax.programs import init_opt_state, moments
+    from fmnas_jax.ops import init_opt_state, moments
 
     params = init_variables(GENOME, 0)["params"]
     ours = init_opt_state(params, optimizer, 0.1)

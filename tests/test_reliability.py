@@ -77,7 +77,8 @@ def test_ctrl_c_stops_the_worker_pool_at_once(tmp_path):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) during long evaluations on two
     worker processes: the search exits without waiting for them, leaves no process behind and no run
     RUNNING; the evaluations in flight and the search end KILLED."""
-    args = ["+experiment=smoke", "search.population_size=4", "trainer.epochs=200", "data.train_size=5000", "workers=2"]
+    args = ["+experiment=smoke", "search.population_size=4", "trainer.epochs=200", "data.train_size=5000", "backend=workers",
+            "backend.workers=2"]  # fmt: skip
     log = (tmp_path / "log.txt").open("w")
     # SIGINT as a terminal's foreground job has it: a test run started in the background (`pytest &` in a script) ignores
     # SIGINT, children inherit that, and Python then installs no KeyboardInterrupt handler at all.
@@ -148,7 +149,7 @@ def test_same_seed_same_search(tmp_path):
     a.mkdir(), b.mkdir()
     cards = []
     for d in (a, b):
-        proc = cli(d, "+experiment=smoke", "workers=1")
+        proc = cli(d, "+experiment=smoke", "backend=inprocess")
         run_dir = Path(next(ln.split("Files: ")[1] for ln in proc.stdout.splitlines() if ln.startswith("Files: ")))
         cards.append((json.loads((run_dir / "climb_path.json").read_text()), json.loads((run_dir / "result_card.json").read_text())))
     (path_a, card_a), (path_b, card_b) = cards
@@ -174,7 +175,7 @@ def test_kill_9_during_rung_1_then_rerun_reuses_rung_0(tmp_path):
     """A multi-fidelity search killed while its first promoted genomes train at rung 1: the rerun
     retrains no rung-0 (or any finished) evaluation and ends on the uninterrupted search's winner."""
     halving = ["+experiment=smoke", "search/fidelity=halving", "search.fidelity.rungs=[{epochs: 1, train_size: 300}]",
-               "search.population_size=6", "search.budget=4", "search.seed=7", "trainer.epochs=2", "workers=1"]  # fmt: skip
+               "search.population_size=6", "search.budget=4", "search.seed=7", "trainer.epochs=2", "backend=inprocess"]  # fmt: skip
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     reference.mkdir(), crashed.mkdir()
     cli(reference, *halving)

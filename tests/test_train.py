@@ -9,7 +9,7 @@ import pytest
 from fmnas_jax import Genome
 from fmnas_jax.data import synthetic_dataset
 from fmnas_jax.model import GenomeCNN
-from fmnas_jax.programs import CACHE
+from fmnas_jax.pieces import CACHE
 from fmnas_jax.train import (
     TrainConfig,
     augment,

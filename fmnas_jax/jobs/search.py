@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fmnas_jax.backends import Backend, EvalSpec, InProcess, Workers, choose_backend, opened
+from fmnas_jax.backends import Backend, EvalSpec, InProcess, choose_backend, opened
 from fmnas_jax.config import AppConfig
 from fmnas_jax.cost import WORKERS_OVER_ONE_PROCESS, CostModel, Sample
 from fmnas_jax.data import DataConfig
@@ -33,7 +33,6 @@ from fmnas_jax.search.random_search import RandomSearch
 from fmnas_jax.store import Store, flatten, host_name
 
 log = logging.getLogger("fmnas_jax")
-FULL_TRAIN = 60_000  # Fashion-MNIST's training images, validation split included
 # Measured on the 2-core AMD EPYC (main job, 2026-11-28): the retrain's epochs ran ~5 % slower than the
 # cost model predicted (each also validates), and the per-class report, the figures and the MLflow Model's
 # logging and registration took ~30 s after the last epoch; with neither margin the job overran by ~60 s.
@@ -50,7 +49,7 @@ def search_key(cfg: AppConfig) -> str:
 
 def n_train(data: DataConfig) -> int:
     """Training images a data config gives (the rest of the 60,000 after validation, or train_size)."""
-    return data.train_size if data.train_size is not None else FULL_TRAIN - data.val_size
+    return data.n_train
 
 
 def rung_specs(cfg: AppConfig) -> list[EvalSpec]:
@@ -93,7 +92,7 @@ def run_search(cfg: AppConfig, config_yaml: str, out_dir: Path) -> Card:
     try:
         with (
             store.system_metrics(parent),
-            opened(choose_backend(cfg.workers, cfg.batching, cfg.bucket_size, cfg.bucket_waste, cfg.cache_dir)) as backend,
+            opened(choose_backend(cfg.backend, cfg.cache_dir)) as backend,
         ):
             log.info("evaluation path: %s", backend.description)
             card = _search(cfg, store, parent, OwnSearches(store, key, own | {parent}), backend, specs, started, out_dir)
@@ -139,9 +138,8 @@ def _search(
     # The final retrain runs in-process on every core: on a worker pool, faster than one worker's evaluation.
     # The search keeps back the leader's predicted retrain, but never more than search.final_share of the budget:
     # the retrain then trains the epochs that fit (see _fit_final).
-    speedup = backend.parallelism / WORKERS_OVER_ONE_PROCESS if isinstance(backend, Workers) else 1.0
+    speedup = backend.parallelism / WORKERS_OVER_ONE_PROCESS if backend.separate_processes else 1.0
     cap = sc.final_share * (sc.time_budget_seconds or 0)
-    reserve = lambda: min(cost.seconds(leader, final_images) / speedup, cap) if (leader := _leader(rungs)) else 0.0  # noqa: E731
     # A time budget holds across attempts: what earlier attempts of this search spent is charged, and a rerun of a
     # finished search only replays what it stored (trains nothing, so it ends where it ended).
     spent, finished = _earlier_attempts(store, own, parent)
@@ -149,12 +147,18 @@ def _search(
         log.info("earlier attempts of this search spent %.0f s of its time budget%s", spent, "; it finished: replaying it" * finished)
     if time_left is not None:
         time_left -= spent
-    allowance = Allowance(None, time_left, cost, backend.parallelism, reserve, replay_only=finished)
+    allowance = Allowance(None, time_left, cost, backend.parallelism, replay_only=finished)
     progress = _Progress(cfg, store, parent, started)
     epochs = EpochBar(cfg.trainer.epochs, cfg.progress and backend.streams_epochs)
     for r, spec in enumerate(specs):
         ev = Evaluator(store, spec, backend, parent, epochs.update, rung=r if len(specs) > 1 else None)
         rungs.append(SearchObjective(ev, cfg.fitness, own, allowance, n_train(spec.data), on_counted=progress.tick))
+
+    def reserve() -> float:  # the leader's predicted retrain, at most final_share of the budget
+        leader = _leader(rungs)
+        return min(cost.seconds(leader, final_images) / speedup, cap) if leader is not None else 0.0
+
+    allowance.reserve = reserve
     population = sample_population(cfg.search_space, sc.population_size, rng)
 
     if sc.fidelity.mode == "asha":
@@ -183,9 +187,9 @@ def _search(
     _log_counts(f"search done ({result.best}, fitness {result.best_fitness:.4f})", rungs)
     if len(rungs) > 1 and result.best not in rungs[-1].outcomes:
         log.warning("the budget ran out before a genome reached the top rung: the winner was chosen on a cheaper rung")
-    trained = sum(r.evaluator.trained + r.evaluator.failed for r in rungs)
-    metrics = {"new_evaluations": trained, "reused_evaluations": sum(r.evaluator.reused for r in rungs),
-               "failed_evaluations": sum(r.evaluator.failed for r in rungs), "search_seconds": time.monotonic() - started}  # fmt: skip
+    counts = [r.evaluator.counts() for r in rungs]
+    metrics = {"new_evaluations": sum(c["trained"] + c["failed"] for c in counts), "reused_evaluations": sum(c["reused"] for c in counts),
+               "failed_evaluations": sum(c["failed"] for c in counts), "search_seconds": time.monotonic() - started}  # fmt: skip
     store.log(parent, metrics=metrics)
 
     # RETRAIN the winner with the final budget and recipe, then REPORT.
@@ -223,7 +227,8 @@ def _fit_final(spec: EvalSpec, genome: Genome, cost: CostModel, speedup: float, 
 
 
 def _samples(store: Store) -> list[Sample]:
-    """This host's measured evaluations, for the cost model (genomes of other layouts are skipped)."""
+    """This host's measured evaluations, for the cost model (genomes outside the default space are skipped:
+    other layouts, and the wide space's larger filter counts)."""
     rows = store.cost_samples(host_name())
     return [Sample(g, images, seconds, train) for text, images, seconds, train in rows if (g := _parsed(text, SearchSpace())) is not None]
 
@@ -268,10 +273,9 @@ def _foreign(cfg: AppConfig, store: Store, top: SearchObjective, own: OwnSearche
         return {}
     first = min(store.get_run(r).start_time for r in own.known)
     out = {}
-    for s in top.evaluator.stored():
-        genome = _parsed(s.genome, cfg.search_space)
-        if genome is not None and s.parent_run_id not in own and s.end_time < first:
-            out[genome] = top.fitness_of(Outcome(genome, s.eval_key, s.run_id, "FINISHED", s.metrics, True))
+    for o in top.evaluator.finished(lambda text: _parsed(text, cfg.search_space)):
+        if o.parent_run_id not in own and o.end_time < first:
+            out[o.genome] = top.fitness_of(o)
     return out
 
 
@@ -296,13 +300,9 @@ def _earlier_final_epochs(store: Store, own: OwnSearches, genome: Genome) -> int
 def _table_climb(cfg: AppConfig, top: SearchObjective, rng: np.random.Generator) -> ClimbResult:
     """The paper's climber over every recorded evaluation of the full budget whose genome is in this search's space."""
     rows = []
-    for s in top.evaluator.store.finished_evaluations(top.evaluator.budget):
-        genome = _parsed(s.genome, cfg.search_space)
-        if genome is None:
-            continue  # recorded by a search over another space: not a candidate here
-        o = Outcome(genome, s.eval_key, s.run_id, "FINISHED", s.metrics, True, parent_run_id=s.parent_run_id)
-        top.outcomes.setdefault(genome, o)
-        rows.append((genome, int(s.metric("param_count")), s.metric(cfg.fitness.metric), top.fitness_of(o)))
+    for o in top.evaluator.finished(lambda text: _parsed(text, cfg.search_space)):  # outside this search's space: skipped
+        top.record(o)
+        rows.append((o.genome, int(o.metric("param_count")), o.metric(cfg.fitness.metric), top.fitness_of(o)))
     return table_climb(rows, rng, cfg.search.patience, cfg.search.max_restarts)
 
 
@@ -343,9 +343,7 @@ class _Progress:
 
 
 def _log_counts(stage: str, rungs: list[SearchObjective]) -> None:
-    parts = [
-        f"rung {i}: {r.evaluator.trained} trained, {r.evaluator.reused} reused, {r.evaluator.failed} failed" for i, r in enumerate(rungs)
-    ]
+    parts = ["rung {}: {trained} trained, {reused} reused, {failed} failed".format(i, **r.evaluator.counts()) for i, r in enumerate(rungs)]
     log.info("%s; %s", stage, "; ".join(parts) if len(rungs) > 1 else parts[0].split(": ", 1)[1])
 
 

@@ -1,0 +1,242 @@
+"""The compiled pieces a genome's step and eval chunk are made of, each keyed by what it computes, in one cache.
+
+A piece is AOT-compiled once per (key, device) and kept in a bounded cache shared by the threads of a
+process; JAX's persistent cache serves the next process. `raw` gives a piece's function uncompiled, for
+tracing a whole step as one program (fmnas_jax.programs.FusedPlan). Imports jax/flax/optax/numpy only.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fmnas_jax.genome import IMAGE_SIZE, ConvGene, Genome, output_sizes
+from fmnas_jax.ops import (
+    F32,
+    StepSettings,
+    batch_at,
+    bn_shapes,
+    conv_module,
+    conv_shapes,
+    cross_entropy,
+    head_logits,
+    head_shapes,
+    masked_sums,
+    moments,
+    normalise,
+    post_apply,
+    sds,
+)
+
+CACHE_SIZE = 2048  # compiled pieces kept per process (each a few tens of KB of machine code)
+
+
+# ---------------------------------------------------------------------------
+# The cache of compiled pieces
+# ---------------------------------------------------------------------------
+
+
+class _Cache:
+    """Compiled pieces by key; a piece another thread is compiling is waited for, never compiled twice."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.compiles = size, 0
+        self._entries: OrderedDict[tuple, Future] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, build: Callable[[], Any]) -> tuple[Any, float]:
+        """(compiled piece, seconds this call spent compiling it: 0 when it was cached)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            mine = entry is None
+            if mine:
+                entry = self._entries[key] = Future()
+                while len(self._entries) > self.size:
+                    self._entries.popitem(last=False)
+            else:
+                self._entries.move_to_end(key)
+        if not mine:
+            return entry.result(), 0.0
+        t0 = time.perf_counter()
+        try:
+            entry.set_result(build())
+        except BaseException as e:
+            with self._lock:
+                self._entries.pop(key, None)
+            entry.set_exception(e)
+            raise
+        with self._lock:
+            self.compiles += 1
+        return entry.result(), time.perf_counter() - t0
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+CACHE = _Cache(CACHE_SIZE)
+
+
+def _abstract(device: Any, tree: Any) -> Any:
+    """ShapeDtypeStructs of `tree` placed on `device` (what AOT lowering needs, without arrays)."""
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(jnp.shape(s), s.dtype, sharding=sharding), tree)
+
+
+class _Piece(NamedTuple):
+    """A piece before compilation: the function, the arguments it donates, abstract arguments (ints stay run-time scalars)."""
+
+    fn: Callable
+    donate: tuple[int, ...]
+    args: tuple
+
+    def compile(self, device: Any) -> Any:
+        """AOT-compiled for `device`."""
+        placed = [a if isinstance(a, int) else _abstract(device, a) for a in self.args]
+        return jax.jit(self.fn, donate_argnums=self.donate).lower(*placed).compile()
+
+
+def _lazy(fn: Callable, donate: tuple[int, ...], *args: Any) -> _Piece:
+    return _Piece(fn, donate, args)
+
+
+def piece(key: tuple, device: Any) -> tuple[Callable, float]:
+    """The compiled program for `key` on `device`, and the seconds spent compiling it now (0 if cached)."""
+    return CACHE.get((*key, device.platform, device.id), lambda: _BUILDERS[key[0]](*key[1:]).compile(device))
+
+
+def raw(key: tuple) -> Callable:
+    """The uncompiled function of the piece `key` (to trace inside a bigger program)."""
+    return _BUILDERS[key[0]](*key[1:]).fn
+
+
+def _sample(settings: StepSettings, train_shape: tuple[int, ...]):
+    n, vec = train_shape[0], sds((2,))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    fn = lambda *a: batch_at(settings, *a)  # noqa: E731
+    return _lazy(fn, (), sds(train_shape, jnp.uint8), sds((n,), jnp.int32), vec, sds((n,), jnp.int32), key, 0, 0)
+
+
+def _eval_sample(eval_shape: tuple[int, ...], batch: int):
+    def fn(x_all, y_all, norm, start, stop):
+        x = normalise(jax.lax.dynamic_slice_in_dim(x_all, start, batch), norm)
+        y = jax.lax.dynamic_slice_in_dim(y_all, start, batch)
+        return x, y, (start + jnp.arange(batch)) < stop  # rows past the split do not count
+
+    return _lazy(fn, (), sds(eval_shape, jnp.uint8), sds(eval_shape[:1], jnp.int32), sds((2,)), 0, 0)
+
+
+def _conv_fwd(kind: str, filters: int, kernel: int, c_in: int, size: int, batch: int):
+    conv, shapes = conv_module(kind, filters, kernel), conv_shapes(filters, kernel, c_in)
+    return _lazy(lambda p, x: conv.apply({"params": p}, x), (), shapes, sds((batch, size, size, c_in)))
+
+
+def _conv_bwd(kind: str, filters: int, kernel: int, c_in: int, size: int, batch: int, need_dx: bool):
+    """Gradients of a convolution from its output's gradient; its forward result is not recomputed (XLA drops it)."""
+    conv, out = conv_module(kind, filters, kernel), output_sizes(Genome((ConvGene(kind, filters, kernel, "relu"),), "relu"), size)[0]
+
+    def fn(p, x, dz):
+        if need_dx:
+            _, vjp = jax.vjp(lambda p, x: conv.apply({"params": p}, x), p, x)
+            return vjp(dz)
+        _, vjp = jax.vjp(lambda p: conv.apply({"params": p}, x), p)
+        return vjp(dz)[0], None
+
+    args = (conv_shapes(filters, kernel, c_in), sds((batch, size, size, c_in)), sds((batch, out, out, filters)))
+    return _lazy(fn, (), *args)
+
+
+def _post_fwd(activation: str, f: int, size: int, batch: int, train: bool):
+    p, stats = bn_shapes(f)
+    if train:
+        fn = lambda p, stats, z: post_apply(activation, p, stats, z, True)  # noqa: E731
+        return _lazy(fn, (1,), p, stats, sds((batch, size, size, f)))
+    return _lazy(lambda p, stats, z: post_apply(activation, p, stats, z, False)[0], (), p, stats, sds((batch, size, size, f)))
+
+
+def _post_bwd(activation: str, f: int, size: int, batch: int):
+    """Gradients of activation + BatchNorm, recomputed from the conv output z (cheap: elementwise and reductions)."""
+
+    def fn(p, stats, z, dy):
+        _, vjp = jax.vjp(lambda p, z: post_apply(activation, p, stats, z, True)[0], p, z)
+        return vjp(dy)
+
+    p, stats = bn_shapes(f)
+    return _lazy(fn, (3,), p, stats, sds((batch, size, size, f)), sds((batch, size, size, f)))
+
+
+def _pool(size: int, c: int, batch: int):
+    return _lazy(lambda y: y.mean(axis=(1, 2)), (), sds((batch, size, size, c)))  # (batch, c)
+
+
+def _pool_bwd(size: int, c: int, batch: int):
+    fn = lambda d: jnp.broadcast_to(d[:, None, None, :] / (size * size), (batch, size, size, c))  # noqa: E731
+    return _lazy(fn, (), sds((batch, c)))
+
+
+def _head(c: int, activation: str, smoothing: float, batch: int):
+    """Loss, gradients of the head and of its pooled input, and [summed plain loss, correct count] added to `acc`."""
+
+    def fn(p, acc, pooled, y):
+        def loss(p, pooled):
+            logits = head_logits(activation, p, pooled)
+            return cross_entropy(logits, y, smoothing).mean(), logits
+
+        (_, logits), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(p, pooled)
+        sums = jnp.stack([cross_entropy(logits, y).sum(), (logits.argmax(-1) == y).sum().astype(F32)])
+        return grads, acc + sums
+
+    return _lazy(fn, (1,), head_shapes(c), sds((2,)), sds((batch, c)), sds((batch,), jnp.int32))
+
+
+def _head_eval(c: int, activation: str, batch: int):
+    fn = lambda p, acc, pooled, y, rows: acc + masked_sums(head_logits(activation, p, pooled), y, rows)  # noqa: E731
+    args = (head_shapes(c), sds((2,)), sds((batch, c)), sds((batch,), jnp.int32), sds((batch,), jnp.bool_))
+    return _lazy(fn, (1,), *args)
+
+
+def _head_classes(c: int, activation: str, batch: int):
+    fn = lambda p, pooled: head_logits(activation, p, pooled).argmax(-1)  # noqa: E731
+    return _lazy(fn, (), head_shapes(c), sds((batch, c)))
+
+
+def _normalised(batch: int):
+    return _lazy(normalise, (), sds((batch, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.uint8), sds((2,)))
+
+
+def _update(optimizer: str, shapes: tuple[tuple[str, tuple[int, ...]], ...]):
+    """One optimiser step of one module's parameters (e.g. a conv's kernel and bias)."""
+    tx, decay = moments(optimizer), optimizer == "adamw"
+
+    def fn(p, g, state, lr, weight_decay):
+        u, state = tx.update(g, state, p)
+        if decay:
+            u = jax.tree_util.tree_map(lambda u, p: u + weight_decay * p, u, p)
+        return jax.tree_util.tree_map(lambda p, u: p - lr * u, p, u), state
+
+    params = {n: sds(shape) for n, shape in shapes}
+    return _lazy(fn, (0, 2), params, params, jax.eval_shape(tx.init, params), sds(()), sds(()))
+
+
+_BUILDERS: dict[str, Callable] = {
+    "sample": _sample,
+    "eval_sample": _eval_sample,
+    "conv": _conv_fwd,
+    "conv_bwd": _conv_bwd,
+    "post": _post_fwd,
+    "post_bwd": _post_bwd,
+    "pool": _pool,
+    "pool_bwd": _pool_bwd,
+    "head": _head,
+    "head_eval": _head_eval,
+    "head_classes": _head_classes,
+    "normalised": _normalised,
+    "update": _update,
+}

@@ -1,0 +1,63 @@
+"""The tags, run roles and limits the store uses in MLflow (names only, no behaviour)."""
+
+from __future__ import annotations
+
+ROLE, GENOME, EVAL_KEY, BUDGET_KEY = "fmnas.role", "genome", "eval_key", "budget_key"
+
+
+HOST, PID, REASON, DUPLICATE_OF = "fmnas.host", "fmnas.pid", "fmnas.reason", "fmnas.duplicate_of"
+
+
+CHECKPOINT = "fmnas.checkpoint"  # artifact path of the saved weights
+
+
+MODEL, MODEL_ARTIFACT = "fmnas.mlflow_model", "mlflow_model"  # the run's MLflow Model (pyfunc, models from code)
+
+
+REGISTERED = "fmnas.registered_model"  # name/version in the model registry
+
+
+IMAGE = 28
+
+
+RUNG = "fmnas.rung"  # multi-fidelity searches: the rung (0 = cheapest budget) an evaluation belongs to
+
+
+HEARTBEAT = "fmnas.heartbeat"  # unix seconds, refreshed by the process that owns a RUNNING run
+
+
+REQUEST = "fmnas.request"  # a unique id per create_run call: a retried creation finds the run it already made
+
+
+PARENT, RUN_NAME = "mlflow.parentRunId", "mlflow.runName"
+
+
+NOTE = "mlflow.note.content"  # a run's (or experiment's) description in the MLflow UI
+
+
+PAGE = 1000  # search_runs' page limit
+
+
+EXPERIMENT_KIND = "mlflow.experimentKind"
+
+
+METRIC_DECIMALS = 6
+
+
+SYSTEM_METRICS_STOP_SECONDS = {
+    False: 30.0,
+    True: 2.0,
+}  # how long the system-metrics sampler may take to stop: after success, after an error
+
+
+EXPERIMENT_NOTE = """Neural architecture search for Fashion-MNIST CNNs (fmnas_jax).
+
+Runs by role (`tags.fmnas.role`): **search** (one per search: strategy, budget, the winner and its
+result card in its description and `report/` artifacts), **evaluation** (one genome at one budget,
+nested under the search that trained it; `tags.fmnas.rung` in multi-fidelity searches) and **final**
+(a search's winner retrained; its MLflow Model is registered).
+
+Compare within one search: filter `tags.mlflow.parentRunId = '<search run id>'`, then Chart view
+(scatter of `params` against `val_accuracy`) or select runs and Compare (parallel coordinates).
+Sorting by a metric flattens the nesting. Winners across searches: `tags.fmnas.role = 'final'`.
+"""
