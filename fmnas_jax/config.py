@@ -17,7 +17,7 @@ from typing import Any
 from fmnas_jax.batched import check_bucket_limits
 from fmnas_jax.data import TRAIN_IMAGES, DataConfig
 from fmnas_jax.genome import SearchSpace
-from fmnas_jax.search.base import SearchConfig
+from fmnas_jax.search.base import HillClimbConfig, SearchConfig
 from fmnas_jax.search.fitness import FitnessConfig
 from fmnas_jax.train import TrainConfig
 
@@ -141,7 +141,7 @@ class AppConfig:
     trainer: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    search: SearchConfig = field(default_factory=SearchConfig)
+    search: SearchConfig = field(default_factory=HillClimbConfig)
     fitness: FitnessConfig = field(default_factory=FitnessConfig)
     final: FinalConfig = field(default_factory=FinalConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
@@ -192,6 +192,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        if hasattr(tp, "variant_for"):  # a section whose settings depend on one of its values (search.strategy)
+            try:
+                tp = tp.variant_for(value, name)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         return build(tp, value, name)
     if origin is tuple:
         if not isinstance(value, list | tuple):
@@ -228,6 +233,8 @@ def build[T](cls: type[T], values: dict, prefix: str = "") -> T:
     unknown = sorted(set(values) - fields)
     if unknown:
         where = prefix or "the config"
+        if "strategy" in fields and "strategy" in values:
+            where += f" (search={values['strategy']} has no such setting)"
         raise ConfigError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(fields)}")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
     try:

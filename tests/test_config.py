@@ -1,5 +1,6 @@
 """Every experiment composes with real Hydra, and bad values fail before anything runs."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from fmnas_jax.cli import quote_values, to_app_config
-from fmnas_jax.config import ConfigError, build
+from fmnas_jax.config import AppConfig, ConfigError, build
 from fmnas_jax.search import SearchConfig
 
 CONF = Path(__file__).parent.parent / "conf"
@@ -86,7 +87,7 @@ def test_command_line_overrides_win():
         ("workers=1", "settings moved into the backend group (conf/backend/): workers=1: use backend=inprocess"),
         ("batching=buckets", "batching=buckets: use backend=buckets"),
         ("search.final_share=1.0", "search.final_share 1.0 must be between 0 and 1"),
-        ("search.sampler=cmaes", "search.sampler 'cmaes' is not one of ['tpe', 'nsga2', 'random']"),
+        (("search=optuna", "search.sampler=cmaes"), "search.sampler 'cmaes' is not one of ['tpe', 'nsga2', 'random']"),
         ("search.time_budget=null", "search.budget and search.time_budget are both null"),
         # a "tiny" search whose rungs cost more than its own budget: refused, naming the settings
         ("data.train_size=2000", "search.fidelity.rungs[1] trains 2 x 10,000 = 20,000 images, not fewer than the search's own budget"),
@@ -127,6 +128,28 @@ def test_unknown_keys_are_refused():
     cfg["search"]["populaton_size"] = 3
     with pytest.raises(ConfigError, match="populaton_size"):
         to_app_config(OmegaConf.create(cfg))
+
+
+def test_each_strategy_takes_its_own_settings_only():
+    from hydra.errors import ConfigCompositionException
+
+    from fmnas_jax.search import STRATEGY_CONFIGS, EvolutionConfig, RandomConfig
+
+    for name, cls in STRATEGY_CONFIGS.items():  # every conf/search/<name>.yaml holds exactly its class's settings
+        search = OmegaConf.to_container(_compose(f"search={name}"), resolve=True)["search"]
+        assert set(search) == {f.name for f in dataclasses.fields(cls)}, name
+        assert type(to_app_config(_compose(f"search={name}")).search) is cls
+    app = to_app_config(_compose("+experiment=hillclimb", "search=evolution", "search.tournament_size=7"))
+    assert isinstance(app.search, EvolutionConfig) and app.search.tournament_size == 7 and app.search.fidelity.mode == "asha"
+    with pytest.raises(ConfigCompositionException, match="move"):  # another strategy's setting: Hydra says so at once
+        _compose("search=random", "search.move=steepest")
+    cfg = OmegaConf.to_container(_compose("search=random"), resolve=True)
+    cfg["search"]["max_restarts"] = 1000  # and so does the builder for a plain dict
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['max_restarts'\] in search \(search=random has no such setting\)"):
+        to_app_config(OmegaConf.create(cfg))
+    with pytest.raises(ConfigError, match="search.strategy 'anneal' is not one of"):
+        build(AppConfig, {"search": {"strategy": "anneal"}})
+    assert RandomConfig().strategy == "random"
 
 
 def test_build_checks_types():

@@ -102,6 +102,7 @@ def test_tfds_source_reads_what_tfds_wrote_and_equals_the_idx_source(tmp_path, m
     # So a seeded split picks the same images from either source: results do not depend on where the data came from.
     # Read in any other order, the arrays fail the IDX files' sha256 (as a corrupt or foreign copy would).
     monkeypatch.setattr(data_mod, "tfds_file_order", lambda split, n: np.arange(n))
+    load_arrays.cache_clear()  # read again, not the arrays this process already checked
     with pytest.raises(DataError, match=r"fashion_mnist/train in .* does not match Fashion-MNIST's train-images-idx3-ubyte"):
         load_arrays("tfds", "/nonexistent", True, str(tmp_path))
 

@@ -11,7 +11,7 @@ from fmnas_jax.config import AppConfig
 from fmnas_jax.data import DataConfig, synthetic_load
 from fmnas_jax.evaluator import Evaluator, budget_key, eval_key
 from fmnas_jax.jobs.search import search_key
-from fmnas_jax.search import FitnessConfig, SearchConfig
+from fmnas_jax.search import FitnessConfig, HillClimbConfig
 from fmnas_jax.store import Store
 from fmnas_jax.train import TrainConfig
 
@@ -44,10 +44,10 @@ def test_eval_key_is_genome_plus_budget():
 def test_search_key_changes_with_what_shapes_the_path():
     app = AppConfig()
     assert search_key(app) == search_key(AppConfig())
-    assert search_key(replace(app, search=SearchConfig(seed=1))) != search_key(app)
+    assert search_key(replace(app, search=HillClimbConfig(seed=1))) != search_key(app)
     assert search_key(replace(app, fitness=FitnessConfig(size_weight=0.05))) != search_key(app)
     assert search_key(replace(app, trainer=TrainConfig(epochs=2))) != search_key(app)
-    assert search_key(replace(app, search=SearchConfig(time_budget="10m"))) != search_key(app)
+    assert search_key(replace(app, search=HillClimbConfig(time_budget="10m"))) != search_key(app)
     in_process = replace(app, progress=False, backend=replace(app.backend, kind="inprocess"))
     assert search_key(in_process) == search_key(app)  # how it runs, not what it finds
 

@@ -118,7 +118,7 @@ def test_successive_halving_promotes_the_right_genomes_and_evaluates_each_rung_o
 
 
 def test_hill_climber_screens_neighbours_through_halving():
-    from fmnas_jax.search import SearchConfig, hill_climb
+    from fmnas_jax.search import HillClimbConfig, hill_climb
 
     space = SearchSpace(filters=(4, 8, 16), kernel_sizes=(1, 2, 3, 4, 5))
     target = Genome.parse("NC 16 5 relu;RC 8 3 gelu;NC 4 2 tanh;RC 16 1 swish;FL sigmoid;", space)
@@ -139,7 +139,7 @@ def test_hill_climber_screens_neighbours_through_halving():
 
     rng = np.random.default_rng(0)
     rungs = [NoisyRung(Truth(), 0.01, rng), NoisyRung(Truth(), 0.0, rng)]
-    res = hill_climb(space, HalvingObjective(rungs, eta=3), np.random.default_rng(1), SearchConfig(move="steepest", max_restarts=0))
+    res = hill_climb(space, HalvingObjective(rungs, eta=3), np.random.default_rng(1), HillClimbConfig(move="steepest", max_restarts=0))
     assert res.best == target
     assert len(rungs[1].outcomes) < len(rungs[0].outcomes) / 2  # most neighbours were screened out cheaply
 

@@ -16,7 +16,7 @@ from fmnas_jax.evaluator import Evaluator
 from fmnas_jax.genome import count_params, sample_population
 from fmnas_jax.objective import RUNG_PENALTY, Allowance, SearchObjective
 from fmnas_jax.scheduler import AsyncHalving
-from fmnas_jax.search import FitnessConfig, SearchConfig
+from fmnas_jax.search import FitnessConfig, HillClimbConfig
 from fmnas_jax.search.hillclimb import HillClimber
 from fmnas_jax.search.random_search import RandomSearch
 from fmnas_jax.store import Store
@@ -81,7 +81,7 @@ def _search(store: Store, backend, own: set, count: int = 40, seed: int = 0, cli
     rng = np.random.default_rng(seed)
     population = sample_population(SPACE, 9, rng)
     strategy = (
-        HillClimber(SPACE, rng, SearchConfig(), population=population, eager=True) if climb else RandomSearch(SPACE, rng, {}, population)
+        HillClimber(SPACE, rng, HillClimbConfig(), population=population, eager=True) if climb else RandomSearch(SPACE, rng, {}, population)
     )
     result = AsyncHalving(rungs, eta=3, backend=backend).run(strategy)
     store.end_run(parent, "FINISHED")

@@ -7,7 +7,7 @@ from fmnas_jax import Genome, SearchSpace
 from fmnas_jax.genome import random_genome
 from fmnas_jax.search import (
     FitnessConfig,
-    SearchConfig,
+    HillClimbConfig,
     fitness,
     hill_climb,
     pareto_front,
@@ -56,7 +56,7 @@ class TableObjective:
 @pytest.mark.parametrize("move", ["first", "steepest"])
 def test_hill_climb_finds_the_known_optimum(move):
     obj = TableObjective(budget=5000)
-    cfg = SearchConfig(move=move, patience=1, max_restarts=0)
+    cfg = HillClimbConfig(move=move, patience=1, max_restarts=0)
     res = hill_climb(SPACE, obj, np.random.default_rng(0), cfg)
     assert res.best == TARGET and res.best_fitness == 0
     assert res.path[-1].move == "optimum"
@@ -66,7 +66,7 @@ def test_hill_climb_finds_the_known_optimum(move):
 
 def test_hill_climb_respects_the_budget():
     obj = TableObjective(budget=25)
-    res = hill_climb(SPACE, obj, np.random.default_rng(1), SearchConfig(budget=25, patience=3))
+    res = hill_climb(SPACE, obj, np.random.default_rng(1), HillClimbConfig(budget=25, patience=3))
     assert len(obj.seen) == 25 and obj.exhausted
     assert res.path[-1].move == "budget"
     assert res.best_fitness == max(obj.seen.values())
@@ -81,14 +81,14 @@ def test_hill_climb_restarts_until_patience():
             return [0.0] * len(genomes)
 
     obj = Flat(budget=10**6)
-    res = hill_climb(SPACE, obj, np.random.default_rng(2), SearchConfig(patience=3, max_restarts=10))
+    res = hill_climb(SPACE, obj, np.random.default_rng(2), HillClimbConfig(patience=3, max_restarts=10))
     restarts = sorted({s.restart for s in res.path})
     assert restarts == [0, 1, 2, 3]  # the first climb sets the best, then 3 restarts without improvement
 
 
 def test_hill_climb_is_deterministic():
-    a = hill_climb(SPACE, TableObjective(60), np.random.default_rng(7), SearchConfig(budget=60))
-    b = hill_climb(SPACE, TableObjective(60), np.random.default_rng(7), SearchConfig(budget=60))
+    a = hill_climb(SPACE, TableObjective(60), np.random.default_rng(7), HillClimbConfig(budget=60))
+    b = hill_climb(SPACE, TableObjective(60), np.random.default_rng(7), HillClimbConfig(budget=60))
     assert a == b
 
 
@@ -174,11 +174,11 @@ def test_fitness_config_validation(kwargs, fragment):
 
 def test_search_config_validation():
     with pytest.raises(ValueError, match="search.population_size 0"):
-        SearchConfig(population_size=0)
+        HillClimbConfig(population_size=0)
     with pytest.raises(ValueError, match="search.population_size -3"):
-        SearchConfig(population_size=-3)
+        HillClimbConfig(population_size=-3)
     with pytest.raises(ValueError, match="search.strategy 'anneal'"):
-        SearchConfig(strategy="anneal")
+        HillClimbConfig(strategy="anneal")
 
 
 def _evolve(seed: int, budget: int, population: int = 10):
@@ -211,7 +211,8 @@ def test_local_search_beats_random_search_at_equal_budget_on_a_smooth_landscape(
     # number of evaluations, hill climbing and evolution should end closer to the optimum than random sampling.
     budget, seeds = 150, range(5)
     rand = [random_search(SPACE, TableObjective(budget), np.random.default_rng(s), {}).best_fitness for s in seeds]
-    climb = [hill_climb(SPACE, TableObjective(budget), np.random.default_rng(s), SearchConfig(budget=budget)).best_fitness for s in seeds]
+    cfg = HillClimbConfig(budget=budget)
+    climb = [hill_climb(SPACE, TableObjective(budget), np.random.default_rng(s), cfg).best_fitness for s in seeds]
     evolve = [_evolve(s, budget)[0].best_fitness for s in seeds]
     assert np.mean(climb) > np.mean(rand) and np.mean(evolve) > np.mean(rand), (climb, evolve, rand)
 

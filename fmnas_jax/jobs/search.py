@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,7 @@ from fmnas_jax.progress import EpochBar, count_bar
 from fmnas_jax.report import Card, Row, plot_curves, plot_search, write_card, write_csv
 from fmnas_jax.scheduler import AsyncHalving
 from fmnas_jax.search import table_climb
-from fmnas_jax.search.base import ClimbResult, PopulationOnly, Strategy, drive
-from fmnas_jax.search.evolution import RegularizedEvolution
-from fmnas_jax.search.hillclimb import HillClimber
-from fmnas_jax.search.random_search import RandomSearch
+from fmnas_jax.search.base import ClimbResult, Proposals, TableConfig, drive
 from fmnas_jax.store import Store, flatten, host_name
 
 log = logging.getLogger("fmnas_jax")
@@ -167,7 +163,8 @@ def _search(
         count = sc.population_size + (0 if sc.strategy == "table" else sc.budget) if sc.budget is not None else None
         allowance.allow(count if count is not None else 10**9)
         scheduler = AsyncHalving(rungs, sc.fidelity.eta, backend)
-        result = scheduler.run(_strategy(cfg, rng, population=population, eager=True, foreign=_foreign(cfg, store, rungs[-1], own)))
+        given = Proposals(population=population, eager=True, foreign=_foreign(cfg, store, rungs[-1], own))
+        result = scheduler.run(sc.make(cfg.search_space, rng, given))
         if sc.strategy == "table":
             result = _table_climb(cfg, rungs[-1], rng)
     else:
@@ -181,7 +178,8 @@ def _search(
             result = _table_climb(cfg, rungs[-1], rng)
         else:
             start = max(scores, key=lambda g: scores[g])
-            result = drive(_strategy(cfg, rng, known=scores, start=start, foreign=_foreign(cfg, store, rungs[-1], own)), objective)
+            given = Proposals(known=scores, start=start, foreign=_foreign(cfg, store, rungs[-1], own))
+            result = drive(sc.make(cfg.search_space, rng, given), objective)
     progress.close()
     epochs.close()
     _log_counts(f"search done ({result.best}, fitness {result.best_fitness:.4f})", rungs)
@@ -248,24 +246,6 @@ def _leader(rungs: list[SearchObjective]) -> Genome | None:
     return None
 
 
-def _strategy(cfg: AppConfig, rng: np.random.Generator, known: dict | None = None, start: Genome | None = None,
-              population: Sequence[Genome] = (), eager: bool = False, foreign: dict | None = None) -> Strategy:  # fmt: skip
-    """The configured strategy, given the evaluated population (`known`, `start`) or the population to ask first;
-    `foreign`: other searches' results a model-based sampler may learn from."""
-    sc = cfg.search
-    if sc.strategy == "hillclimb":
-        return HillClimber(cfg.search_space, rng, sc, start=start, population=population, eager=eager)
-    if sc.strategy == "random":
-        return RandomSearch(cfg.search_space, rng, known, population)
-    if sc.strategy == "evolution":
-        return RegularizedEvolution(cfg.search_space, rng, sc.tournament_size, known, population)
-    if sc.strategy == "optuna":
-        from fmnas_jax.search.optuna_search import OptunaSearch
-
-        return OptunaSearch(cfg.search_space, sc.seed, sc.sampler, {**(foreign or {}), **(known or {})}, population)
-    return PopulationOnly(population)  # table: the population only; the climb runs over the stored table afterwards
-
-
 def _foreign(cfg: AppConfig, store: Store, top: SearchObjective, own: OwnSearches) -> dict[Genome, float]:
     """Other searches' results at this search's own budget, stored before its first attempt began (so every attempt
     sees the same ones), for a sampler that learns from them (search=optuna); {} for the other strategies."""
@@ -303,6 +283,7 @@ def _table_climb(cfg: AppConfig, top: SearchObjective, rng: np.random.Generator)
     for o in top.evaluator.finished(lambda text: _parsed(text, cfg.search_space)):  # outside this search's space: skipped
         top.record(o)
         rows.append((o.genome, int(o.metric("param_count")), o.metric(cfg.fitness.metric), top.fitness_of(o)))
+    assert isinstance(cfg.search, TableConfig)
     return table_climb(rows, rng, cfg.search.patience, cfg.search.max_restarts)
 
 

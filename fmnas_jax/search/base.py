@@ -15,8 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
 from fmnas_jax.cost import parse_duration
-from fmnas_jax.genome import Genome
+from fmnas_jax.genome import Genome, SearchSpace
 
 STRATEGIES = ("hillclimb", "table", "random", "evolution", "optuna")
 SAMPLERS = ("tpe", "nsga2", "random")  # search=optuna
@@ -54,18 +56,27 @@ class FidelityConfig:
 
 
 @dataclass(frozen=True)
+class Proposals:
+    """What a strategy starts from: the evaluated population (`known`, `start`) or the population to ask first,
+    `eager` (asynchronous rungs: a climb moves to any better genome it asked), and `foreign`, other searches'
+    results a model-based sampler may learn from."""
+
+    known: dict[Genome, float] | None = None
+    start: Genome | None = None
+    population: Sequence[Genome] = ()
+    eager: bool = False
+    foreign: dict[Genome, float] | None = None
+
+
+@dataclass(frozen=True)
 class SearchConfig:
-    """Population, strategy and budget; see conf/search/*.yaml."""
+    """Population, budget and rungs, which every strategy shares; each strategy's own settings are in its
+    subclass below (conf/search/<strategy>.yaml holds exactly those), chosen by `strategy`."""
 
     strategy: str = "hillclimb"
     seed: int = 0
     population_size: int = 20
     budget: int | None = 30  # new evaluations after the population; null = as many as the time budget allows
-    move: str = "first"
-    patience: int = 2
-    max_restarts: int = 10
-    tournament_size: int = 5
-    sampler: str = "tpe"  # search=optuna: tpe | nsga2 | random
     time_budget: str | None = None  # the whole job (search and final retrain): 600, '12m', '1.5h'; null = no limit
     final_share: float = 0.5  # the most of time_budget the search keeps back for the winner's retrain
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
@@ -74,7 +85,20 @@ class SearchConfig:
     def time_budget_seconds(self) -> float | None:
         return None if self.time_budget is None else parse_duration(self.time_budget)
 
+    @classmethod
+    def variant_for(cls, values: dict, name: str) -> type[SearchConfig]:
+        """The settings class of the strategy `values` names (the config builder's choice of subclass)."""
+        strategy = values.get("strategy", "hillclimb")
+        if strategy not in STRATEGY_CONFIGS:
+            raise ValueError(f"{name}.strategy {strategy!r} is not one of {list(STRATEGIES)}")
+        return STRATEGY_CONFIGS[strategy]
+
     def __post_init__(self) -> None:
+        if self.strategy not in STRATEGY_CONFIGS:
+            raise ValueError(f"search.strategy {self.strategy!r} is not one of {list(STRATEGIES)}")
+        if type(self) is not STRATEGY_CONFIGS[self.strategy]:
+            wanted = STRATEGY_CONFIGS[self.strategy].__name__
+            raise ValueError(f"search.strategy {self.strategy!r} takes {wanted}, not {type(self).__name__}")
         if self.time_budget is not None:
             object.__setattr__(self, "time_budget", str(self.time_budget))
             try:
@@ -83,22 +107,112 @@ class SearchConfig:
                 raise ValueError(f"search.time_budget: {e}") from None
         if not 0.0 < self.final_share < 1.0:
             raise ValueError(f"search.final_share {self.final_share} must be between 0 and 1 (exclusive)")
-        if self.tournament_size < 1:
-            raise ValueError(f"search.tournament_size {self.tournament_size} must be >= 1")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"search.sampler {self.sampler!r} is not one of {list(SAMPLERS)}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"search.strategy {self.strategy!r} is not one of {list(STRATEGIES)}")
-        if self.move not in MOVES:
-            raise ValueError(f"search.move {self.move!r} is not one of {list(MOVES)}")
         if self.population_size < 1:
             raise ValueError(f"search.population_size {self.population_size} must be >= 1")
         if self.budget is not None and self.budget < 0:
             raise ValueError(f"search.budget {self.budget} must be >= 0")
         if self.budget is None and self.time_budget is None:
             raise ValueError("search.budget and search.time_budget are both null: the search would never end; set one (or both)")
+
+    def make(self, space: SearchSpace, rng: np.random.Generator, given: Proposals) -> Strategy:
+        """This strategy, ready to ask."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class HillClimbConfig(SearchConfig):
+    """search=hillclimb: one-gene moves, first or steepest improvement, random restarts."""
+
+    strategy: str = "hillclimb"
+    move: str = "first"  # first | steepest improvement
+    patience: int = 2  # stop after this many restarts in a row without improvement
+    max_restarts: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.move not in MOVES:
+            raise ValueError(f"search.move {self.move!r} is not one of {list(MOVES)}")
         if self.patience < 1 or self.max_restarts < 0:
             raise ValueError(f"search.patience {self.patience} must be >= 1 and search.max_restarts {self.max_restarts} >= 0")
+
+    def make(self, space: SearchSpace, rng: np.random.Generator, given: Proposals) -> Strategy:
+        from fmnas_jax.search.hillclimb import HillClimber
+
+        return HillClimber(space, rng, self, start=given.start, population=given.population, eager=given.eager)
+
+
+@dataclass(frozen=True)
+class TableConfig(SearchConfig):
+    """search=table: the paper's climber over the stored table (it trains nothing beyond the population)."""
+
+    strategy: str = "table"
+    patience: int = 2
+    max_restarts: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.patience < 1 or self.max_restarts < 0:
+            raise ValueError(f"search.patience {self.patience} must be >= 1 and search.max_restarts {self.max_restarts} >= 0")
+
+    def make(self, space: SearchSpace, rng: np.random.Generator, given: Proposals) -> Strategy:
+        return PopulationOnly(given.population)  # the climb runs over the stored table afterwards
+
+
+@dataclass(frozen=True)
+class RandomConfig(SearchConfig):
+    """search=random: uniform random genomes of the space (the baseline); no settings of its own."""
+
+    strategy: str = "random"
+
+    def make(self, space: SearchSpace, rng: np.random.Generator, given: Proposals) -> Strategy:
+        from fmnas_jax.search.random_search import RandomSearch
+
+        return RandomSearch(space, rng, given.known, given.population)
+
+
+@dataclass(frozen=True)
+class EvolutionConfig(SearchConfig):
+    """search=evolution: regularized (aging) evolution with tournaments of `tournament_size`."""
+
+    strategy: str = "evolution"
+    tournament_size: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tournament_size < 1:
+            raise ValueError(f"search.tournament_size {self.tournament_size} must be >= 1")
+
+    def make(self, space: SearchSpace, rng: np.random.Generator, given: Proposals) -> Strategy:
+        from fmnas_jax.search.evolution import RegularizedEvolution
+
+        return RegularizedEvolution(space, rng, self.tournament_size, given.known, given.population)
+
+
+@dataclass(frozen=True)
+class OptunaConfig(SearchConfig):
+    """search=optuna: one of Optuna's samplers through ask-and-tell (the optuna extra)."""
+
+    strategy: str = "optuna"
+    sampler: str = "tpe"  # tpe | nsga2 | random
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"search.sampler {self.sampler!r} is not one of {list(SAMPLERS)}")
+
+    def make(self, space: SearchSpace, rng: np.random.Generator, given: Proposals) -> Strategy:
+        from fmnas_jax.search.optuna_search import OptunaSearch
+
+        return OptunaSearch(space, self.seed, self.sampler, {**(given.foreign or {}), **(given.known or {})}, given.population)
+
+
+STRATEGY_CONFIGS: dict[str, type[SearchConfig]] = {
+    "hillclimb": HillClimbConfig,
+    "table": TableConfig,
+    "random": RandomConfig,
+    "evolution": EvolutionConfig,
+    "optuna": OptunaConfig,
+}
 
 
 class Objective(Protocol):

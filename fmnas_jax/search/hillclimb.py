@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from fmnas_jax.genome import Genome, SearchSpace, neighbours, random_genome
-from fmnas_jax.search.base import ClimbResult, Objective, SearchConfig, Step, drive
+from fmnas_jax.search.base import ClimbResult, HillClimbConfig, Objective, Step, drive
 
 
 class HillClimber:
@@ -30,7 +30,7 @@ class HillClimber:
         self,
         space: SearchSpace,
         rng: np.random.Generator,
-        cfg: SearchConfig,
+        cfg: HillClimbConfig,
         start: Genome | None = None,
         population: list[Genome] | tuple[Genome, ...] = (),
         eager: bool = False,
@@ -181,7 +181,7 @@ class HillClimber:
 
 
 def hill_climb(
-    space: SearchSpace, objective: Objective, rng: np.random.Generator, cfg: SearchConfig, start: Genome | None = None
+    space: SearchSpace, objective: Objective, rng: np.random.Generator, cfg: HillClimbConfig, start: Genome | None = None
 ) -> ClimbResult:
     """Climb from `start` (or a random genome), restart at random until `patience` restarts bring nothing."""
     return drive(HillClimber(space, rng, cfg, start), objective)
