@@ -120,6 +120,11 @@ class Evaluator:
                                    end_time=s.end_time))  # fmt: skip
         return out
 
+    def record_fitness(self, outcome: Outcome, fitness: float) -> None:
+        """Log on a new evaluation's run the fitness its search ranks it by (the UI's `fitness` column)."""
+        if not outcome.reused and outcome.status == "FINISHED" and math.isfinite(fitness):
+            self.store.log(outcome.run_id, metrics={"fitness": fitness})
+
     def counts(self) -> dict[str, int]:
         """Evaluations this evaluator trained, reused from the store, and saw fail."""
         return {"trained": self.trained, "reused": self.reused, "failed": self.failed}
@@ -230,7 +235,8 @@ class Evaluator:
     def _start(self, genome: Genome) -> str:
         key = eval_key(genome, self.budget)
         rung = f" (rung {self.rung})" if self.rung is not None else ""
-        name = f"final {genome.short}" if self.role == "final" else genome.short + (f" r{self.rung}" if self.rung is not None else "")
+        # What tells runs apart first (the UI's name column shows ~20 characters): role or rung, then the genome.
+        name = f"{'final' if self.role == 'final' else 'eval' if self.rung is None else f'r{self.rung}'} {genome.short}"
         what = "The search's winner, retrained with the final recipe" if self.role == "final" else f"An evaluation{rung}"
         description = (f"{what}.\n\n`{genome}`\n\nBudget: {describe_budget(self.spec.trainer, self.spec.data)}; seed {self.spec.seed}. "
                        f"eval_key `{key}`: a later search with the same genome and budget reuses this run.")  # fmt: skip
@@ -258,7 +264,8 @@ class Evaluator:
                 self.store.log(run_id, metrics=row, step=epoch)
         summary = {k: as_logged(v) for k, v in result.summary().items()}  # what a later reuse will read back
         per_epoch = set(result.history)  # already logged at steps 1..epochs; the last value is the final one
-        self.store.log(run_id, metrics={k: v for k, v in summary.items() if k not in per_epoch}, step=0)  # one-off values: step 0
+        budget = {"budget_epochs": self.spec.trainer.epochs, "budget_images": self.spec.trainer.epochs * self.spec.data.n_train}
+        self.store.log(run_id, metrics={k: v for k, v in summary.items() if k not in per_epoch} | budget, step=0)  # one-off: step 0
         if result.status == "FINISHED":
             earlier = self.store.find_finished(key, self.role)  # another process may have finished it meanwhile
             if earlier is not None and earlier.run_id != run_id:
@@ -268,7 +275,7 @@ class Evaluator:
                 try:
                     self.store.save_checkpoint(run_id, blob, CHECKPOINT_ARTIFACT)
                     scores = {k: f"{summary[k]:.4f}" for k in ("val_accuracy", "test_accuracy", "train_accuracy") if k in summary}
-                    tags = {"genome": str(genome), "run_id": run_id, "params": str(result.param_count), **scores}
+                    tags = {"genome": str(genome), "run_id": run_id, "param_count": str(result.param_count), **scores}
                     self.store.log_model(run_id, blob, self.register_as, tags)
                 except ArtifactError as e:  # disk full, artifact store unwritable: never FINISHED without its weights
                     self.store.end_run(run_id, "FAILED", f"the weights could not be stored: {e}")

@@ -94,7 +94,7 @@ class SearchObjective:
         own_searches: Container[str],
         allowance: Allowance | None = None,
         n_train: int = 55_000,
-        on_counted: Callable[[], None] | None = None,
+        on_counted: Callable[[Outcome], None] | None = None,
     ) -> None:
         self.evaluator, self.fitness_cfg, self.own_searches = evaluator, fitness_cfg, own_searches
         self.allowance = allowance or Allowance()
@@ -114,6 +114,10 @@ class SearchObjective:
     def record(self, o: Outcome) -> None:
         """Count a stored result as one of this search's outcomes (the table climber's rows), unless it has one already."""
         self.outcomes.setdefault(o.genome, o)
+
+    def log_fitness(self, o: Outcome) -> None:
+        """A new evaluation's run gets the fitness this search ranks it by (a reused one keeps what it has)."""
+        self.evaluator.record_fitness(o, self.fitness_of(o))
 
     def fitness_of(self, o: Outcome) -> float:
         if o.status != "FINISHED":
@@ -139,8 +143,9 @@ class SearchObjective:
                 self.allowance.cost.add(
                     Sample(o.genome, int(o.metric("images_trained")), o.metric("wall_seconds"), o.metric("train_seconds"))
                 )
+            self.log_fitness(o)
             if o.genome in counted and self.on_counted is not None:
-                self.on_counted()
+                self.on_counted(o)
 
         try:
             self.outcomes |= self.evaluator.evaluate_many(genomes, admit, on_done)

@@ -217,6 +217,7 @@ class AsyncHalving:
         if not outcome.reused and "wall_seconds" in outcome.metrics:
             m = outcome.metric
             rung.allowance.cost.add(Sample(outcome.genome, int(m("images_trained")), m("wall_seconds"), m("train_seconds")))
+        rung.log_fitness(outcome)
         if counted and rung.on_counted is not None:
-            rung.on_counted()
+            rung.on_counted(outcome)
         strategy.tell(outcome.genome, self.score(outcome.genome))

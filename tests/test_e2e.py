@@ -1,8 +1,11 @@
 """End to end through the real CLI: real Hydra, real data, a real SQLite MLflow store."""
 
+import itertools
 import json
+import re
 import subprocess
 import sys
+import urllib.parse
 from collections import Counter
 from pathlib import Path
 
@@ -29,6 +32,28 @@ def runs(cwd: Path, role: str | None = None, status: str | None = None) -> list:
     exp = client.get_experiment_by_name("fmnas_jax")
     found = client.search_runs([exp.experiment_id], max_results=1000)
     return [r for r in found if (role is None or r.data.tags.get("fmnas.role") == role) and (status is None or r.info.status == status)]
+
+
+def _check_the_ui_views(tmp_path: Path, search, evals: list) -> None:
+    """What the MLflow UI shows of a search: names that differ first, fitness and budget on each evaluation,
+    the anytime curve on the search run, links that open filtered views in model-training mode."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for r in evals:  # no rungs in the smoke search: "eval", then the genome's short form
+        assert r.info.run_name == f"eval {Genome.parse(r.data.tags['genome']).short}"
+        assert (r.data.metrics["budget_epochs"], r.data.metrics["budget_images"]) == (1, 1000)
+        assert "fitness" in r.data.metrics  # what the search ranked it by
+    best = [m.value for m in sorted(client.get_metric_history(search.info.run_id, "best_fitness"), key=lambda m: m.step)]
+    assert best and all(b >= a for a, b in itertools.pairwise(best))  # the search's anytime curve never falls
+    assert max(best) == pytest.approx(max(r.data.metrics["fitness"] for r in evals))
+    counts = [m.value for m in sorted(client.get_metric_history(search.info.run_id, "evaluations_r0"), key=lambda m: m.step)]
+    assert counts == list(range(1, len(evals) + 1))
+    note = search.data.tags["mlflow.note.content"]
+    assert note.count("searchFilter=") == 2 and note.count("workflowType=machine_learning") >= 3
+    assert f"searchFilter=tags.mlflow.parentRunId%20%3D%20%27{search.info.run_id}%27" in note
+    links = re.findall(r"\]\((#/[^)]*searchFilter=[^)]*)\)", note)
+    filters = [urllib.parse.parse_qs(link.split("?", 1)[1])["searchFilter"][0] for link in links]
+    selected = [{r.info.run_id for r in client.search_runs([search.info.experiment_id], f)} for f in filters]
+    assert selected == [{r.info.run_id for r in evals}, {search.data.tags["winner_run_id"]}]  # MLflow's own search accepts them
 
 
 def test_smoke_end_to_end_then_rerun_trains_nothing(tmp_path):
@@ -66,6 +91,7 @@ def test_smoke_end_to_end_then_rerun_trains_nothing(tmp_path):
     assert winner.data.tags["fmnas.registered_model"] == "fmnas-winner/1"  # the retrained winner is a registered MLflow Model
     artifacts = {a.path for a in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(search.info.run_id, "report")}
     assert "report/params_vs_accuracy.png" in artifacts and "report/results.csv" in artifacts
+    _check_the_ui_views(tmp_path, search, evals)
 
     second = cli(tmp_path, "+experiment=smoke")
     assert len(runs(tmp_path, "evaluation")) == len(evals) and len(runs(tmp_path, "final")) == 1  # nothing retrained
@@ -77,7 +103,7 @@ def test_train_experiment_with_the_readme_genome(tmp_path):
     proc = cli(tmp_path, "+experiment=train", f"genome={PAPER}", "trainer.epochs=1", "data.train_size=2000", "data.val_size=1000")
     assert PAPER in proc.stdout and "16,598" in proc.stdout
     (run,) = runs(tmp_path, "evaluation", "FINISHED")
-    assert run.data.tags["genome"] == PAPER and run.info.run_name == Genome.parse(PAPER).short
+    assert run.data.tags["genome"] == PAPER and run.info.run_name == f"eval {Genome.parse(PAPER).short}"
     assert run.data.params["layer2.filters"] == "64" and run.data.params["trainer.epochs"] == "1"
     for m in (
         "param_count",

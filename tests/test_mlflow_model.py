@@ -32,9 +32,10 @@ def test_a_trained_genome_is_a_registered_mlflow_model_that_pyfunc_and_serve_run
     client = MlflowClient(uri)
     (version,) = client.search_model_versions("name = 'fmnas-test'")
     run = client.get_run(version.run_id)
-    assert version.tags["genome"] == PAPER and version.tags["params"] == str(int(run.data.metrics["param_count"]))
+    assert version.tags["genome"] == PAPER and version.tags["param_count"] == str(int(run.data.metrics["param_count"]))
     assert float(version.tags["test_accuracy"]) == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-4)
     assert run.data.tags["fmnas.registered_model"] == "fmnas-test/1"
+    assert str(client.get_model_version_by_alias("fmnas-test", "champion").version) == "1"  # the first version is the best so far
 
     # The model's files: code, the msgpack weights, MLflow's metadata; no pickle anywhere.
     model_uri = f"runs:/{run.info.run_id}/mlflow_model"

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -103,6 +104,27 @@ def test_a_new_experiment_opens_in_the_ui_as_model_training(tracking_uri):
     store = Store(tracking_uri, "exp")
     assert store.client.get_experiment(store.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert store.ui_link().endswith(f"/#/experiments/{store.experiment_id}/runs?workflowType=machine_learning")
+    # every link the project writes opens model-training mode: one run's page, a filtered runs table
+    assert store.view("abc") == f"#/experiments/{store.experiment_id}/runs/abc?workflowType=machine_learning"
+    link = store.view(search_filter="tags.`fmnas.rung` = '0'")
+    query = "searchFilter=tags.%60fmnas.rung%60%20%3D%20%270%27&workflowType=machine_learning"
+    assert link == f"#/experiments/{store.experiment_id}/runs?{query}"
+    assert urllib.parse.parse_qs(link.split("?", 1)[1])["searchFilter"] == ["tags.`fmnas.rung` = '0'"]
     rid = store.start_run("r", "evaluation", {})
     store.log(rid, metrics={"test_accuracy": float(np.float32(0.8953))})
     assert store.get_run(rid).metric("test_accuracy") == 0.8953  # no float32 noise in the UI
+
+
+def test_the_champion_alias_follows_the_best_validation_accuracy(tracking_uri, tmp_path):
+    from fmnas_jax.store.models import crown_if_best
+
+    store = Store(tracking_uri, "exp")
+    client, name = store.client, "fmnas-alias-test"
+    client.create_registered_model(name)
+    (tmp_path / "m").mkdir()
+    moved = []
+    for val in ("0.9000", "0.8800", "0.9100", "not a number"):
+        v = client.create_model_version(name, str(tmp_path / "m"), tags={"val_accuracy": val})
+        moved.append(crown_if_best(client, name, str(v.version)))
+    assert moved == [True, False, True, False]  # a worse (or unreadable) version never takes it
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "3"

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,8 @@ def _search(
     epochs = EpochBar(cfg.trainer.epochs, cfg.progress and backend.streams_epochs)
     for r, spec in enumerate(specs):
         ev = Evaluator(store, spec, backend, parent, epochs.update, rung=r if len(specs) > 1 else None)
-        rungs.append(SearchObjective(ev, cfg.fitness, own, allowance, n_train(spec.data), on_counted=progress.tick))
+        rungs.append(SearchObjective(ev, cfg.fitness, own, allowance, n_train(spec.data), on_counted=progress.counted(r)))
+    progress.rungs = rungs
 
     def reserve() -> float:  # the leader's predicted retrain, at most final_share of the budget
         leader = _leader(rungs)
@@ -297,30 +299,59 @@ def _parsed(text: str, space: SearchSpace) -> Genome | None:
 
 class _Progress:
     """The search's progress: a bar of new evaluations (count budget) or of the time budget, with ETA, and the
-    search run's `elapsed_seconds` metric (what a resumed attempt charges against the time budget)."""
+    search run's metrics at each counted evaluation (step = evaluations counted): `elapsed_seconds` (what a
+    resumed attempt charges against the time budget), `evaluations_r<rung>`, and the anytime curve,
+    `best_fitness` and `best_val_accuracy` of the top rung so far."""
 
     def __init__(self, cfg: AppConfig, store: Store, parent: str, started: float) -> None:
         sc, self.started, self.store, self.parent, self.count = cfg.search, started, store, parent, 0
         self.seconds = sc.time_budget_seconds
+        self.rungs: list[SearchObjective] = []
+        self.per_rung: dict[int, int] = {}
+        self.best: dict[str, float] = {}
         planned = sc.population_size + (sc.budget or 0 if sc.strategy != "table" else 0)
         if self.seconds is not None:
             self.bar = count_bar(int(self.seconds), "time budget", "s", cfg.progress)
         else:
             self.bar = count_bar(planned if sc.fidelity.mode == "none" else None, "new evaluations", "eval", cfg.progress)
 
-    def tick(self) -> None:
+    def counted(self, rung: int) -> Callable[[Outcome], None]:
+        """The callback of rung `rung`'s objective: one counted evaluation arrived."""
+        return lambda o: self.tick(rung, o)
+
+    def tick(self, rung: int, o: Outcome) -> None:
         if self.seconds is None:
             self.bar.update()
         else:
             self.bar.update(min(int(time.monotonic() - self.started), int(self.seconds)) - self.bar.n)
-        self.log_elapsed()
+        self.per_rung[rung] = self.per_rung.get(rung, 0) + 1
+        metrics = {f"evaluations_r{rung}": float(self.per_rung[rung])}
+        if rung == len(self.rungs) - 1 and o.status == "FINISHED":
+            for name, value in (("best_fitness", self.rungs[rung].fitness_of(o)), ("best_val_accuracy", o.metric("val_accuracy"))):
+                if math.isfinite(value) and value > self.best.get(name, -math.inf):
+                    self.best[name] = value
+        self.log_elapsed(metrics | self.best)
 
-    def log_elapsed(self) -> None:
+    def log_elapsed(self, metrics: dict[str, float] | None = None) -> None:
         self.count += 1
-        self.store.log(self.parent, metrics={"elapsed_seconds": time.monotonic() - self.started}, step=self.count)
+        self.store.log(self.parent, metrics={"elapsed_seconds": time.monotonic() - self.started} | (metrics or {}), step=self.count)
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _views(store: Store, parent: str, n_rungs: int) -> str:
+    """Links to the filtered runs tables this search's description talks about (no id to copy by hand)."""
+    mine = f"tags.mlflow.parentRunId = '{parent}'"
+    views = [("every evaluation of this search", f"{mine} AND tags.`fmnas.role` = 'evaluation'")]
+    if n_rungs > 1:
+        views += [
+            (f"rung {r}" + (" (the top rung)" if r == n_rungs - 1 else ""), f"{mine} AND tags.`fmnas.rung` = '{r}'") for r in range(n_rungs)
+        ]
+    views.append(("the winner's final run", f"{mine} AND tags.`fmnas.role` = 'final'"))
+    items = "\n".join(f"- [{what}]({store.view(search_filter=f)})" for what, f in views)
+    return f"Views (Chart view on any of them: `param_count` against `val_accuracy`):\n{items}\n\nProgress: this run's `best_fitness`, " \
+           "`best_val_accuracy` (top rung) and `evaluations_r<rung>` metrics, against Step (evaluations counted) or Time."  # fmt: skip
 
 
 def _log_counts(stage: str, rungs: list[SearchObjective]) -> None:
@@ -367,9 +398,9 @@ def _report(
         metrics={"winner_params": card.params, "winner_val_accuracy": card.val_accuracy, "winner_test_accuracy": card.test_accuracy},
         tags={"winner": card.genome, "winner_run_id": card.run_id},
     )
-    link = f"#/experiments/{store.experiment_id}/runs/{card.run_id}"
+    link = store.view(card.run_id)
     retrained = describe_budget(final_spec.trainer, final_spec.data)
     store.describe(parent, f"A {cfg.search.strategy} search, seed {cfg.search.seed}.\n\nWinner: [`{card.genome}`]({link}), "
-                           f"retrained: {retrained}.\n\n{card.markdown()}")  # fmt: skip
+                           f"retrained: {retrained}.\n\n{_views(store, parent, len(rungs))}\n\n{card.markdown()}")  # fmt: skip
     print_card(card, out_dir, store)
     return card

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
+from urllib.parse import quote, urlencode
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -217,7 +218,14 @@ class _Connection:
                 raise
             return exp.experiment_id
 
-    def ui_link(self, host: str = "127.0.0.1", port: int = 5000) -> str:
-        """Where `mlflow ui` (or the tracking server) shows this experiment's runs table, in model-training mode."""
+    def ui_link(self, host: str = "127.0.0.1", port: int = 5000, run_id: str | None = None, search_filter: str | None = None) -> str:
+        """Where `mlflow ui` (or the tracking server) shows this experiment's runs table (or `view`'s page), in model-training mode."""
         base = self.uri.rstrip("/") if self.uri.startswith("http") else f"http://{host}:{port}"
-        return f"{base}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
+        return f"{base}/{self.view(run_id, search_filter)}"
+
+    def view(self, run_id: str | None = None, search_filter: str | None = None) -> str:
+        """A link relative to the UI's root (for descriptions): the runs table, one run's page, or the runs that
+        `search_filter` selects; always in model-training mode (the UI's GenAI mode would otherwise win)."""
+        path = f"#/experiments/{self.experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+        query = {"searchFilter": search_filter} if search_filter else {}
+        return f"{path}?{urlencode(query | {'workflowType': 'machine_learning'}, quote_via=quote)}"

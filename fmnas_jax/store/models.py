@@ -28,6 +28,30 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
             raise
 
 
+CHAMPION = "champion"  # the registered model's alias: its best version by validation accuracy
+
+
+def crown_if_best(client: MlflowClient, name: str, version: str) -> bool:
+    """Point the alias `champion` at `version` if its validation accuracy (version tag) beats the current
+    champion's, or there is none yet; True if it moved. Test accuracy stays a reported number, never the choice."""
+
+    def val(v: object) -> float:
+        try:
+            return float(v.tags.get("val_accuracy", "nan"))  # type: ignore[attr-defined]
+        except ValueError:
+            return float("nan")
+
+    new = client.get_model_version(name, version)
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None  # no champion yet
+    if current is not None and not val(new) > val(current):
+        return False
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return True
+
+
 def _model_requirements() -> list[str]:
     """What the model needs beyond its code (fmnas_jax travels inside it): the installed versions."""
     from importlib.metadata import version
@@ -86,6 +110,8 @@ class _Models:
             "registering the model",
         )  # fmt: skip
         self.log(run_id, tags={REGISTERED: f"{register_as}/{version.version}"})
-        log.info("registered the model of run %s as %s version %s (models:/%s/%s)", run_id, register_as, version.version,
-                 register_as, version.version)  # fmt: skip
+        crowned = self._retry(lambda: crown_if_best(self.client, register_as, str(version.version)), "setting the champion alias")
+        best = f"; the best by validation accuracy, models:/{register_as}@{CHAMPION}" * crowned
+        log.info("registered the model of run %s as %s version %s (models:/%s/%s)%s", run_id, register_as, version.version,
+                 register_as, version.version, best)  # fmt: skip
         return str(version.version)

@@ -57,7 +57,9 @@ result card in its description and `report/` artifacts), **evaluation** (one gen
 nested under the search that trained it; `tags.fmnas.rung` in multi-fidelity searches) and **final**
 (a search's winner retrained; its MLflow Model is registered).
 
-Compare within one search: filter `tags.mlflow.parentRunId = '<search run id>'`, then Chart view
-(scatter of `params` against `val_accuracy`) or select runs and Compare (parallel coordinates).
+Compare within one search: each search run's description links its filtered views (its evaluations, each
+rung, its final run), or filter `tags.mlflow.parentRunId = '<search run id>'`; then Chart view (scatter of
+`param_count` against `val_accuracy`) or select runs and Compare (parallel coordinates). A search's
+progress: its run's `best_fitness` and `best_val_accuracy` metrics (Model metrics tab).
 Sorting by a metric flattens the nesting. Winners across searches: `tags.fmnas.role = 'final'`.
 """
