@@ -115,9 +115,14 @@ class SearchObjective:
         """Count a stored result as one of this search's outcomes (the table climber's rows), unless it has one already."""
         self.outcomes.setdefault(o.genome, o)
 
-    def log_fitness(self, o: Outcome) -> None:
-        """A new evaluation's run gets the fitness this search ranks it by (a reused one keeps what it has)."""
+    def completed(self, o: Outcome, counted: bool) -> None:
+        """An outcome arrived (synchronous rounds or the asynchronous scheduler): a new one teaches the cost model
+        and gets on its run the fitness this search ranks it by; a counted one is reported to `on_counted`."""
+        if not o.reused and "wall_seconds" in o.metrics:
+            self.allowance.cost.add(Sample(o.genome, int(o.metric("images_trained")), o.metric("wall_seconds"), o.metric("train_seconds")))
         self.evaluator.record_fitness(o, self.fitness_of(o))
+        if counted and self.on_counted is not None:
+            self.on_counted(o)
 
     def fitness_of(self, o: Outcome) -> float:
         if o.status != "FINISHED":
@@ -138,17 +143,8 @@ class SearchObjective:
             counted.add(g)
             return True
 
-        def on_done(o: Outcome) -> None:
-            if not o.reused and "wall_seconds" in o.metrics:
-                self.allowance.cost.add(
-                    Sample(o.genome, int(o.metric("images_trained")), o.metric("wall_seconds"), o.metric("train_seconds"))
-                )
-            self.log_fitness(o)
-            if o.genome in counted and self.on_counted is not None:
-                self.on_counted(o)
-
         try:
-            self.outcomes |= self.evaluator.evaluate_many(genomes, admit, on_done)
+            self.outcomes |= self.evaluator.evaluate_many(genomes, admit, lambda o: self.completed(o, o.genome in counted))
         finally:
             self.allowance.batch_done()
         return [self.fitness_of(self.outcomes[g]) if g in self.outcomes else -math.inf for g in genomes]

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fmnas_jax.backends import Backend
-from fmnas_jax.cost import Sample
 from fmnas_jax.evaluator import Outcome, eval_key
 from fmnas_jax.genome import Genome
 from fmnas_jax.objective import RUNG_PENALTY, SearchObjective
@@ -214,10 +213,5 @@ class AsyncHalving:
     def _done(self, r: int, outcome: Outcome, strategy: Strategy, counted: bool) -> None:
         rung = self.rungs[r]
         rung.outcomes[outcome.genome] = outcome
-        if not outcome.reused and "wall_seconds" in outcome.metrics:
-            m = outcome.metric
-            rung.allowance.cost.add(Sample(outcome.genome, int(m("images_trained")), m("wall_seconds"), m("train_seconds")))
-        rung.log_fitness(outcome)
-        if counted and rung.on_counted is not None:
-            rung.on_counted(outcome)
+        rung.completed(outcome, counted)
         strategy.tell(outcome.genome, self.score(outcome.genome))

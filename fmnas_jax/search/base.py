@@ -291,6 +291,14 @@ class PopulationOnly:
         return ClimbResult(best, self.scores.get(best, -math.inf), steps)  # type: ignore[arg-type]
 
 
+def best_of(scores: dict[Genome, float], path: Sequence[Step], who: str) -> ClimbResult:
+    """The best-scoring genome of a sampling strategy (random search, Optuna); `who` names it if none finished."""
+    best = max(scores, key=lambda g: scores[g]) if scores else None
+    if best is None or not math.isfinite(scores[best]):
+        raise RuntimeError(f"{who} evaluated no genome successfully")
+    return ClimbResult(best, scores[best], tuple(path))
+
+
 def drive(strategy: Strategy, objective: Objective) -> ClimbResult:
     """Synchronous rounds: ask up to the objective's parallelism, evaluate the batch together, tell every fitness."""
     while not strategy.done and not objective.exhausted:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fmnas_jax.genome import ConvGene, Genome, SearchSpace, count_params
-from fmnas_jax.search.base import ClimbResult, Step
+from fmnas_jax.search.base import ClimbResult, Step, best_of
 
 SAMPLERS = ("tpe", "nsga2", "random")
 MAX_ASKS = 200  # trials asked in a row for one genome inside the size cap
@@ -142,7 +142,4 @@ class OptunaSearch:
         self.done = True
 
     def result(self) -> ClimbResult:
-        best = max(self.scores, key=lambda g: self.scores[g]) if self.scores else None
-        if best is None or not math.isfinite(self.scores[best]):
-            raise RuntimeError("the Optuna search evaluated no genome successfully")
-        return ClimbResult(best, self.scores[best], tuple(self.path))
+        return best_of(self.scores, self.path, "the Optuna search")

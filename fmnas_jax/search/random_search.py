@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from fmnas_jax.genome import Genome, SearchSpace, random_genome
-from fmnas_jax.search.base import ClimbResult, Objective, Step, drive
+from fmnas_jax.search.base import ClimbResult, Objective, Step, best_of, drive
 
 MAX_DRAWS = 1000  # draws for one genome not seen yet (a nearly exhausted small space gives up)
 
@@ -43,10 +43,7 @@ class RandomSearch:
         self.done = True
 
     def result(self) -> ClimbResult:
-        best = max(self.scores, key=lambda g: self.scores[g]) if self.scores else None
-        if best is None or not math.isfinite(self.scores[best]):
-            raise RuntimeError("random search evaluated no genome successfully")
-        return ClimbResult(best, self.scores[best], tuple(self.path))
+        return best_of(self.scores, self.path, "random search")
 
 
 def random_search(space: SearchSpace, objective: Objective, rng: np.random.Generator, seen: dict[Genome, float]) -> ClimbResult:

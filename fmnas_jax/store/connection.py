@@ -218,10 +218,10 @@ class _Connection:
                 raise
             return exp.experiment_id
 
-    def ui_link(self, host: str = "127.0.0.1", port: int = 5000, run_id: str | None = None, search_filter: str | None = None) -> str:
-        """Where `mlflow ui` (or the tracking server) shows this experiment's runs table (or `view`'s page), in model-training mode."""
+    def ui_link(self, host: str = "127.0.0.1", port: int = 5000) -> str:
+        """Where `mlflow ui` (or the tracking server) shows this experiment's runs table, in model-training mode."""
         base = self.uri.rstrip("/") if self.uri.startswith("http") else f"http://{host}:{port}"
-        return f"{base}/{self.view(run_id, search_filter)}"
+        return f"{base}/{self.view()}"
 
     def view(self, run_id: str | None = None, search_filter: str | None = None) -> str:
         """A link relative to the UI's root (for descriptions): the runs table, one run's page, or the runs that
