@@ -37,7 +37,6 @@ import optax
 from fmnas_jax.genome import ACTIVATIONS, HEAD_UNITS, IMAGE_SIZE, NUM_CLASSES, ConvGene, Genome, count_params
 from fmnas_jax.model import ACTIVATION_FNS, BN_MOMENTUM, init_variables, variable_shapes
 from fmnas_jax.train import (
-    AUGMENT_STREAM,
     DeviceData,
     EvalResult,
     StepSettings,
@@ -45,12 +44,12 @@ from fmnas_jax.train import (
     TrainState,
     batch_at,
     cross_entropy,
-    divergence,
-    epoch_order,
-    lr_schedule,
+    finish,
+    fit,
     make_optimizer,
     masked_sums,
     normalise,
+    variables_of,
 )
 
 Bucket = tuple[tuple[str, int, int, int], ...]  # per conv: (type, filters, kernel, smallest kernel in the group)
@@ -300,10 +299,7 @@ def train_batched(
     them); one EvalResult each, as train_and_evaluate would give (`test`: measure test accuracy too).
     `keep` returns each genome's own trained variables (GenomeCNN tree) in `EvalResult.variables`."""
     bucket = bucket or bucket_of(genomes)
-    n, m = dd.n_train, len(genomes)
-    steps = n // cfg.batch_size
-    key, lrs = jax.random.key(seed), lr_schedule(cfg, steps * cfg.epochs)
-    aug_key = jax.random.fold_in(key, AUGMENT_STREAM)  # the solo runs' augmentation
+    m = len(genomes)
     model_masks = [masks(g, bucket) for g in genomes]  # raises if a genome does not fit
     states = [init_bucket_state(g, bucket, cfg, seed) for g in genomes]
     state = jax.tree_util.tree_map(lambda *xs: jnp.asarray(np.stack(xs)), *states)  # (models, ...) per leaf
@@ -312,42 +308,25 @@ def train_batched(
     step, eval_chunk = _programs(bucket, cfg.step_settings(), dd.eval_batch)
     norm = tuple(np.asarray(dd.norm).tolist())
     results = [EvalResult(str(g), "FINISHED", count_params(g), normalisation=norm) for g in genomes]
-    histories = [{k: [] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")} for _ in genomes]
 
-    train_time = 0.0
-    for epoch in range(cfg.epochs):
-        t = time.perf_counter()
-        perm = epoch_order(key, epoch, dd)  # the solo runs' order
-        acc = jnp.zeros((m, 2))
-        for i in range(steps):
-            state, acc = step(state, acc, mk, dd.x_train, dd.y_train, dd.norm, perm, aug_key, lrs[epoch * steps + i], epoch, i)
-        sums = np.asarray(acc) / (steps * cfg.batch_size)
-        train_time += time.perf_counter() - t
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        val = _evaluate(eval_chunk, variables, mk, dd, dd.val_range, m)
-        for j, r in enumerate(results):
-            if r.status == "FAILED":
-                continue  # a diverged model keeps computing alongside the others but is no longer reported
-            if (reason := divergence(float(sums[j, 0]), epoch + 1)) is not None:
-                r.status, r.reason = "FAILED", reason
-                continue
-            for k, v in zip(histories[j], (sums[j, 0], sums[j, 1], val[j, 0], val[j, 1]), strict=True):
-                histories[j][k].append(float(v))
-    final = {"params": state.params, "batch_stats": state.batch_stats}
-    tested = _evaluate(eval_chunk, final, mk, dd, dd.test_range, m) if test else None
+    def bucket_step(state: TrainState, acc: jax.Array, perm: jax.Array, aug_key: jax.Array, lr: float, epoch: int, i: int) -> tuple:
+        return step(state, acc, mk, dd.x_train, dd.y_train, dd.norm, perm, aug_key, lr, epoch, i)
+
+    def evaluate(variables: dict, rows: tuple[int, int]) -> np.ndarray:
+        return _evaluate(eval_chunk, variables, mk, dd, rows, m)
+
+    # the solo runs' shuffles and augmentation (train.fit), one batch shared by every model
+    state, train_time = fit(bucket_step, evaluate, state, results, dd, cfg, seed, acc_shape=(m, 2))
+    final = variables_of(state)
+    finish(results, evaluate, final, dd, test)
     elapsed = time.perf_counter() - t0
+    images = (dd.n_train // cfg.batch_size) * cfg.batch_size * cfg.epochs * m
     for j, r in enumerate(results):
-        h = r.history = histories[j]
         r.train_seconds = train_time / m  # the group's time, shared out
         r.compile_seconds = max(elapsed - train_time, 0.0) / m
         r.wall_seconds = elapsed / m
-        r.images_trained = (len(h["train_loss"]) + (r.status == "FAILED")) * steps * cfg.batch_size  # as train_and_evaluate counts
-        r.images_per_second = steps * cfg.batch_size * cfg.epochs * m / max(train_time, 1e-9)
-        if r.status == "FINISHED":
-            r.train_loss, r.train_accuracy, r.val_loss, r.val_accuracy = (h[k][-1] for k in h)
-            if tested is not None:
-                r.test_accuracy = float(tested[j, 1])
-            if keep:
-                own = jax.tree_util.tree_map(lambda a, j=j: np.asarray(a[j]), final)
-                r.variables = extract_variables(genomes[j], bucket, own)
+        r.images_per_second = images / max(train_time, 1e-9)
+        if keep and r.status == "FINISHED":
+            own = jax.tree_util.tree_map(lambda a, j=j: np.asarray(a[j]), final)
+            r.variables = extract_variables(genomes[j], bucket, own)
     return results

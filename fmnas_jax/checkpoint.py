@@ -9,7 +9,6 @@ from flax import serialization
 from fmnas_jax.genome import ConvGene, Genome
 from fmnas_jax.model import variable_shapes
 
-CHECKPOINT_ARTIFACT = "model/checkpoint.msgpack"  # where a run keeps its weights in MLflow
 CHECKPOINT_FORMAT = "fmnas_jax.checkpoint/1"
 
 

@@ -15,21 +15,46 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from fmnas_jax.config import AppConfig, ConfigError, app_config
+from fmnas_jax.config import AppConfig, ConfigError, realize, schema, search_schema
+from fmnas_jax.search import STRATEGY_CONFIGS
 
 log = logging.getLogger("fmnas_jax")
 
 
+def register_schemas() -> None:
+    """Hydra's ConfigStore gets the schemas conf/ is composed against: `schema/app` under config.yaml,
+    `schema/search/<strategy>` under each conf/search/<strategy>.yaml (a wrong key or type fails at composition)."""
+    store = ConfigStore.instance()
+    store.store(group="schema", name="app", node=schema(AppConfig))
+    for name in STRATEGY_CONFIGS:
+        store.store(group="schema/search", name=name, node=search_schema(name))
+
+
+register_schemas()
+
+
 def to_app_config(cfg: DictConfig) -> AppConfig:
-    """Resolve and validate the composed config; ValueError names the bad key and value."""
+    """The frozen settings of a composed config (or of a plain one, checked against the same schemas);
+    ConfigError names the bad key and value."""
     ours = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # Hydra's own node may not resolve here
-    values = OmegaConf.to_container(ours, resolve=True, throw_on_missing=True)
-    app = app_config(values)
+    strategy = OmegaConf.select(ours, "search.strategy", default="hillclimb")
+    composed_as = OmegaConf.get_type(ours, "search") if "search" in ours else None
+    if composed_as in (search_schema(s) for s in STRATEGY_CONFIGS) and composed_as is not search_schema(strategy):
+        raise ConfigError(f"search.strategy={strategy} was set on the settings of another strategy "
+                          f"({composed_as.__name__}): choose the strategy with search={strategy}")  # fmt: skip
+    try:
+        typed = OmegaConf.merge(schema(AppConfig), {"search": search_schema(strategy)}, ours)
+        app = realize(OmegaConf.to_object(typed))
+    except OmegaConfBaseException as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if not ln.strip().startswith(("reference_type", "object_type"))]
+        raise ConfigError("; ".join(lines)) from None  # OmegaConf's message and the full key
     if app.mode == "train":
         from fmnas_jax.genome import PAPER_GENOME, Genome
 

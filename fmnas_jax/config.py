@@ -1,7 +1,9 @@
-"""Typed, validated settings built from plain dicts (the CLI turns Hydra's DictConfig into one).
+"""Typed, validated settings: frozen dataclasses, and the schemas Hydra composes `conf/` against.
 
-Every section is a frozen dataclass owned by the module that uses it; `AppConfig` gathers
-them. `build()` rejects unknown keys and wrong types with the key's full dotted name.
+Every section is a frozen dataclass owned by the module that uses it; `AppConfig` gathers them.
+`schema()` mirrors each as the mutable dataclass the CLI registers in Hydra's ConfigStore (keys and
+types checked while Hydra composes); `realize()` turns the composed config back into the frozen
+classes, whose __post_init__ checks the values and the rules between them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 from fmnas_jax.batched import check_bucket_limits
 from fmnas_jax.data import TRAIN_IMAGES, DataConfig
 from fmnas_jax.genome import SearchSpace
-from fmnas_jax.search.base import HillClimbConfig, SearchConfig
+from fmnas_jax.search.base import STRATEGY_CONFIGS, HillClimbConfig, SearchConfig
 from fmnas_jax.search.fitness import FitnessConfig
 from fmnas_jax.train import TrainConfig
 
@@ -178,71 +180,87 @@ class AppConfig:
 
 
 class ConfigError(ValueError):
-    """A config value has the wrong type or an unknown key."""
+    """A config value is out of range, or settings contradict each other."""
 
 
-def _coerce(value: Any, tp: Any, name: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], name)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name} must be a mapping, got {value!r}")
-        if hasattr(tp, "variant_for"):  # a section whose settings depend on one of its values (search.strategy)
-            try:
-                tp = tp.variant_for(value, name)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-        return build(tp, value, name)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
-        (inner, _) = typing.get_args(tp)
-        return tuple(_coerce(v, inner, f"{name}[{i}]") for i, v in enumerate(value))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{name} must be a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)  # e.g. search.time_budget=600 (a duration that may also be '10m')
-        if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp} for {name}")
+# Hydra's ConfigStore holds these schemas (registered by the CLI): OmegaConf makes a frozen dataclass
+# read-only, so no config file could be merged into one. Each schema is a mutable mirror of a frozen
+# settings class, generated from it (one definition of every setting): the same fields, types and
+# defaults, tuples as lists, its base classes' mirrors as bases (so search=<strategy> merges a
+# subclass's schema into the `search` node). Hydra checks keys and types against them while it
+# composes; `realize` turns the composed objects back into the frozen classes, whose __post_init__
+# checks values and cross-field rules.
+_REAL: dict[type, type] = {}  # schema -> the frozen class it mirrors
+_SCHEMA: dict[type, type] = {}
 
 
-def build[T](cls: type[T], values: dict, prefix: str = "") -> T:
-    """Instantiate dataclass `cls` from `values`, checking keys and types; errors name the key."""
+def schema(cls: type) -> type:
+    """The mutable mirror of frozen settings dataclass `cls` (`<Name>Schema`, a module attribute so it pickles)."""
+    if cls in _SCHEMA:
+        return _SCHEMA[cls]
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        where = prefix or "the config"
-        if "strategy" in fields and "strategy" in values:
-            where += f" (search={values['strategy']} has no such setting)"
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(fields)}")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
-    try:
-        return cls(**kwargs)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    specs = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(_inner(tp)):  # the declared type's defaults (search: SearchConfig's shared ones)
+            default = field(default_factory=schema(_inner(tp)))
+        elif isinstance(f.default, tuple):
+            default = field(default_factory=lambda d=f.default: list(d))
+        elif f.default is not dataclasses.MISSING:
+            default = field(default=f.default)
+        else:
+            default = field()
+        specs.append((f.name, _schema_type(tp), default))
+    bases = tuple(schema(b) for b in cls.__bases__ if dataclasses.is_dataclass(b))
+    name = cls.__name__ + "Schema"
+    mirror = dataclasses.make_dataclass(name, specs, bases=bases, module=__name__)
+    mirror.__doc__ = f"Hydra's schema of {cls.__module__}.{cls.__name__} (generated from it)."
+    globals()[name] = mirror
+    _SCHEMA[cls], _REAL[mirror] = mirror, cls
+    return mirror
 
 
-def app_config(values: dict) -> AppConfig:
-    """AppConfig from a plain (resolved) dict; the `hydra` node, if present, is ignored."""
-    return build(AppConfig, {k: v for k, v in values.items() if k != "hydra"})
+def _inner(tp: Any) -> Any:
+    """X for X | None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+    return tp
+
+
+def _schema_type(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.Optional[_schema_type(_inner(tp))]  # noqa: UP045 (OmegaConf reads typing.Optional)
+    if typing.get_origin(tp) is tuple:
+        return list[_schema_type(typing.get_args(tp)[0])]
+    if dataclasses.is_dataclass(tp):
+        return schema(tp)
+    return tp
+
+
+def realize(obj: Any, name: str = "") -> Any:
+    """The frozen settings `obj` (schema instances from OmegaConf.to_object) stands for; lists become tuples,
+    non-finite numbers are refused. Each class's __post_init__ runs: ConfigError names the bad setting."""
+    if dataclasses.is_dataclass(obj):
+        kwargs = {f.name: realize(getattr(obj, f.name), f"{name}.{f.name}" if name else f.name) for f in dataclasses.fields(obj)}
+        try:
+            return _REAL[type(obj)](**kwargs)
+        except ValueError as e:
+            raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from e
+    if isinstance(obj, list | tuple):
+        return tuple(realize(v, f"{name}[{i}]") for i, v in enumerate(obj))
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise ConfigError(f"{name} must be a finite number, got {obj!r}")
+    return obj
+
+
+def search_schema(strategy: str) -> type:
+    """The schema of `strategy`'s settings (search=<strategy> in conf/search/)."""
+    if strategy not in STRATEGY_CONFIGS:
+        raise ConfigError(f"search.strategy {strategy!r} is not one of {list(STRATEGY_CONFIGS)}")
+    return schema(STRATEGY_CONFIGS[strategy])
+
+
+for _cls in (AppConfig, *STRATEGY_CONFIGS.values()):  # every schema exists at import (pickled configs find them)
+    schema(_cls)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fmnas_jax.backends import Backend, EvalSpec
-from fmnas_jax.checkpoint import CHECKPOINT_ARTIFACT, checkpoint_bytes
+from fmnas_jax.checkpoint import checkpoint_bytes
 from fmnas_jax.data import DataConfig, split_records
 from fmnas_jax.genome import Genome
 from fmnas_jax.store import ArtifactError, Store, StoredEval, as_logged, flatten
@@ -273,7 +273,6 @@ class Evaluator:
             if result.variables is not None:
                 blob = checkpoint_bytes(genome, result.variables, result.normalisation)
                 try:
-                    self.store.save_checkpoint(run_id, blob, CHECKPOINT_ARTIFACT)
                     scores = {k: f"{summary[k]:.4f}" for k in ("val_accuracy", "test_accuracy", "train_accuracy") if k in summary}
                     tags = {"genome": str(genome), "run_id": run_id, "param_count": str(result.param_count), **scores}
                     self.store.log_model(run_id, blob, self.register_as, tags)

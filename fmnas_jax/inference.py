@@ -51,7 +51,7 @@ def load_run(run_id: str, tracking_uri: str | None = None, experiment: str = "fm
     if not artifact:
         raise StoreError(f"run {run_id} has no saved weights (no {CHECKPOINT} tag); train with trainer.save=true")
     with tempfile.TemporaryDirectory() as tmp:
-        return load_checkpoint(store.download(run_id, artifact, tmp))
+        return load_checkpoint(store.download_checkpoint(run_id, artifact, tmp))
 
 
 def as_images(x: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
@@ -250,6 +250,81 @@ def epoch_order(key: jax.Array, epoch: int, dd: DeviceData) -> jax.Array:
     return jnp.pad(perm, (0, dd.x_train.shape[0] - dd.n_train))  # (capacity,)
 
 
+HISTORY = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")  # per epoch, in EvalResult.history
+
+
+def variables_of(state: TrainState) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def fit(
+    step: Callable,
+    evaluate: Callable[[dict, tuple[int, int]], np.ndarray],
+    state: TrainState,
+    results: Sequence[EvalResult],
+    dd: DeviceData,
+    cfg: TrainConfig,
+    seed: int,
+    acc_shape: tuple[int, ...] = (2,),
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[TrainState, float]:
+    """The training loop of one model (train_and_evaluate) or of a bucket of them (fmnas_jax.batched):
+    `state` holds the models of `results` (one each), `step(state, acc, perm, aug_key, lr, epoch, i)`
+    trains one batch and adds its (loss, correct) sums to `acc` (zeros of `acc_shape` each epoch),
+    `evaluate(variables, rows)` gives each model's (mean loss, accuracy), shape (models, 2). Steps
+    dispatch asynchronously; one host sync per epoch reads the sums. Fills each result's history and
+    images_trained; a model whose training loss diverged is FAILED (a bucket's others go on).
+    Returns the final state and the seconds spent in training steps."""
+    steps = dd.n_train // cfg.batch_size
+    seen = steps * cfg.batch_size
+    key = jax.random.key(seed)
+    aug_key = jax.device_put(jax.random.fold_in(key, AUGMENT_STREAM), dd.device)
+    lrs = lr_schedule(cfg, steps * cfg.epochs)
+    for r in results:
+        r.history = {k: [] for k in HISTORY}
+    train_time = 0.0
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        perm = epoch_order(key, epoch, dd)
+        acc = jnp.zeros(acc_shape)
+        for i in range(steps):
+            state, acc = step(state, acc, perm, aug_key, lrs[epoch * steps + i], epoch, i)
+        sums = np.asarray(acc).reshape(-1, 2) / seen  # (models, 2): mean loss, accuracy
+        train_time += time.perf_counter() - t0
+        for r, loss in zip(results, sums[:, 0], strict=True):
+            if r.status == "FINISHED" and (reason := divergence(float(loss), epoch + 1)) is not None:
+                r.status, r.reason = "FAILED", reason  # a diverged model of a bucket computes on but is no longer reported
+        live = [j for j, r in enumerate(results) if r.status == "FINISHED"]
+        if not live:
+            break
+        val = evaluate(variables_of(state), dd.val_range)
+        for j in live:
+            row = dict(zip(HISTORY, (float(v) for v in (*sums[j], *val[j])), strict=True))
+            for k, v in row.items():
+                results[j].history[k].append(v)
+            if on_epoch is not None:
+                on_epoch(epoch + 1, row)
+    for r in results:
+        r.images_trained = (len(r.history["train_loss"]) + (r.status == "FAILED")) * seen
+    return state, train_time
+
+
+def finish(results: Sequence[EvalResult], evaluate: Callable, variables: dict, dd: DeviceData, test: bool) -> None:
+    """Each trained model's final metrics, for solo and bucket training alike: the last epoch's (Keras'
+    convention: train accuracy/loss are the last epoch's running averages), FAILED if its validation loss
+    diverged, and test accuracy when `test` (one evaluation pass for every model of `variables`)."""
+    for r in results:
+        if r.status == "FINISHED" and not math.isfinite(r.history["val_loss"][-1]):
+            r.status, r.reason = "FAILED", f"validation loss is {r.history['val_loss'][-1]} (diverged)"
+    live = [j for j, r in enumerate(results) if r.status == "FINISHED"]
+    tested = evaluate(variables, dd.test_range) if test and live else None
+    for j in live:
+        r = results[j]
+        r.train_loss, r.train_accuracy, r.val_loss, r.val_accuracy = (r.history[k][-1] for k in HISTORY)
+        if tested is not None:
+            r.test_accuracy = float(tested[j, 1])
+
+
 def train_and_evaluate(
     genome: Genome,
     dd: DeviceData,
@@ -264,58 +339,25 @@ def train_and_evaluate(
 
     `fused`: one compiled program for the whole step (for a process whose XLA has several threads)."""
     started = time.perf_counter()
-    n_train = dd.n_train
-    steps = n_train // cfg.batch_size
-    if steps < 1:
-        raise ValueError(f"trainer.batch_size {cfg.batch_size} exceeds the {n_train} training images")
-    key = jax.random.key(seed)
-    aug_key = jax.device_put(jax.random.fold_in(key, AUGMENT_STREAM), dd.device)
+    if dd.n_train // cfg.batch_size < 1:
+        raise ValueError(f"trainer.batch_size {cfg.batch_size} exceeds the {dd.n_train} training images")
     state = init_state(genome, cfg, seed)
-    lrs = lr_schedule(cfg, steps * cfg.epochs)
     result = EvalResult(str(genome), "FINISHED", count_params(genome), normalisation=tuple(np.asarray(dd.norm).tolist()))
-    history: dict[str, list[float]] = {k: [] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")}
     hits = cache_hits()
     programs = compiled_programs(genome, cfg, dd, fused)
     result.compile_seconds, result.cache_hits = programs.compile_seconds, cache_hits() - hits
 
-    # TRAIN: steps dispatch asynchronously; one host sync per epoch reads the sums.
-    train_time = 0.0
-    for epoch in range(cfg.epochs):
-        t0 = time.perf_counter()
-        perm = epoch_order(key, epoch, dd)
-        acc = jnp.zeros(2)
-        for i in range(steps):
-            state, acc = programs.step(state, acc, dd.x_train, dd.y_train, dd.norm, perm, aug_key, lrs[epoch * steps + i], epoch, i)
-        loss_sum, correct = np.asarray(acc)
-        train_time += time.perf_counter() - t0
-        seen = steps * cfg.batch_size
-        if (reason := divergence(loss_sum / seen, epoch + 1)) is not None:
-            result.status, result.reason = "FAILED", reason
-            break
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        val_loss, val_acc = evaluate_split(programs, variables, dd, dd.val_range)
-        row = {"train_loss": float(loss_sum / seen), "train_accuracy": float(correct / seen), "val_loss": val_loss, "val_accuracy": val_acc}
-        for k, v in row.items():
-            history[k].append(v)
-        if on_epoch is not None:
-            on_epoch(epoch + 1, row)
+    def step(state: TrainState, acc: jax.Array, perm: jax.Array, aug_key: jax.Array, lr: float, epoch: int, i: int) -> tuple:
+        return programs.step(state, acc, dd.x_train, dd.y_train, dd.norm, perm, aug_key, lr, epoch, i)
 
-    result.history = history
-    result.train_seconds = train_time
-    done_epochs = len(history["train_loss"]) + (result.status == "FAILED")
-    result.images_trained = done_epochs * steps * cfg.batch_size
-    result.images_per_second = result.images_trained / max(train_time, 1e-9)
-    if result.status == "FAILED":
-        return result
-    if not math.isfinite(history["val_loss"][-1]):
-        result.status, result.reason = "FAILED", f"validation loss is {history['val_loss'][-1]} (diverged)"
-        return result
-    # Keras' convention: the final train accuracy/loss are the last epoch's running averages.
-    result.train_loss, result.train_accuracy = history["train_loss"][-1], history["train_accuracy"][-1]
-    result.val_loss, result.val_accuracy = history["val_loss"][-1], history["val_accuracy"][-1]
-    if test:
-        _, result.test_accuracy = evaluate_split(programs, variables, dd, dd.test_range)
-    if keep_variables:
+    def evaluate(variables: dict, rows: tuple[int, int]) -> np.ndarray:
+        return np.array([evaluate_split(programs, variables, dd, rows)])
+
+    state, result.train_seconds = fit(step, evaluate, state, [result], dd, cfg, seed, on_epoch=on_epoch)
+    result.images_per_second = result.images_trained / max(result.train_seconds, 1e-9)
+    variables = variables_of(state)
+    finish([result], evaluate, variables, dd, test)
+    if keep_variables and result.status == "FINISHED":
         result.variables = jax.tree_util.tree_map(np.asarray, variables)
     result.wall_seconds = time.perf_counter() - started
     return result

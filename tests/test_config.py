@@ -8,8 +8,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from fmnas_jax.cli import quote_values, to_app_config
-from fmnas_jax.config import AppConfig, ConfigError, build
-from fmnas_jax.search import SearchConfig
+from fmnas_jax.config import ConfigError, realize, schema
 
 CONF = Path(__file__).parent.parent / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -72,11 +71,9 @@ def test_command_line_overrides_win():
     ("override", "fragment"),
     [
         ("trainer.epochs=-1", "trainer.epochs -1"),
-        ("trainer.epochs=abc", "trainer.epochs must be an integer"),
         ("search.population_size=0", "search.population_size 0"),
         ("search.population_size=-4", "search.population_size -4"),
         ("fitness.size_weight=nan", "fitness.size_weight must be a finite number"),
-        ("fitness.size_weight=heavy", "fitness.size_weight must be a number"),
         ("fitness.metric=test_accuracy", "paper_reproduction"),
         ("trainer.learning_rate=0", "trainer.learning_rate 0.0"),
         ("data.val_size=3", "data.val_size 3"),
@@ -144,19 +141,56 @@ def test_each_strategy_takes_its_own_settings_only():
     with pytest.raises(ConfigCompositionException, match="move"):  # another strategy's setting: Hydra says so at once
         _compose("search=random", "search.move=steepest")
     cfg = OmegaConf.to_container(_compose("search=random"), resolve=True)
-    cfg["search"]["max_restarts"] = 1000  # and so does the builder for a plain dict
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['max_restarts'\] in search \(search=random has no such setting\)"):
+    cfg["search"]["max_restarts"] = 1000  # and so does a plain dict, checked against the same schema
+    with pytest.raises(ConfigError, match=r"Key 'max_restarts' not in 'RandomConfigSchema'; full_key: search.max_restarts"):
         to_app_config(OmegaConf.create(cfg))
     with pytest.raises(ConfigError, match="search.strategy 'anneal' is not one of"):
-        build(AppConfig, {"search": {"strategy": "anneal"}})
+        to_app_config(OmegaConf.create({"search": {"strategy": "anneal"}}))
+    with pytest.raises(ConfigError, match="choose the strategy with search=random"):  # the strategy's name on another's settings
+        to_app_config(_compose("search.strategy=random"))
     assert RandomConfig().strategy == "random"
 
 
-def test_build_checks_types():
-    with pytest.raises(ConfigError, match="search.budget must be an integer"):
-        build(SearchConfig, {"budget": 2.5}, "search")
-    with pytest.raises(ConfigError, match="search.seed must be an integer, got True"):
-        build(SearchConfig, {"seed": True}, "search")
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("trainer.epochs=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+        ("fitness.size_weight=heavy", "Value 'heavy' of type 'str' could not be converted to Float"),
+        ("search.budget=2.5", "Value '2.5' of type 'float' could not be converted to Integer"),
+        ("trainer.augment_flip=sometimes", "Value 'sometimes' is not a valid bool"),
+        ("search_space.kernel_sizes=[3,x]", "Value 'x' of type 'str' could not be converted to Integer"),
+    ],
+)
+def test_wrong_types_fail_while_hydra_composes(override, fragment):
+    """The schemas in Hydra's ConfigStore type every key: a wrong type never reaches the job, the message names the key."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as info:
+        _compose("+experiment=hillclimb", override)
+    cause = str(info.value.__cause__)
+    assert fragment in cause and f"full_key: {override.split('=')[0]}" in cause, cause
+
+
+def test_plain_dicts_are_checked_against_the_same_schemas():
+    with pytest.raises(ConfigError, match="could not be converted to Integer; full_key: search.seed"):
+        to_app_config(OmegaConf.create({"search": {"seed": True}}))
+    with pytest.raises(ConfigError, match="full_key: search.budget"):
+        to_app_config(OmegaConf.create({"search": {"budget": 2.5}}))
+
+
+def test_schemas_mirror_the_frozen_settings():
+    from fmnas_jax.config import AppConfig
+    from fmnas_jax.search import STRATEGY_CONFIGS, HillClimbConfig, SearchConfig
+
+    for cls in (AppConfig, *STRATEGY_CONFIGS.values()):  # the same fields, generated from the frozen class
+        assert [f.name for f in dataclasses.fields(schema(cls))] == [f.name for f in dataclasses.fields(cls) if f.init], cls
+    for cls in STRATEGY_CONFIGS.values():  # and the same defaults
+        assert realize(schema(cls)()) == cls(), cls
+    assert issubclass(schema(HillClimbConfig), schema(SearchConfig))  # so search=<strategy> merges into the search node
+    with pytest.raises(ConfigError, match="search.population_size 0 must be >= 1"):
+        realize(schema(HillClimbConfig)(population_size=0))
+    with pytest.raises(ConfigError, match="fitness.size_weight must be a finite number"):
+        realize(schema(AppConfig)(search=schema(HillClimbConfig)(), fitness=schema(type(AppConfig().fitness))(size_weight=float("inf"))))
 
 
 def test_a_count_and_a_time_budget_together_both_hold():

@@ -37,9 +37,17 @@ def test_a_trained_genome_is_a_registered_mlflow_model_that_pyfunc_and_serve_run
     assert run.data.tags["fmnas.registered_model"] == "fmnas-test/1"
     assert str(client.get_model_version_by_alias("fmnas-test", "champion").version) == "1"  # the first version is the best so far
 
+    # A logged model (the Models tab, the run's Logged models), linked to its run and holding the only copy of the weights.
+    (output,) = run.outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert logged.name == "model" and logged.source_run_id == run.info.run_id and str(logged.status).endswith("READY")
+    assert logged.tags["genome"] == PAPER and run.data.tags["fmnas.mlflow_model"] == f"models:/{logged.model_id}"
+    assert [m.model_id for m in client.search_logged_models([run.info.experiment_id])] == [logged.model_id]
+    assert run.data.tags["fmnas.checkpoint"] == f"models:/{logged.model_id}/artifacts/checkpoint.msgpack"
+    assert not [a.path for a in client.list_artifacts(run.info.run_id) if a.path in ("model", "mlflow_model")]  # no second copy
+
     # The model's files: code, the msgpack weights, MLflow's metadata; no pickle anywhere.
-    model_uri = f"runs:/{run.info.run_id}/mlflow_model"
-    local = Path(mlflow.artifacts.download_artifacts(model_uri, tracking_uri=uri, dst_path=str(tmp_path / "m")))
+    local = Path(mlflow.artifacts.download_artifacts(logged.artifact_location, tracking_uri=uri, dst_path=str(tmp_path / "m")))
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     assert "MLmodel" in files and "artifacts/checkpoint.msgpack" in files and "pyfunc_model.py" in files
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))]

@@ -199,7 +199,7 @@ TIMED = ["+experiment=hillclimb", "search.time_budget=50", "search.population_si
 
 def _trained_seconds(cwd: Path) -> float:
     """Wall seconds of every evaluation and retrain that ran (finished, failed or killed), from the store."""
-    return sum(r.data.metrics.get("wall_seconds", 0.0) for r in runs(cwd) if r.data.tags.get("fmnas.role") in ("evaluation", "final"))
+    return sum(r.data.metrics.get("perf/wall_seconds", 0.0) for r in runs(cwd) if r.data.tags.get("fmnas.role") in ("evaluation", "final"))
 
 
 def test_a_finished_time_budgeted_search_run_again_trains_nothing(tmp_path):

@@ -33,6 +33,29 @@ def test_round_trip_on_a_temporary_sqlite_file(tracking_uri):
     assert Store(tracking_uri, "exp").find_finished("k1").run_id == rid
 
 
+def test_housekeeping_metrics_are_logged_under_perf_and_read_back_by_their_names(tracking_uri):
+    store = Store(tracking_uri, "exp")
+    store.log(
+        store.start_run("other host", "evaluation", {"genome": "G0", "eval_key": "k0", "budget_key": "b"}), metrics={"wall_seconds": 9.0}
+    )  # fmt: skip  (RUNNING: never a sample)
+    perf = {"compile_seconds": 1.5, "cache_hits": 2.0, "train_seconds": 3.0, "images_per_second": 4.0, "images_trained": 64.0,
+            "wall_seconds": 5.0}  # fmt: skip
+    rid = _eval_run(store, "G", "k", "b", metrics={"val_accuracy": 0.8, "param_count": 10.0} | perf)
+    logged = MlflowClient(tracking_uri).get_run(rid).data.metrics
+    assert {f"perf/{k}" for k in perf} <= set(logged) and not set(perf) & set(logged)  # the Chart view groups them apart
+    assert logged["val_accuracy"] == pytest.approx(0.8)  # what the search ranks on keeps its name
+    got = store.find_finished("k")
+    assert {k: got.metric(k) for k in perf} == pytest.approx(perf)  # the package reads them by their plain names
+    from fmnas_jax.store import host_name
+
+    assert store.cost_samples(host_name()) == [("G", 64, pytest.approx(5.0), pytest.approx(3.0))]
+    old = MlflowClient(tracking_uri).create_run(store.experiment_id, tags={"fmnas.role": "evaluation", "genome": "O", "eval_key": "ko",
+                                                                          "budget_key": "b"})  # fmt: skip
+    MlflowClient(tracking_uri).log_metric(old.info.run_id, "wall_seconds", 7.0)  # a run logged before the prefix
+    MlflowClient(tracking_uri).set_terminated(old.info.run_id)
+    assert store.find_finished("ko").metric("wall_seconds") == pytest.approx(7.0)
+
+
 def test_failed_runs_are_not_results_and_earliest_finished_wins(tracking_uri):
     store = Store(tracking_uri, "exp")
     _eval_run(store, "G", "k", "b", status="FAILED")

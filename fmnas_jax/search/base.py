@@ -85,20 +85,13 @@ class SearchConfig:
     def time_budget_seconds(self) -> float | None:
         return None if self.time_budget is None else parse_duration(self.time_budget)
 
-    @classmethod
-    def variant_for(cls, values: dict, name: str) -> type[SearchConfig]:
-        """The settings class of the strategy `values` names (the config builder's choice of subclass)."""
-        strategy = values.get("strategy", "hillclimb")
-        if strategy not in STRATEGY_CONFIGS:
-            raise ValueError(f"{name}.strategy {strategy!r} is not one of {list(STRATEGIES)}")
-        return STRATEGY_CONFIGS[strategy]
-
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGY_CONFIGS:
             raise ValueError(f"search.strategy {self.strategy!r} is not one of {list(STRATEGIES)}")
         if type(self) is not STRATEGY_CONFIGS[self.strategy]:
             wanted = STRATEGY_CONFIGS[self.strategy].__name__
-            raise ValueError(f"search.strategy {self.strategy!r} takes {wanted}, not {type(self).__name__}")
+            raise ValueError(f"search.strategy {self.strategy!r} takes {wanted}, not {type(self).__name__}: "
+                             f"choose the strategy with search={self.strategy} (its settings file), not search.strategy")  # fmt: skip
         if self.time_budget is not None:
             object.__setattr__(self, "time_budget", str(self.time_budget))
             try:

@@ -1,4 +1,4 @@
-"""A run's weights as a checkpoint artifact and as an MLflow Model (models from code), and its registration."""
+"""A run's weights as an MLflow 3 logged model (models from code), and its registration."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from fmnas_jax.store.connection import _first_line
-from fmnas_jax.store.names import CHECKPOINT, IMAGE, MODEL, MODEL_ARTIFACT, REGISTERED
+from fmnas_jax.store.names import CHECKPOINT, IMAGE, LOGGED_MODEL, MODEL, MODEL_CHECKPOINT, REGISTERED
 from fmnas_jax.store.records import ArtifactError
 
 log = logging.getLogger("fmnas_jax.store")
@@ -62,18 +62,12 @@ def _model_requirements() -> list[str]:
 class _Models:
     """The Store's models methods (see fmnas_jax.store.Store)."""
 
-    def save_checkpoint(self, run_id: str, blob: bytes, artifact: str) -> None:
-        """Store the weights as artifact `artifact` of the run and point the checkpoint tag at it."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(artifact).name
-            path.write_bytes(blob)
-            self.log_file(run_id, path, str(Path(artifact).parent))
-        self.log(run_id, tags={CHECKPOINT: artifact})
-
     def log_model(self, run_id: str, checkpoint: bytes, register_as: str | None, tags: dict[str, str]) -> str | None:
-        """Log the run's weights as an MLflow Model (artifact `mlflow_model`: models from code, nothing pickled)
-        and, if `register_as` is set, register it as a new version with `tags`; returns the version."""
-        import mlflow.pyfunc
+        """Store the run's weights as a logged model named `model` (MLflow 3: listed in the experiment's Models
+        tab and the run's Logged models; models from code, nothing pickled), the weights' only copy: the run's
+        checkpoint tag points at them inside it. If `register_as` is set, register it as a new version with
+        `tags`; returns the version."""
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
         from mlflow.models import ModelSignature
         from mlflow.types.schema import Schema, TensorSpec
 
@@ -84,29 +78,29 @@ class _Models:
             outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),
         )
         package = Path(fmnas_jax.__file__).parent  # the model's code: models from code, fmnas_jax inside
-        with tempfile.TemporaryDirectory() as tmp:
-            weights = Path(tmp) / "checkpoint.msgpack"
-            weights.write_bytes(checkpoint)
-            path = Path(tmp) / MODEL_ARTIFACT
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")  # the signature validates
-                try:
-                    mlflow.pyfunc.save_model(
-                        path, python_model=str(package / "pyfunc_model.py"), artifacts={"checkpoint": str(weights)},
-                        code_paths=[str(package)], signature=signature,
-                        input_example=np.zeros((2, IMAGE, IMAGE), np.uint8), pip_requirements=_model_requirements(),
-                    )  # fmt: skip
-                except OSError as e:
-                    raise ArtifactError(f"could not write the MLflow Model of run {run_id}: {_first_line(e)}", run_id) from e
-            with self._artifact_errors(run_id, MODEL_ARTIFACT):
-                self._retry(lambda: self.client.log_artifacts(run_id, str(path), MODEL_ARTIFACT), "storing the model")
-        self.log(run_id, tags={MODEL: MODEL_ARTIFACT})
+        model_tags = {k: v for k, v in tags.items() if k != "run_id"}
+        model = self._retry(lambda: self.client.create_logged_model(self.experiment_id, name=LOGGED_MODEL, source_run_id=run_id,
+                                                                    tags=model_tags, model_type="fmnas-cnn"),
+                            "creating the logged model")  # fmt: skip
+        try:
+            self._upload_model(model, run_id, checkpoint, signature, package)
+        except ArtifactError:
+            try:  # no PENDING model left behind
+                self.client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            except MlflowException as e:
+                log.warning("could not mark logged model %s FAILED: %s", model.model_id, _first_line(e))
+            raise
+        self._retry(lambda: self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY), "finalizing the model")
+        self._retry(lambda: self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)]), "linking the model")
+        self.log(run_id, tags={MODEL: f"models:/{model.model_id}", CHECKPOINT: f"models:/{model.model_id}/{MODEL_CHECKPOINT}"})
         if not register_as:
             return None
         self._retry(lambda: _ensure_registered_model(self.client, register_as), "creating the registered model")
         version = self._retry(
-            lambda: self.client.create_model_version(register_as, f"runs:/{run_id}/{MODEL_ARTIFACT}", run_id=run_id, tags=tags,
-                                                     description=tags.get("genome")),
+            # source: the logged model's own location (MLflow's registry would resolve models:/<id> against the
+            # process-wide tracking URI, not this store's)
+            lambda: self.client.create_model_version(register_as, model.artifact_location, run_id=run_id, tags=tags,
+                                                     description=tags.get("genome"), model_id=model.model_id),
             "registering the model",
         )  # fmt: skip
         self.log(run_id, tags={REGISTERED: f"{register_as}/{version.version}"})
@@ -115,3 +109,42 @@ class _Models:
         log.info("registered the model of run %s as %s version %s (models:/%s/%s)%s", run_id, register_as, version.version,
                  register_as, version.version, best)  # fmt: skip
         return str(version.version)
+
+    def _upload_model(self, model: object, run_id: str, checkpoint: bytes, signature: object, package: Path) -> None:
+        """Write the MLflow Model (its MLmodel naming the logged model) and upload it into the logged model."""
+        import mlflow.pyfunc
+        from mlflow.models import Model
+
+        model_id, location = model.model_id, model.artifact_location  # type: ignore[attr-defined]
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = Path(tmp) / "checkpoint.msgpack"
+            weights.write_bytes(checkpoint)
+            path = Path(tmp) / "model"
+            meta = Model(artifact_path=location, model_uuid=model_id, run_id=run_id, model_id=model_id)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")  # the signature validates
+                try:
+                    mlflow.pyfunc.save_model(
+                        path, python_model=str(package / "pyfunc_model.py"), artifacts={"checkpoint": str(weights)},
+                        code_paths=[str(package)], signature=signature, mlflow_model=meta,
+                        input_example=np.zeros((2, IMAGE, IMAGE), np.uint8), pip_requirements=_model_requirements(),
+                    )  # fmt: skip
+                except OSError as e:
+                    raise ArtifactError(f"could not write the MLflow Model of run {run_id}: {_first_line(e)}", run_id) from e
+            with self._artifact_errors(run_id, f"models:/{model_id}"):
+                self._retry(lambda: self.client.log_model_artifacts(model_id, str(path)), "storing the model")
+
+    def download_checkpoint(self, run_id: str, checkpoint: str, dst: str) -> str:
+        """The local path of a run's weights: `checkpoint` (its tag) inside its logged model, or, for runs
+        logged before logged models, an artifact of the run itself."""
+        if not checkpoint.startswith("models:/"):
+            return self.download(run_id, checkpoint, dst)
+        model_id, _, inside = checkpoint.removeprefix("models:/").partition("/")
+        import mlflow.artifacts
+
+        location = self._retry(lambda: self.client.get_logged_model(model_id).artifact_location, "reading the logged model")
+        return self._retry(
+            lambda: mlflow.artifacts.download_artifacts(artifact_uri=f"{location.rstrip('/')}/{inside}", dst_path=dst,
+                                                         tracking_uri=self.uri),
+            "downloading the weights",
+        )  # fmt: skip

@@ -8,10 +8,11 @@ ROLE, GENOME, EVAL_KEY, BUDGET_KEY = "fmnas.role", "genome", "eval_key", "budget
 HOST, PID, REASON, DUPLICATE_OF = "fmnas.host", "fmnas.pid", "fmnas.reason", "fmnas.duplicate_of"
 
 
-CHECKPOINT = "fmnas.checkpoint"  # artifact path of the saved weights
+CHECKPOINT = "fmnas.checkpoint"  # where the weights are: models:/<model id>/artifacts/checkpoint.msgpack (before: a run artifact)
 
 
-MODEL, MODEL_ARTIFACT = "fmnas.mlflow_model", "mlflow_model"  # the run's MLflow Model (pyfunc, models from code)
+MODEL, LOGGED_MODEL = "fmnas.mlflow_model", "model"  # the run's logged model (models:/<model id>), and its name
+MODEL_CHECKPOINT = "artifacts/checkpoint.msgpack"  # the weights inside it (its pyfunc artifact `checkpoint`)
 
 
 REGISTERED = "fmnas.registered_model"  # name/version in the model registry
@@ -36,6 +37,23 @@ NOTE = "mlflow.note.content"  # a run's (or experiment's) description in the MLf
 
 
 PAGE = 1000  # search_runs' page limit
+
+
+# Housekeeping metrics are logged under a prefix of their own, so the MLflow UI's Chart view groups them
+# apart from accuracies (as it groups MLflow's `system/` metrics). The package reads them back by their
+# plain names (`StoredEval.metric("wall_seconds")`); runs logged before the prefix keep their plain names.
+PERF = "perf/"
+PERF_METRICS = frozenset({"compile_seconds", "cache_hits", "train_seconds", "images_per_second", "images_trained", "wall_seconds"})
+
+
+def logged_name(metric: str) -> str:
+    """The name a metric is logged under in MLflow."""
+    return PERF + metric if metric in PERF_METRICS else metric
+
+
+def read_metrics(logged: dict[str, float]) -> dict[str, float]:
+    """A run's metrics by the names the package uses (the `perf/` prefix dropped)."""
+    return {k.removeprefix(PERF) if k.startswith(PERF) and k[len(PERF) :] in PERF_METRICS else k: v for k, v in logged.items()}
 
 
 EXPERIMENT_KIND = "mlflow.experimentKind"

@@ -33,6 +33,8 @@ from fmnas_jax.store.names import (
     ROLE,
     RUN_NAME,
     RUNG,
+    logged_name,
+    read_metrics,
 )
 from fmnas_jax.store.records import ArtifactError, RunRecord, StoredEval, StoreError, as_logged
 
@@ -59,7 +61,8 @@ class _Runs:
     @staticmethod
     def _stored(run: Any) -> StoredEval:
         tags = run.data.tags
-        return StoredEval(run.info.run_id, tags[GENOME], tags[EVAL_KEY], dict(run.data.metrics), tags.get(PARENT), run.info.end_time or 0)
+        metrics = read_metrics(run.data.metrics)
+        return StoredEval(run.info.run_id, tags[GENOME], tags[EVAL_KEY], metrics, tags.get(PARENT), run.info.end_time or 0)
 
     def find_finished(self, eval_key: str, role: str = "evaluation") -> StoredEval | None:
         """The authoritative (earliest) FINISHED run of `role` for `eval_key`, or None."""
@@ -88,10 +91,11 @@ class _Runs:
 
     def cost_samples(self, host: str, limit: int = 500) -> list[tuple[str, int, float, float]]:
         """(genome, images trained, wall seconds, train seconds) of this host's latest finished evaluations (for the cost model)."""
-        f = f"attributes.status = 'FINISHED' AND tags.`{HOST}` = '{host}' AND metrics.wall_seconds > 0"  # evaluations and finals
+        wall = logged_name("wall_seconds")  # runs logged before the perf/ prefix give no samples: the model starts afresh
+        f = f"attributes.status = 'FINISHED' AND tags.`{HOST}` = '{host}' AND metrics.`{wall}` > 0"  # evaluations and finals
         runs = self._search(f, ["attributes.start_time DESC"], max_results=limit)
-        return [(r.data.tags[GENOME], int(r.data.metrics.get("images_trained", 0)), r.data.metrics["wall_seconds"],
-                 r.data.metrics.get("train_seconds", 0.0)) for r in reversed(runs)]  # fmt: skip
+        rows = [(r.data.tags[GENOME], read_metrics(r.data.metrics)) for r in reversed(runs)]
+        return [(g, int(m.get("images_trained", 0)), m["wall_seconds"], m.get("train_seconds", 0.0)) for g, m in rows]
 
     def run_ids(self, role: str, tag: str, value: str) -> set[str]:
         """Ids of runs of one role with tag == value (any status)."""
@@ -176,7 +180,8 @@ class _Runs:
     ) -> None:
         """Log finite metrics, params (None ones left out) and tags, in batches within log_batch's limits."""
         now = int(time.time() * 1000)
-        ms = [Metric(k, as_logged(v), now, step) for k, v in (metrics or {}).items() if v is not None and math.isfinite(float(v))]
+        finite = {k: v for k, v in (metrics or {}).items() if v is not None and math.isfinite(float(v))}
+        ms = [Metric(logged_name(k), as_logged(v), now, step) for k, v in finite.items()]
         ps = [Param(k, str(v)) for k, v in (params or {}).items() if v is not None]
         ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         for kind, items, size in (("metrics", ms, 1000), ("params", ps, 100), ("tags", ts, 100)):
@@ -241,4 +246,4 @@ class _Runs:
     def _record(run: Any) -> RunRecord:
         tags = dict(run.data.tags)
         return RunRecord(run.info.run_id, run.info.run_name, run.info.status, tags.get(ROLE), tags, dict(run.data.params),
-                         dict(run.data.metrics), tags.get(PARENT), run.info.start_time or 0)  # fmt: skip
+                         read_metrics(run.data.metrics), tags.get(PARENT), run.info.start_time or 0)  # fmt: skip
