@@ -98,6 +98,7 @@ def main(cfg: DictConfig) -> float:
         sys.exit(2)
 
     from fmnas_jax import jobs
+    from fmnas_jax.backends import BackendError
     from fmnas_jax.checkpoint import CheckpointError
     from fmnas_jax.data import DataError
     from fmnas_jax.runtime import enable_compilation_cache, malloc_summary, platform_summary
@@ -115,7 +116,7 @@ def main(cfg: DictConfig) -> float:
     try:
         with logging_redirect_tqdm():  # log lines print above the progress bars, not through them
             card = jobs.run(app, OmegaConf.to_yaml(cfg, resolve=True), out_dir)
-    except (DataError, StoreError, FileNotFoundError, CheckpointError) as e:
+    except (DataError, StoreError, FileNotFoundError, CheckpointError, BackendError) as e:
         print(f"fmnas_jax: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -24,7 +24,7 @@ from fmnas_jax.search.fitness import FitnessConfig
 from fmnas_jax.train import TrainConfig
 
 MODES = ("search", "train", "predict")
-BACKENDS = ("auto", "inprocess", "workers", "devices", "buckets")
+BACKENDS = ("auto", "inprocess", "workers", "devices", "buckets", "ray")
 MOVED = {  # top-level keys that moved into the backend group, and what replaces each
     "workers": "backend=inprocess (was workers=1) or backend=workers backend.workers=N",
     "batching": "backend=buckets (was batching=buckets)",
@@ -101,11 +101,16 @@ class FinalConfig:
 class BackendConfig:
     """Where genomes train (conf/backend/*.yaml); each kind reads its own settings."""
 
-    kind: str = "auto"  # auto | inprocess | workers | devices | buckets
+    kind: str = "auto"  # auto | inprocess | workers | devices | buckets | ray
     workers: int = 0  # auto, workers: CPU worker processes (0 = one per core)
     per_device: int = 4  # auto (accelerators), devices: evaluations in flight per device
     bucket_size: int = 16  # buckets: most genomes per bucket
     bucket_waste: float = 2.0  # buckets: most compute a bucket may spend, relative to its genomes alone
+    address: str | None = None  # ray: `auto`, host:port of a running cluster, or null to start one on this machine
+    num_cpus: float = 1.0  # ray: CPUs per evaluation
+    num_gpus: float = 0.0  # ray: GPUs per evaluation (0.25: four evaluations share a GPU)
+    max_in_flight: int = 0  # ray: most evaluations in flight (0 = as many as the cluster's resources hold)
+    max_retries: int = 3  # ray: retries of an evaluation whose node or worker died (Ray's own)
 
     def __post_init__(self) -> None:
         if self.kind not in BACKENDS:
@@ -116,6 +121,13 @@ class BackendConfig:
             raise ValueError(f"backend.per_device {self.per_device} must be >= 1")
         if self.kind == "buckets":
             check_bucket_limits(self.bucket_size, self.bucket_waste)
+        if self.num_cpus < 0 or self.num_gpus < 0 or self.num_cpus + self.num_gpus <= 0:
+            raise ValueError(
+                f"backend.num_cpus {self.num_cpus:g} and backend.num_gpus {self.num_gpus:g} must be >= 0, and not both 0 "
+                "(each Ray task needs some resource)"
+            )
+        if self.max_in_flight < 0 or self.max_retries < 0:
+            raise ValueError(f"backend.max_in_flight {self.max_in_flight} and backend.max_retries {self.max_retries} must be >= 0")
 
 
 @dataclass(frozen=True)

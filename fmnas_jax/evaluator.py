@@ -20,7 +20,7 @@ from fmnas_jax.backends import Backend, EvalSpec
 from fmnas_jax.checkpoint import checkpoint_bytes
 from fmnas_jax.data import DataConfig, split_records
 from fmnas_jax.genome import Genome
-from fmnas_jax.store import ArtifactError, Store, StoredEval, as_logged, flatten
+from fmnas_jax.store import RAY_NODE, ArtifactError, Store, StoredEval, as_logged, flatten
 from fmnas_jax.train import EvalResult, TrainConfig
 
 log = logging.getLogger("fmnas_jax")
@@ -265,7 +265,8 @@ class Evaluator:
         summary = {k: as_logged(v) for k, v in result.summary().items()}  # what a later reuse will read back
         per_epoch = set(result.history)  # already logged at steps 1..epochs; the last value is the final one
         budget = {"budget_epochs": self.spec.trainer.epochs, "budget_images": self.spec.trainer.epochs * self.spec.data.n_train}
-        self.store.log(run_id, metrics={k: v for k, v in summary.items() if k not in per_epoch} | budget, step=0)  # one-off: step 0
+        where = {RAY_NODE: result.node} if result.node else None
+        self.store.log(run_id, metrics={k: v for k, v in summary.items() if k not in per_epoch} | budget, tags=where, step=0)  # one-off
         if result.status == "FINISHED":
             earlier = self.store.find_finished(key, self.role)  # another process may have finished it meanwhile
             if earlier is not None and earlier.run_id != run_id:

@@ -112,6 +112,7 @@ class EvalResult:
     history: dict[str, list[float]] = field(default_factory=dict)
     variables: Any = None  # numpy tree {'params', 'batch_stats'} when kept
     normalisation: tuple[float, float] = (0.0, 1.0)
+    node: str | None = None  # the cluster node it trained on (backend=ray: Ray's node id)
 
     def summary(self) -> dict[str, float]:
         """The final scalar values (finite ones only)."""

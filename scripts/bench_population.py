@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_population.py --genomes 24 --train-size 4000 --epochs 1
     .venv/bin/python scripts/bench_population.py --genomes 120 --train-size 2000 --epochs 1 --modes pool
+    .venv/bin/python scripts/bench_population.py --genomes 24 --train-size 4000 --epochs 1 --modes pool,ray   # backend=ray
 
 Each mode runs in fresh processes with its own empty persistent compilation cache, then runs the
 same population again on that cache (the 'warm' rows: a second run compiles almost nothing).
@@ -38,16 +39,25 @@ if cfg["mode"] == "devices":
 elif cfg["mode"] == "buckets":  # masked buckets (fmnas_jax.batched): one vmapped program per group
     import jax
     backend = Buckets(jax.devices()[0], max_models=cfg["workers"], max_waste=cfg["max_waste"])
+elif cfg["mode"] == "ray":  # a local Ray cluster (started here) with --workers CPUs, one task per evaluation
+    import ray
+    ray.init(num_cpus=cfg["workers"], include_dashboard=False)
+    from fmnas_jax.backends.ray_tasks import Ray
+    backend = Ray(None, num_cpus=1, cache_dir=cfg["cache"])
 elif cfg["workers"] > 1:
     backend = Workers(cfg["workers"], cfg["cache"])
 else:
     backend = InProcess()
+started = time.perf_counter() - t0
 results = [r for _, r in backend.evaluate(genomes, EvalSpec(trainer, data, 0))]
-backend.close()
 wall = time.perf_counter() - t0
+backend.close()
+if cfg["mode"] == "ray":
+    ray.shutdown()
 print(json.dumps({"wall": wall, "compile": sum(r.compile_seconds for r in results), "train": sum(r.train_seconds for r in results),
                   "hits": sum(r.cache_hits for r in results), "failed": sum(r.status != "FINISHED" for r in results),
-                  "val": [r.val_accuracy for r in results]}))
+                  "val": [r.val_accuracy for r in results], "start": started, "images": sum(r.images_trained for r in results),
+                  "inside": sum(r.wall_seconds for r in results), "slots": getattr(backend, "parallelism", 1)}))
 """
 
 
@@ -71,7 +81,8 @@ def main() -> None:
         "--modes",
         default="single,pool",
         help="comma list: single (one process), pool (pinned CPU workers), devices (DevicePool, --workers programs per device), "
-        "buckets (masked buckets of up to --workers genomes, one vmapped program each)",
+        "buckets (masked buckets of up to --workers genomes, one vmapped program each), "
+        "ray (backend=ray on a local Ray cluster of --workers CPUs; needs the ray extra)",
     )
     p.add_argument("--max-waste", type=float, default=2.0, help="buckets: allowed compute of a bucket / its genomes alone")
     p.add_argument("--cold-only", action="store_true", help="skip the second (warm cache) run of each mode")
@@ -89,7 +100,8 @@ def main() -> None:
 
     date = time.strftime("%Y-%m-%d")
     print(f"{args.genomes} random genomes, {args.epochs} epoch(s) on {args.train_size} images, val {args.val_size}; {date}")
-    print(f"{'mode':<34} {'wall s':>8} {'genomes/h':>10} {'compile s':>10} {'compile %':>10} {'cache hits':>10}")
+    print(f"{'mode':<34} {'wall s':>8} {'genomes/h':>10} {'images/s':>9} {'start s':>8} {'overhead s':>10} {'compile s':>10} "
+          f"{'compile %':>10} {'cache hits':>10}")  # fmt: skip
     for mode, (cold, warm) in rows.items():
         for tag, r in (("cold cache", cold), ("warm cache", warm)):
             if r is None:
@@ -97,11 +109,14 @@ def main() -> None:
             share = 100 * r["compile"] / max(r["compile"] + r["train"], 1e-9)
             name = f"{mode} ({1 if mode == 'single' else args.workers}), {tag}"
             per_hour = 3600 * args.genomes / r["wall"]
-            print(f"{name:<34} {r['wall']:>8.1f} {per_hour:>10.0f} {r['compile']:>10.1f} {share:>9.1f}% {r['hits']:>10}")
+            # overhead: slot-seconds not spent inside an evaluation, per evaluation (backend start excluded)
+            overhead = ((r["wall"] - r["start"]) * r["slots"] - r["inside"]) / args.genomes
+            print(f"{name:<34} {r['wall']:>8.1f} {per_hour:>10.0f} {r['images'] / r['wall']:>9.0f} {r['start']:>8.1f} {overhead:>10.2f} "
+                  f"{r['compile']:>10.1f} {share:>9.1f}% {r['hits']:>10}")  # fmt: skip
     if "single" in rows and "pool" in rows:
         speedup = rows["single"][0]["wall"] / rows["pool"][0]["wall"]
         print(f"summary: {args.workers} pinned workers evaluate {speedup:.2f}x the genomes/hour of one process (cold caches)")
-    for mode in ("buckets", "devices"):
+    for mode in ("buckets", "devices", "ray"):
         if mode in rows and len(rows) > 1:
             base = next(m for m in rows if m != mode)
             speedup = rows[base][0]["wall"] / rows[mode][0]["wall"]

@@ -81,6 +81,9 @@ def test_command_line_overrides_win():
         ("search_space.activations=[relu,elu]", "['elu']"),
         (("backend=buckets", "backend.bucket_waste=0.5"), "bucket_waste 0.5"),
         ("backend.per_device=0", "backend.per_device 0 must be >= 1"),
+        (("backend=ray", "backend.num_cpus=0"), "backend.num_cpus 0 and backend.num_gpus 0 must be >= 0, and not both 0"),
+        (("backend=ray", "backend.num_gpus=-1"), "backend.num_gpus -1 must be >= 0"),
+        (("backend=ray", "backend.max_in_flight=-2"), "backend.max_in_flight -2"),
         ("workers=1", "settings moved into the backend group (conf/backend/): workers=1: use backend=inprocess"),
         ("batching=buckets", "batching=buckets: use backend=buckets"),
         ("search.final_share=1.0", "search.final_share 1.0 must be between 0 and 1"),
@@ -98,6 +101,12 @@ def test_bad_values_are_refused_with_their_name(override, fragment):
     with pytest.raises(ValueError) as info:
         to_app_config(_compose("+experiment=hillclimb", *([override] if isinstance(override, str) else override)))
     assert fragment in str(info.value)
+
+
+def test_the_ray_backend_settings_land_in_the_typed_config():
+    app = to_app_config(_compose("+experiment=hillclimb", "backend=ray", "backend.address=auto", "backend.num_gpus=0.25"))
+    b = app.backend
+    assert (b.kind, b.address, b.num_cpus, b.num_gpus, b.max_in_flight, b.max_retries) == ("ray", "auto", 1.0, 0.25, 0, 3)
 
 
 def test_bad_genome_in_train_mode_is_refused():

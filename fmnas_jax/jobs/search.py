@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fmnas_jax.backends import Backend, EvalSpec, InProcess, choose_backend, opened
+from fmnas_jax.backends import Backend, EvalSpec, InProcess, choose_backend, cpu_workers, opened
 from fmnas_jax.config import AppConfig
 from fmnas_jax.cost import WORKERS_OVER_ONE_PROCESS, CostModel, Sample
 from fmnas_jax.data import DataConfig
@@ -135,7 +135,8 @@ def _search(
     # The final retrain runs in-process on every core: on a worker pool, faster than one worker's evaluation.
     # The search keeps back the leader's predicted retrain, but never more than search.final_share of the budget:
     # the retrain then trains the epochs that fit (see _fit_final).
-    speedup = backend.parallelism / WORKERS_OVER_ONE_PROCESS if backend.separate_processes else 1.0
+    # (this machine's cores: a Ray cluster's other nodes do not speed up the retrain here)
+    speedup = min(backend.parallelism, cpu_workers()) / WORKERS_OVER_ONE_PROCESS if backend.separate_processes else 1.0
     cap = sc.final_share * (sc.time_budget_seconds or 0)
     # A time budget holds across attempts: what earlier attempts of this search spent is charged, and a rerun of a
     # finished search only replays what it stored (trains nothing, so it ends where it ended).

@@ -6,6 +6,7 @@ ROLE, GENOME, EVAL_KEY, BUDGET_KEY = "fmnas.role", "genome", "eval_key", "budget
 
 
 HOST, PID, REASON, DUPLICATE_OF = "fmnas.host", "fmnas.pid", "fmnas.reason", "fmnas.duplicate_of"
+RAY_NODE = "fmnas.ray_node"  # backend=ray: the id of the Ray node an evaluation trained on (fmnas.host: the driver's host)
 
 
 CHECKPOINT = "fmnas.checkpoint"  # where the weights are: models:/<model id>/artifacts/checkpoint.msgpack (before: a run artifact)
