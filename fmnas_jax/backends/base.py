@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -84,6 +85,25 @@ class _Batches:
             result = self.next_result()
             assert result is not None, "a submitted evaluation was lost"
             yield result
+
+
+class _Finishing(_Batches):
+    """`next_result` for a backend whose evaluations finish elsewhere (processes, threads) and put
+    (tag, EvalResult) on `_done`; `submit` counts each in `_in_flight`."""
+
+    def __init__(self) -> None:
+        self._done: queue.Queue = queue.Queue()
+        self._in_flight = 0
+
+    def next_result(self, timeout: float | None = None) -> tuple[Any, EvalResult] | None:
+        if not self._in_flight:
+            return None
+        try:
+            out = self._done.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        self._in_flight -= 1
+        return out
 
 
 class DataCache:

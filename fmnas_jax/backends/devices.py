@@ -17,12 +17,12 @@ from fmnas_jax.genome import Genome
 if TYPE_CHECKING:
     from fmnas_jax.train import EvalResult
 
-from fmnas_jax.backends.base import DataCache, EpochCallback, EvalSpec, Loader, _Batches, _Stopped, safe_evaluate
+from fmnas_jax.backends.base import DataCache, EpochCallback, EvalSpec, Loader, _Finishing, _Stopped, safe_evaluate
 
 log = logging.getLogger("fmnas_jax")
 
 
-class Devices(_Batches):
+class Devices(_Finishing):
     """`per_device` evaluations in flight on each device, a thread each.
 
     Genomes have different shapes, so the population is split across devices by placement (each
@@ -34,6 +34,7 @@ class Devices(_Batches):
 
     def __init__(self, devices: Sequence[Any], per_device: int = 1, loader: Loader = data_mod.load, description: str = "") -> None:
         self.devices = list(devices)
+        super().__init__()
         self.parallelism = len(self.devices) * per_device
         self.description = description or f"{per_device} evaluation(s) in flight on each of {len(self.devices)} device(s)"
         self._free: queue.Queue = queue.Queue()
@@ -43,8 +44,6 @@ class Devices(_Batches):
         self._pool = ThreadPoolExecutor(self.parallelism, thread_name_prefix="fmnas-device")
         self.cache = DataCache(loader)
         self._stop = threading.Event()
-        self._done: queue.Queue = queue.Queue()
-        self._in_flight = 0
 
     def _run(self, genome: Genome, spec: EvalSpec) -> EvalResult:
         device = self._free.get()
@@ -56,16 +55,6 @@ class Devices(_Batches):
     def submit(self, tag: Any, genome: Genome, spec: EvalSpec, on_epoch: EpochCallback | None = None) -> None:
         self._in_flight += 1
         self._pool.submit(self._run, genome, spec).add_done_callback(lambda fut: self._done.put((tag, fut.result())))
-
-    def next_result(self, timeout: float | None = None) -> tuple[Any, EvalResult] | None:
-        if not self._in_flight:
-            return None
-        try:
-            out = self._done.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        self._in_flight -= 1
-        return out
 
     def _check_stop(self, epoch: int, row: dict[str, float]) -> None:
         if self._stop.is_set():

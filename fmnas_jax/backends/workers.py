@@ -11,7 +11,6 @@ import ctypes
 import logging
 import multiprocessing as mp
 import os
-import queue
 import signal
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +20,7 @@ from fmnas_jax.genome import Genome
 if TYPE_CHECKING:
     from fmnas_jax.train import EvalResult
 
-from fmnas_jax.backends.base import DataCache, EpochCallback, EvalSpec, Loader, _Batches, safe_evaluate, single_threaded_xla
+from fmnas_jax.backends.base import DataCache, EpochCallback, EvalSpec, Loader, _Finishing, safe_evaluate, single_threaded_xla
 
 log = logging.getLogger("fmnas_jax")
 
@@ -54,7 +53,7 @@ def _worker_evaluate(genome: Genome, spec: EvalSpec) -> EvalResult:
     return safe_evaluate(genome, spec, _WORKER["cache"], f" in worker {_WORKER['core']}")
 
 
-class Workers(_Batches):
+class Workers(_Finishing):
     """`n` spawned single-threaded worker processes, each pinned to one core."""
 
     streams_epochs, separate_processes = False, True
@@ -62,6 +61,7 @@ class Workers(_Batches):
     def __init__(self, n: int, cache_dir: str | None, loader: Loader = data_mod.load) -> None:
         from fmnas_jax.runtime import with_huge_pages
 
+        super().__init__()
         if (env := with_huge_pages(os.environ)) is not None:  # the workers start with glibc's huge pages (fmnas_jax.runtime)
             os.environ["GLIBC_TUNABLES"] = env["GLIBC_TUNABLES"]
         ctx = mp.get_context("spawn")  # a fresh interpreter: no forked XLA threads
@@ -72,8 +72,6 @@ class Workers(_Batches):
         self.parallelism = n
         self.description = f"{n} worker processes, each pinned to one CPU core (backend=inprocess to train in this process)"
         self._pool = ctx.Pool(n, initializer=_init_worker, initargs=(cores, cache_dir, loader))
-        self._done: queue.Queue = queue.Queue()
-        self._in_flight = 0
 
     def submit(self, tag: Any, genome: Genome, spec: EvalSpec, on_epoch: EpochCallback | None = None) -> None:
         from fmnas_jax.train import failed
@@ -85,16 +83,6 @@ class Workers(_Batches):
             callback=lambda r: self._done.put((tag, r)),
             error_callback=lambda e: self._done.put((tag, failed(genome, f"{type(e).__name__} in a worker process: {e}"))),
         )
-
-    def next_result(self, timeout: float | None = None) -> tuple[Any, EvalResult] | None:
-        if not self._in_flight:
-            return None
-        try:
-            out = self._done.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        self._in_flight -= 1
-        return out
 
     def close(self, now: bool = False) -> None:
         """Let running evaluations finish; with `now` (an interrupted search) stop the workers at once."""
