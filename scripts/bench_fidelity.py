@@ -3,12 +3,16 @@
     .venv/bin/python scripts/bench_fidelity.py                      # 30 genomes, the main job's rungs, 30-epoch retrains
     .venv/bin/python scripts/bench_fidelity.py --genomes 12 --retrain-epochs 10 --noise-genomes 4   # a quick look
     .venv/bin/python scripts/bench_fidelity.py --report             # the table from docs/bench_fidelity.csv only
+    .venv/bin/python scripts/bench_fidelity.py --candidates 2x4000,1x10000   # also rank candidate rung-0 budgets
 
 Genomes are drawn uniformly from the main job's space (`+experiment=hillclimb`: at most 16,598 parameters),
 so good and bad ones both appear. Each is evaluated at every rung of the main job (1 epoch on 4,000
 images, 2 on 10,000, 3 on 20,000) on the worker pool, and retrained with the main job's final recipe
-(`--retrain-epochs` on all 55,000, label smoothing 0.1) in-process; for `--noise-genomes` of them each
+(`--retrain-epochs` on all 55,000, label smoothing 0.1) on the same pool; for `--noise-genomes` of them each
 rung is repeated with two more seeds (model initialisation, shuffling and the split all change with it).
+`--candidates EPOCHSxIMAGES,...` adds budgets that are not the main job's (columns `cand_<E>x<N>_val_accuracy`),
+measured the same way, to choose a rung from: a cheaper rung is worth its place if its top third holds the
+retrain's top third (the promotion ASHA makes) and its seed noise is small against the gaps it must rank.
 Everything goes through the package's evaluator into one MLflow store (--tracking-uri), so a stopped
 study resumes where it stopped. Writes docs/bench_fidelity.csv (one row per genome: each rung's
 validation accuracy, the retrain's validation and test accuracy) and docs/bench_fidelity_noise.csv, and
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +33,7 @@ import numpy as np
 from hydra import compose, initialize_config_module
 from scipy import stats
 
-from fmnas_jax.backends import EvalSpec, InProcess, Workers, cpu_workers, opened
+from fmnas_jax.backends import EvalSpec, Workers, cpu_workers, opened
 from fmnas_jax.cli import to_app_config
 from fmnas_jax.evaluator import Evaluator
 from fmnas_jax.genome import count_params, sample_population
@@ -42,13 +47,28 @@ def evaluate_all(store: Store, spec: EvalSpec, genomes: list, backend) -> dict:
     return {g: o.metric("val_accuracy") for g, o in outcomes.items()}
 
 
+def top_third_overlap(x: np.ndarray, target: np.ndarray) -> float:
+    """Share of the target's top third that x's top third holds (what an eta=3 promotion keeps)."""
+    k = max(1, len(x) // 3)
+    return len(set(np.argsort(-x)[:k]) & set(np.argsort(-target)[:k])) / k
+
+
+def budget_images(name: str, rows: list[dict]) -> str:
+    """'1 x 4,000' for a candidate column; the main job's rungs are read from rung_budgets in the CSV."""
+    if name.startswith("cand_"):
+        e, n = name[len("cand_") : -len("_val_accuracy")].split("x")
+        return f"{e} x {int(n):,}"
+    return rows[0].get(name.replace("_val_accuracy", "_budget"), "")
+
+
 def report(path: Path, noise_path: Path) -> None:
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
-    rungs = sorted(k for k in rows[0] if k.startswith("rung"))
+    rungs = sorted(k for k in rows[0] if k.startswith("rung") and k.endswith("_val_accuracy"))
+    rungs += sorted((k for k in rows[0] if k.startswith("cand_")), key=budget_cost)
     target = np.array([float(r["retrain_test_accuracy"]) for r in rows])
     print(f"{len(rows)} genomes; rank correlation with the {rows[0]['retrain_epochs']}-epoch retrain's test accuracy:")
-    print("| budget | Spearman | Kendall | seed noise (sd of validation accuracy over 3 seeds) |\n|---|---|---|---|")
+    print("| budget | Spearman | Kendall | top third kept | seed noise (sd of validation accuracy over 3 seeds) |\n|---|---|---|---|---|")
     noise: dict[str, list[float]] = {}
     if noise_path.exists():
         with noise_path.open(newline="") as f:
@@ -62,7 +82,45 @@ def report(path: Path, noise_path: Path) -> None:
         x = np.array([float(r[k]) for r in rows])
         rho, tau = stats.spearmanr(x, target).statistic, stats.kendalltau(x, target).statistic
         sd = f"{100 * statistics.fmean(noise[k]):.2f} points (n={len(noise[k])})" if k in noise else "—"
-        print(f"| {k} | {rho:.3f} | {tau:.3f} | {sd} |")
+        label = f"{k} ({budget_images(k, rows)})" if k != "retrain_val_accuracy" else k
+        print(f"| {label} | {rho:.3f} | {tau:.3f} | {top_third_overlap(x, target):.2f} | {sd} |")
+
+
+def budget_cost(name: str) -> int:
+    e, n = name[len("cand_") : -len("_val_accuracy")].split("x")
+    return int(e) * int(n)
+
+
+def parse_candidates(text: str) -> list[tuple[int, int]]:
+    out = []
+    for part in filter(None, text.split(",")):
+        try:
+            e, n = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--candidates {part!r}: write EPOCHSxIMAGES, e.g. 2x4000") from None
+        if e < 1 or n < 10:
+            raise SystemExit(f"--candidates {part!r}: epochs must be >= 1 and images >= 10")
+        out.append((e, n))
+    return out
+
+
+EARLIER_CPU = "AMD EPYC (family 26 model 2)"  # the first look's machine, before the CSV named it
+
+
+def _earlier_retrains(path: Path, epochs: int) -> dict[str, tuple[float, float, str]]:
+    """genome -> (val, test) of the retrains an earlier run of the study wrote to the CSV with the same epochs
+    (the retrain is the study's costliest part; its store may be gone while the committed CSV is not)."""
+    if not path.exists():
+        return {}
+    with path.open(newline="") as f:
+        return {r["genome"]: (float(r["retrain_val_accuracy"]), float(r["retrain_test_accuracy"]), r.get("retrain_cpu") or EARLIER_CPU)
+                for r in csv.DictReader(f) if int(r["retrain_epochs"]) == epochs}  # fmt: skip
+
+
+def cpu_name() -> str:
+    """lscpu's model name (the retrain column says which machine trained it)."""
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "unknown CPU")
 
 
 def main() -> None:
@@ -74,8 +132,10 @@ def main() -> None:
     ap.add_argument("--tracking-uri", default="sqlite:///bench_fidelity.db")
     ap.add_argument("--csv", default="docs/bench_fidelity.csv")
     ap.add_argument("--noise-csv", default="docs/bench_fidelity_noise.csv")
+    ap.add_argument("--candidates", default="", help="extra budgets EPOCHSxIMAGES,... ranked like the rungs")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
+    candidates = parse_candidates(args.candidates)
     if args.report:
         return report(Path(args.csv), Path(args.noise_csv))
 
@@ -86,6 +146,10 @@ def main() -> None:
     store = Store(args.tracking_uri, "bench_fidelity")
     final = EvalSpec(replace(cfg.final.trainer(cfg.trainer), epochs=args.retrain_epochs, save=False), cfg.final.data(cfg.data), 0)
     names = [f"rung{r}_val_accuracy" for r in range(len(specs))]
+    described = [f"{s.trainer.epochs} x {s.data.train_size or 55000:,}" for s in specs]
+    for e, n in candidates:
+        specs.append(replace(specs[0], trainer=replace(specs[0].trainer, epochs=e), data=replace(specs[0].data, train_size=n)))
+        names.append(f"cand_{e}x{n}_val_accuracy")
     values: dict[str, dict] = {}
     noisy = genomes[: args.noise_genomes]
     noise_rows = []
@@ -97,17 +161,28 @@ def main() -> None:
                 other = evaluate_all(store, replace(spec, seed=seed), noisy, pool)
                 noise_rows += [(name, str(g), seed, other[g]) for g in noisy]
             noise_rows += [(name, str(g), 0, values[name][g]) for g in noisy]
-    retrain = Evaluator(store, final, InProcess(fused=True))
+        done = [0]
+
+        def retrained(o) -> None:
+            done[0] += 1
+            print(f"retrained {done[0]}/{len(genomes)}: {o.genome} {100 * o.metric('test_accuracy'):.2f}% test", flush=True)
+
+        kept = _earlier_retrains(Path(args.csv), args.retrain_epochs)
+        todo = [g for g in genomes if str(g) not in kept]
+        print(f"retrains: {len(genomes) - len(todo)} read from {args.csv} ({args.retrain_epochs} epochs), {len(todo)} to train", flush=True)
+        got = Evaluator(store, final, pool).evaluate_many(todo, on_done=retrained)
+        here = cpu_name()
+        retrains = {str(g): (o.metric("val_accuracy"), o.metric("test_accuracy"), here) for g, o in got.items()} | kept
     out = Path(args.csv)
+    rung_budgets = [f"rung{r}_budget" for r in range(len(described))]
     with out.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["genome", "params", *names, "retrain_epochs", "retrain_val_accuracy", "retrain_test_accuracy"])
-        for i, g in enumerate(genomes):
-            o = retrain.evaluate(g)
-            w.writerow([str(g), count_params(g), *(f"{values[n][g]:.4f}" for n in names), args.retrain_epochs,
-                        f"{o.metric('val_accuracy'):.4f}", f"{o.metric('test_accuracy'):.4f}"])  # fmt: skip
-            f.flush()
-            print(f"retrained {i + 1}/{len(genomes)}: {g} {100 * o.metric('test_accuracy'):.2f}% test", flush=True)
+        retrain_columns = ["retrain_epochs", "retrain_val_accuracy", "retrain_test_accuracy", "retrain_cpu"]
+        w.writerow(["genome", "params", *names, *rung_budgets, *retrain_columns])
+        for g in genomes:
+            val, test, where = retrains[str(g)]
+            w.writerow([str(g), count_params(g), *(f"{values[n][g]:.4f}" for n in names), *described, args.retrain_epochs,
+                        f"{val:.4f}", f"{test:.4f}", where])  # fmt: skip
     with Path(args.noise_csv).open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["budget", "genome", "seed", "val_accuracy"])
