@@ -144,14 +144,3 @@ def quote_values(argv: list[str]) -> list[str]:
         else:
             out.append(arg)
     return out
-
-
-def entry() -> None:
-    """Entry point for `python -m fmnas_jax` and the `fmnas-jax` script."""
-    from fmnas_jax.runtime import with_huge_pages
-
-    env = with_huge_pages(os.environ) if sys.platform.startswith("linux") else None
-    if env is not None:  # glibc reads its tunables at start: run this same command again with them (same pid)
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-    sys.argv = quote_values(sys.argv)
-    main()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 
 import jax
+
+from fmnas_jax.startup import HUGE_PAGES, with_huge_pages  # noqa: F401  (re-exported: workers and tests use them from here)
 
 _CACHE_EVENTS = {"hits": 0}  # programs this process loaded from the persistent cache
 
@@ -36,22 +37,6 @@ def platform_summary() -> str:
     devices = jax.devices()
     kinds = sorted({d.device_kind for d in devices})
     return f"{jax.default_backend()}: {', '.join(kinds)} x{len(devices)}"
-
-
-# glibc's malloc backs its mappings with transparent huge pages (THP is 'madvise' on these machines): XLA's
-# step buffers were freed and faulted in again every step, 4 KB at a time. Measured on a 2-core AMD EPYC
-# (docs/benchmarks.md, wide genome, one pinned worker): 2.4-3.2 M minor faults -> 0.1 M, sys 3.7-4.9 s -> 0.7-0.9 s,
-# 990-1,120 -> 1,540 images/s, the same accuracy. glibc reads GLIBC_TUNABLES only when a process starts.
-HUGE_PAGES = "glibc.malloc.hugetlb=1"
-
-
-def with_huge_pages(environ: Mapping[str, str]) -> dict[str, str] | None:
-    """`environ` with HUGE_PAGES added to GLIBC_TUNABLES, or None when it sets glibc.malloc.hugetlb already
-    (ours, or the user's choice: GLIBC_TUNABLES=glibc.malloc.hugetlb=0 turns it off)."""
-    current = environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in current:
-        return None
-    return {**environ, "GLIBC_TUNABLES": ":".join(t for t in (current, HUGE_PAGES) if t)}
 
 
 def malloc_summary() -> str:

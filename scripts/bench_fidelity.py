@@ -153,8 +153,9 @@ def main() -> None:
     values: dict[str, dict] = {}
     noisy = genomes[: args.noise_genomes]
     noise_rows = []
+    cheapest_first = sorted(zip(names, specs, strict=True), key=lambda ns: ns[1].trainer.epochs * (ns[1].data.train_size or 55000))
     with opened(Workers(cpu_workers(), None)) as pool:
-        for name, spec in zip(names, specs, strict=True):
+        for name, spec in cheapest_first:  # a stopped study has its cheap columns first
             values[name] = evaluate_all(store, spec, genomes, pool)
             print(f"{name}: done", flush=True)
             for seed in (1, 2):

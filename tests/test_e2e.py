@@ -217,7 +217,7 @@ BAD_INPUT = [
 # The real entry point, called once per case in one Python process (a process per case costs ~5 s of start-up each).
 ENTRY_LOOP = """
 import contextlib, io, json, sys
-from fmnas_jax.cli import entry
+from fmnas_jax.__main__ import entry
 results = []
 for args in json.loads(sys.argv[1]):
     sys.argv = ["fmnas_jax", *args, "progress=false"]

@@ -24,3 +24,13 @@ def test_worker_processes_start_with_huge_pages(monkeypatch):
         assert f"GLIBC_TUNABLES={HUGE_PAGES}".encode() in environ
     finally:
         pool.close(now=True)
+
+
+def test_the_command_line_restarts_for_huge_pages_before_its_heavy_imports():
+    """`python -m fmnas_jax` re-executes itself for glibc's tunables; what it imported before that is imported twice."""
+    import subprocess
+    import sys
+
+    code = "import sys, fmnas_jax.__main__; print(sorted(m for m in ('jax', 'mlflow', 'hydra', 'flax') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

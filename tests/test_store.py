@@ -151,3 +151,58 @@ def test_the_champion_alias_follows_the_best_validation_accuracy(tracking_uri, t
         moved.append(crown_if_best(client, name, str(v.version)))
     assert moved == [True, False, True, False]  # a worse (or unreadable) version never takes it
     assert str(client.get_model_version_by_alias(name, "champion").version) == "3"
+
+
+def _schema(db) -> dict[str, set[str]]:
+    """Each table's columns and the indexes of a SQLite store (what MLflow's migrations build)."""
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        cols = {t: {r[1] for r in con.execute(f"PRAGMA table_info('{t}')")} for t in tables}
+        cols["(indexes)"] = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    return cols
+
+
+def test_a_fresh_store_copies_the_schema_template_made_once_by_mlflows_own_migrations(tmp_path, monkeypatch):
+    from mlflow.store.db import utils as mlflow_db
+
+    from fmnas_jax.store import connection
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    made = []
+    real = mlflow_db._initialize_tables
+    monkeypatch.setattr(mlflow_db, "_initialize_tables", lambda engine: (made.append(str(engine.url)), real(engine))[1])
+    templates = lambda: [url for url in made if "mlflow-schema" in url]  # noqa: E731  (the migrations a template got)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir(), (tmp_path / "plain").mkdir()
+    monkeypatch.chdir(tmp_path / "a")  # MLflow puts its default experiment's artifacts under the folder it runs in
+    first = Store(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}", "exp")
+    (template,) = connection.schema_cache().glob("mlflow-*.db")  # one per MLflow version, named by it and its schema head
+    assert len(made) == 1 and str(template.name) in made[0]  # MLflow migrated the template, not the store
+    monkeypatch.chdir(tmp_path / "b")
+    second = Store(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}", "exp")
+    assert len(made) == 1  # the second store is a copy: no migration ran
+    # The copies are what MLflow builds itself on an empty file (tables, columns, indexes, schema version) ...
+    MlflowClient(f"sqlite:///{tmp_path / 'plain' / 'mlflow.db'}").search_experiments()
+    assert _schema(tmp_path / "b" / "mlflow.db") == _schema(tmp_path / "plain" / "mlflow.db")
+    assert connection._schema_version(tmp_path / "b" / "mlflow.db") == connection._schema_head()
+    # ... with MLflow's default experiment made where each store was opened (the template holds none), and they work
+    for store, folder in ((first, "a"), (second, "b")):
+        default = MlflowClient(store.uri).get_experiment("0")
+        assert default.name == "Default" and default.artifact_location.startswith(str(tmp_path / folder))
+        rid = _eval_run(store, "G", "k", "b")
+        assert store.find_finished("k").run_id == rid
+    # A damaged template (another MLflow's, a truncated file) is made again, not copied.
+    template.write_bytes(b"not a database")
+    (tmp_path / "c").mkdir()
+    Store(f"sqlite:///{tmp_path / 'c' / 'mlflow.db'}", "exp")
+    assert len(templates()) == 2 and connection._schema_version(template) == connection._schema_head()
+
+
+def test_without_a_writable_cache_a_fresh_store_is_migrated_the_plain_way(tmp_path, monkeypatch):
+    (tmp_path / "cache").write_text("a file where the cache folder would be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    store = Store(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp")
+    rid = _eval_run(store, "G", "k", "b")
+    assert store.find_finished("k").run_id == rid
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind

@@ -3,9 +3,11 @@ contended or down, the experiment."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -74,6 +76,58 @@ def _schema_head() -> str:
     return ScriptDirectory(str(Path(mlflow.store.__file__).parent / "db_migrations")).get_current_head()
 
 
+def schema_cache() -> Path:
+    """Where the empty schema template lives: $XDG_CACHE_HOME/fmnas_jax/mlflow-schema (~/.cache by default)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fmnas_jax" / "mlflow-schema"
+
+
+def _schema_version(db: Path) -> str | None:
+    import sqlite3
+
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+            rows = con.execute("SELECT version_num FROM alembic_version").fetchall()
+    except sqlite3.DatabaseError:
+        return None
+    return rows[0][0] if rows else None
+
+
+def _schema_template() -> Path | None:
+    """An empty SQLite database with this MLflow version's schema and nothing in it (not even an experiment),
+    made once per MLflow version by MLflow's own table creation and migrations; None if it cannot be made.
+
+    A fresh store copies it instead of running ~50 migrations (about 3 s of every new store on a 2-core CPU);
+    MLflow then opens the copy as a complete database and creates its default experiment in it, as on any store.
+    """
+    import mlflow
+
+    head = _schema_head()
+    path = schema_cache() / f"mlflow-{mlflow.__version__}-{head}.db"
+    if path.exists() and _schema_version(path) == head:
+        return path
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        import sqlalchemy
+        from mlflow.store.db.utils import _initialize_tables  # what SqlAlchemyStore runs on an empty database
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
+        try:
+            _initialize_tables(engine)
+        finally:
+            engine.dispose()
+        if _schema_version(tmp) != head:
+            raise ValueError(f"the new template's schema is not MLflow's head {head}")
+        os.replace(tmp, path)  # whole or not at all, whoever else makes one at the same time
+        return path
+    except Exception as e:  # a read-only home, another MLflow layout: the store is created the plain way
+        log.debug("no MLflow schema template (%s): a fresh store runs MLflow's migrations", e)
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return (text[0] if text else type(error).__name__)[:300]
@@ -104,7 +158,8 @@ class _Connection:
         MLflow creates its schema with ~50 migrations; two processes doing that on one file at once
         corrupt it for good (leftover _alembic_tmp_* tables). So no process of ours ever migrates a file
         another may be reading: others see either no database or a complete one (and wait, through
-        _retry, while one that another tool is still creating reports an out-of-date schema).
+        _retry, while one that another tool is still creating reports an out-of-date schema). The
+        temporary file starts as a copy of the schema template when there is one (_schema_template).
         """
         db = _sqlite_path(self.uri)
         if db is None:
@@ -114,6 +169,8 @@ class _Connection:
             return
         tmp = db.with_name(f".{db.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.creating")
         try:
+            if (template := _schema_template()) is not None:
+                shutil.copyfile(template, tmp)  # the schema, migrated once per MLflow version (see _schema_template)
             MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
             os.link(tmp, db)  # fails if the file appeared meanwhile (another tool): then that one is used
         except FileExistsError:
