@@ -30,7 +30,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from fmnas_jax.backends.ray_tasks import Ray  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray_cluster")]  # one cluster for the module's tests
 RAY_NODE = "fmnas.ray_node"
 SPEC = EvalSpec(TrainConfig(epochs=2, batch_size=64), DataConfig(train_size=512, val_size=256), 0)
 GENOMES = [Genome.parse(g) for g in ("NC 4 3 relu;RC 8 3 relu;NC 4 3 relu;RC 8 3 relu;FL relu;",
@@ -112,28 +112,19 @@ def _search(cwd, address: str, *extra: str) -> list[str]:
 
 
 @needs_real_data
-def test_a_search_trains_on_both_nodes_matches_in_process_and_a_rerun_trains_nothing(cluster, tmp_path):
-    on_ray, at_home = tmp_path / "ray", tmp_path / "inprocess"
-    on_ray.mkdir(), at_home.mkdir()
-    first = cli(on_ray, *_search(on_ray, cluster.address, "search.population_size=4"))
+def test_a_search_trains_on_both_nodes_and_a_rerun_trains_nothing(cluster, tmp_path):
+    """(That a Ray task's results equal in-process training is the backend-level test above.)"""
+    first = cli(tmp_path, *_search(tmp_path, cluster.address, "search.population_size=4"))
     assert "Ray cluster at" in first.stdout + first.stderr and "2 node(s)" in first.stdout + first.stderr
-    evals = runs(on_ray, "evaluation")
+    evals = runs(tmp_path, "evaluation")
     assert len(evals) >= 4 and all(r.info.status == "FINISHED" for r in evals)
     nodes = {r.data.tags[RAY_NODE] for r in evals}
     assert nodes == _alive_nodes()  # two distinct nodes trained, and only the cluster's
     assert all(r.data.tags["fmnas.host"] for r in evals)  # beside the driver's host
 
-    # The same search in-process: the same eval keys give the same accuracies (at most one of the 500 images apart).
-    cli(at_home, "+experiment=smoke", "backend=inprocess", "search.population_size=4")
-    ray_acc = {r.data.tags["eval_key"]: r.data.metrics["val_accuracy"] for r in evals}
-    home_acc = {r.data.tags["eval_key"]: r.data.metrics["val_accuracy"] for r in runs(at_home, "evaluation")}
-    common = ray_acc.keys() & home_acc.keys()
-    assert len(common) >= 4  # the random population at least
-    assert {k: pytest.approx(home_acc[k], abs=1 / 500 + 1e-9) for k in common} == {k: ray_acc[k] for k in common}
-
-    second = cli(on_ray, *_search(on_ray, cluster.address, "search.population_size=4"))
+    second = cli(tmp_path, *_search(tmp_path, cluster.address, "search.population_size=4"))
     assert "0 trained" in second.stdout + second.stderr
-    assert len(runs(on_ray, "evaluation")) == len(evals)
+    assert len(runs(tmp_path, "evaluation")) == len(evals)
     assert _idle()
 
 
