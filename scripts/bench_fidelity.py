@@ -63,12 +63,15 @@ def budget_images(name: str, rows: list[dict]) -> str:
 
 def report(path: Path, noise_path: Path) -> None:
     with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+        rows = [
+            r
+            for r in csv.DictReader(f)
+            if all(v != "" for k, v in r.items() if k.endswith("_val_accuracy") and k.startswith(("rung", "cand_")))
+        ]
     rungs = sorted(k for k in rows[0] if k.startswith("rung") and k.endswith("_val_accuracy"))
     rungs += sorted((k for k in rows[0] if k.startswith("cand_")), key=budget_cost)
-    target = np.array([float(r["retrain_test_accuracy"]) for r in rows])
-    print(f"{len(rows)} genomes; rank correlation with the {rows[0]['retrain_epochs']}-epoch retrain's test accuracy:")
-    print("| budget | Spearman | Kendall | top third kept | seed noise (sd of validation accuracy over 3 seeds) |\n|---|---|---|---|---|")
+    top = rungs[len([k for k in rungs if k.startswith("rung")]) - 1]  # the search's own budget, the last rung
+    retrained = [r for r in rows if r.get("retrain_test_accuracy")]
     noise: dict[str, list[float]] = {}
     if noise_path.exists():
         with noise_path.open(newline="") as f:
@@ -78,12 +81,27 @@ def report(path: Path, noise_path: Path) -> None:
         for (budget, _), values in by.items():
             if len(values) > 1:
                 noise.setdefault(budget, []).append(statistics.stdev(values))
+    cpus = sorted({r.get("retrain_cpu") or EARLIER_CPU for r in retrained})
+    epochs = retrained[0]["retrain_epochs"] if retrained else "-"
+    print(f"{len(rows)} genomes with every budget, {len(retrained)} retrained ({epochs} epochs on {' and '.join(cpus) or '-'}); "
+          f"rank correlations with the retrain's test accuracy and with the top rung ({top}):")  # fmt: skip
+    print("| budget | epochs x images | Spearman (retrain) | Kendall (retrain) | top third kept (retrain) | Spearman (top rung) "
+          "| top third kept (top rung) | seed noise (sd over 3 seeds) |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
     for k in [*rungs, "retrain_val_accuracy"]:
-        x = np.array([float(r[k]) for r in rows])
-        rho, tau = stats.spearmanr(x, target).statistic, stats.kendalltau(x, target).statistic
-        sd = f"{100 * statistics.fmean(noise[k]):.2f} points (n={len(noise[k])})" if k in noise else "—"
-        label = f"{k} ({budget_images(k, rows)})" if k != "retrain_val_accuracy" else k
-        print(f"| {label} | {rho:.3f} | {tau:.3f} | {top_third_overlap(x, target):.2f} | {sd} |")
+        cells = []
+        if retrained and k in retrained[0]:
+            x, t = (np.array([float(r[c]) for r in retrained]) for c in (k, "retrain_test_accuracy"))
+            cells += [f"{stats.spearmanr(x, t).statistic:.3f}", f"{stats.kendalltau(x, t).statistic:.3f}", f"{top_third_overlap(x, t):.2f}"]
+        else:
+            cells += ["—"] * 3
+        if k not in ("retrain_val_accuracy", top):
+            x, t = (np.array([float(r[c]) for r in rows]) for c in (k, top))
+            cells += [f"{stats.spearmanr(x, t).statistic:.3f}", f"{top_third_overlap(x, t):.2f}"]
+        else:
+            cells += ["—"] * 2
+        cells.append(f"{100 * statistics.fmean(noise[k]):.2f} points (n={len(noise[k])})" if k in noise else "—")
+        cost = budget_images(k, rows) if k != "retrain_val_accuracy" else ""
+        print(f"| {k} | {cost} | {' | '.join(cells)} |")
 
 
 def budget_cost(name: str) -> int:
@@ -105,16 +123,6 @@ def parse_candidates(text: str) -> list[tuple[int, int]]:
 
 
 EARLIER_CPU = "AMD EPYC (family 26 model 2)"  # the first look's machine, before the CSV named it
-
-
-def _earlier_retrains(path: Path, epochs: int) -> dict[str, tuple[float, float, str]]:
-    """genome -> (val, test) of the retrains an earlier run of the study wrote to the CSV with the same epochs
-    (the retrain is the study's costliest part; its store may be gone while the committed CSV is not)."""
-    if not path.exists():
-        return {}
-    with path.open(newline="") as f:
-        return {r["genome"]: (float(r["retrain_val_accuracy"]), float(r["retrain_test_accuracy"]), r.get("retrain_cpu") or EARLIER_CPU)
-                for r in csv.DictReader(f) if int(r["retrain_epochs"]) == epochs}  # fmt: skip
 
 
 def cpu_name() -> str:
@@ -150,45 +158,67 @@ def main() -> None:
     for e, n in candidates:
         specs.append(replace(specs[0], trainer=replace(specs[0].trainer, epochs=e), data=replace(specs[0].data, train_size=n)))
         names.append(f"cand_{e}x{n}_val_accuracy")
-    values: dict[str, dict] = {}
     noisy = genomes[: args.noise_genomes]
-    noise_rows = []
+    out, noise_out = Path(args.csv), Path(args.noise_csv)
+    earlier, earlier_noise = _read(out), _read(noise_out)  # what a stopped study (whose store may be gone) measured
+    values: dict[str, dict] = {n: {} for n in names}
+    noise: dict[tuple[str, str, int], float] = {(r["budget"], r["genome"], int(r["seed"])): float(r["val_accuracy"]) for r in earlier_noise}
+    retrains = {r["genome"]: (float(r["retrain_val_accuracy"]), float(r["retrain_test_accuracy"]), r.get("retrain_cpu") or EARLIER_CPU)
+                for r in earlier if r.get("retrain_test_accuracy") and int(r["retrain_epochs"]) == args.retrain_epochs}  # fmt: skip
+    for r in earlier:
+        for n in names:
+            if r.get(n):
+                values[n][r["genome"]] = float(r[n])
+
+    def write() -> None:
+        rung_budgets = [f"rung{r}_budget" for r in range(len(described))]
+        with out.open("w", newline="") as f:
+            w = csv.writer(f)
+            retrain_columns = ["retrain_epochs", "retrain_val_accuracy", "retrain_test_accuracy", "retrain_cpu"]
+            w.writerow(["genome", "params", *names, *rung_budgets, *retrain_columns])
+            for g in genomes:
+                val, test, where = retrains.get(str(g), (None, None, ""))
+                w.writerow([str(g), count_params(g), *(_fmt(values[n].get(str(g))) for n in names), *described, args.retrain_epochs,
+                            _fmt(val), _fmt(test), where])  # fmt: skip
+        with noise_out.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["budget", "genome", "seed", "val_accuracy"])
+            w.writerows((b, g, seed, _fmt(v)) for (b, g, seed), v in sorted(noise.items()))
+
     cheapest_first = sorted(zip(names, specs, strict=True), key=lambda ns: ns[1].trainer.epochs * (ns[1].data.train_size or 55000))
     with opened(Workers(cpu_workers(), None)) as pool:
         for name, spec in cheapest_first:  # a stopped study has its cheap columns first
-            values[name] = evaluate_all(store, spec, genomes, pool)
-            print(f"{name}: done", flush=True)
+            todo = [g for g in genomes if str(g) not in values[name]]
+            values[name] |= {str(g): v for g, v in evaluate_all(store, spec, todo, pool).items()}
+            for g in noisy:
+                noise[(name, str(g), 0)] = values[name][str(g)]
             for seed in (1, 2):
-                other = evaluate_all(store, replace(spec, seed=seed), noisy, pool)
-                noise_rows += [(name, str(g), seed, other[g]) for g in noisy]
-            noise_rows += [(name, str(g), 0, values[name][g]) for g in noisy]
-        done = [0]
+                todo = [g for g in noisy if (name, str(g), seed) not in noise]
+                noise |= {(name, str(g), seed): v for g, v in evaluate_all(store, replace(spec, seed=seed), todo, pool).items()}
+            write()
+            print(f"{name}: done (written to {out})", flush=True)
+        todo = [g for g in genomes if str(g) not in retrains]
+        print(f"retrains: {len(genomes) - len(todo)} read from {out} ({args.retrain_epochs} epochs), {len(todo)} to train", flush=True)
+        here = cpu_name()
 
         def retrained(o) -> None:
-            done[0] += 1
-            print(f"retrained {done[0]}/{len(genomes)}: {o.genome} {100 * o.metric('test_accuracy'):.2f}% test", flush=True)
+            retrains[str(o.genome)] = (o.metric("val_accuracy"), o.metric("test_accuracy"), here)
+            write()
+            print(f"retrained {len(retrains)}/{len(genomes)}: {o.genome} {100 * o.metric('test_accuracy'):.2f}% test", flush=True)
 
-        kept = _earlier_retrains(Path(args.csv), args.retrain_epochs)
-        todo = [g for g in genomes if str(g) not in kept]
-        print(f"retrains: {len(genomes) - len(todo)} read from {args.csv} ({args.retrain_epochs} epochs), {len(todo)} to train", flush=True)
-        got = Evaluator(store, final, pool).evaluate_many(todo, on_done=retrained)
-        here = cpu_name()
-        retrains = {str(g): (o.metric("val_accuracy"), o.metric("test_accuracy"), here) for g, o in got.items()} | kept
-    out = Path(args.csv)
-    rung_budgets = [f"rung{r}_budget" for r in range(len(described))]
-    with out.open("w", newline="") as f:
-        w = csv.writer(f)
-        retrain_columns = ["retrain_epochs", "retrain_val_accuracy", "retrain_test_accuracy", "retrain_cpu"]
-        w.writerow(["genome", "params", *names, *rung_budgets, *retrain_columns])
-        for g in genomes:
-            val, test, where = retrains[str(g)]
-            w.writerow([str(g), count_params(g), *(f"{values[n][g]:.4f}" for n in names), *described, args.retrain_epochs,
-                        f"{val:.4f}", f"{test:.4f}", where])  # fmt: skip
-    with Path(args.noise_csv).open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["budget", "genome", "seed", "val_accuracy"])
-        w.writerows(noise_rows)
-    report(out, Path(args.noise_csv))
+        Evaluator(store, final, pool).evaluate_many(todo, on_done=retrained)
+    report(out, noise_out)
+
+
+def _read(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
 
 
 if __name__ == "__main__":

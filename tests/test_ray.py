@@ -30,7 +30,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from fmnas_jax.backends.ray_tasks import Ray  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray_cluster")]  # one cluster for the module's tests
+pytestmark = pytest.mark.slow
 RAY_NODE = "fmnas.ray_node"
 SPEC = EvalSpec(TrainConfig(epochs=2, batch_size=64), DataConfig(train_size=512, val_size=256), 0)
 GENOMES = [Genome.parse(g) for g in ("NC 4 3 relu;RC 8 3 relu;NC 4 3 relu;RC 8 3 relu;FL relu;",

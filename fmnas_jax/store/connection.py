@@ -102,15 +102,16 @@ def _schema_template() -> Path | None:
     import mlflow
 
     head = _schema_head()
-    path = schema_cache() / f"mlflow-{mlflow.__version__}-{head}.db"
-    if path.exists() and _schema_version(path) == head:
-        return path
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    tmp: Path | None = None
     try:
+        path = schema_cache() / f"mlflow-{mlflow.__version__}-{head}.db"
+        if path.exists() and _schema_version(path) == head:
+            return path
         import sqlalchemy
         from mlflow.store.db.utils import _initialize_tables  # what SqlAlchemyStore runs on an empty database
 
         path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
         engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
         try:
             _initialize_tables(engine)
@@ -120,12 +121,13 @@ def _schema_template() -> Path | None:
             raise ValueError(f"the new template's schema is not MLflow's head {head}")
         os.replace(tmp, path)  # whole or not at all, whoever else makes one at the same time
         return path
-    except Exception as e:  # a read-only home, another MLflow layout: the store is created the plain way
+    except Exception as e:  # no home folder, a read-only cache, another MLflow layout: the store is created the plain way
         log.debug("no MLflow schema template (%s): a fresh store runs MLflow's migrations", e)
         return None
     finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
 def _first_line(error: BaseException) -> str:
