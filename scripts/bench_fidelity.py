@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from bench_recipe import cpu_name  # the same lscpu model name the recipe benchmark prints
 from hydra import compose, initialize_config_module
 from scipy import stats
 
@@ -56,8 +56,8 @@ def top_third_overlap(x: np.ndarray, target: np.ndarray) -> float:
 def budget_images(name: str, rows: list[dict]) -> str:
     """'1 x 4,000' for a candidate column; the main job's rungs are read from rung_budgets in the CSV."""
     if name.startswith("cand_"):
-        e, n = name[len("cand_") : -len("_val_accuracy")].split("x")
-        return f"{e} x {int(n):,}"
+        e, n = candidate_budget(name)
+        return f"{e} x {n:,}"
     return rows[0].get(name.replace("_val_accuracy", "_budget"), "")
 
 
@@ -104,9 +104,15 @@ def report(path: Path, noise_path: Path) -> None:
         print(f"| {k} | {cost} | {' | '.join(cells)} |")
 
 
-def budget_cost(name: str) -> int:
+def candidate_budget(name: str) -> tuple[int, int]:
+    """(epochs, images) of a candidate column, cand_<E>x<N>_val_accuracy."""
     e, n = name[len("cand_") : -len("_val_accuracy")].split("x")
-    return int(e) * int(n)
+    return int(e), int(n)
+
+
+def budget_cost(name: str) -> int:
+    e, n = candidate_budget(name)
+    return e * n
 
 
 def parse_candidates(text: str) -> list[tuple[int, int]]:
@@ -123,12 +129,6 @@ def parse_candidates(text: str) -> list[tuple[int, int]]:
 
 
 EARLIER_CPU = "AMD EPYC (family 26 model 2)"  # the first look's machine, before the CSV named it
-
-
-def cpu_name() -> str:
-    """lscpu's model name (the retrain column says which machine trained it)."""
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "unknown CPU")
 
 
 def main() -> None:
