@@ -36,6 +36,21 @@ class Row:
     top_rung_evaluations: int = 0
     search_val_accuracy: float = math.nan  # the winner's validation accuracy at the search's top rung
     search_run_id: str = ""
+    cpu: str = ""  # lscpu's model name: wall-clock budgets make rows of two CPUs incomparable
+
+
+def rows_of_cpu(rows: Sequence[Row], cpu: str | None = None) -> tuple[str, list[Row]]:
+    """The rows measured on `cpu` (None: the CPU with the most rows), and that CPU's name.
+
+    A search's budget is wall-clock seconds, so a slower CPU evaluates fewer genomes in it: the statistics
+    pair and average rows of one CPU only.
+    """
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.cpu] = counts.get(r.cpu, 0) + 1
+    if cpu is None:
+        cpu = max(counts, key=lambda c: counts[c], default="")
+    return cpu, [r for r in rows if r.cpu == cpu]
 
 
 def read_rows(path: str | Path) -> list[Row]:

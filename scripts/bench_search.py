@@ -33,9 +33,10 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from bench_recipe import cpu_name  # the same lscpu model name the other benchmarks print
 from mlflow import MlflowClient
 
-from fmnas_jax.benchmark import BASELINE, Row, append_row, read_rows, summary_table
+from fmnas_jax.benchmark import BASELINE, Row, append_row, read_rows, rows_of_cpu, summary_table
 
 MAIN = "hillclimb+asha"  # what +experiment=hillclimb runs
 STRATEGIES = {
@@ -95,7 +96,8 @@ def describe(uri: str, final_run_id: str) -> tuple[object, list, list[tuple[floa
 
 
 def run_missing(args: argparse.Namespace) -> None:
-    done = {(r.strategy, r.seed) for r in read_rows(args.csv)}
+    here = cpu_name()
+    done = {(r.strategy, r.seed) for r in read_rows(args.csv) if r.cpu == here}  # another CPU's rows are not this one's
     for seed in args.seeds:  # seeds outer: a stopped benchmark has every strategy on its first seeds
         for name in args.strategies:
             if (name, seed) in done:
@@ -110,23 +112,25 @@ def run_missing(args: argparse.Namespace) -> None:
             row = Row(name, "yes" if name == MAIN else "no", seed, winner, int(retrained["param_count"]), retrained["val_accuracy"],
                       retrained["test_accuracy"], int(m.get("new_evaluations", 0)), float(m.get("search_seconds", 0.0)), len(top),
                       winner_top[0].data.metrics.get("val_accuracy", float("nan")) if winner_top else float("nan"),
-                      parent.info.run_id)  # fmt: skip
+                      parent.info.run_id, here)  # fmt: skip
             append_row(args.csv, row)
             new = not Path(args.anytime_csv).exists()
             with open(args.anytime_csv, "a", newline="") as f:
                 w = csv.writer(f)
                 if new:
-                    w.writerow(["strategy", "seed", "seconds", "best_val_accuracy"])
-                w.writerows([name, seed, f"{s:.1f}", f"{a:.4f}"] for s, a in curve)
+                    w.writerow(["strategy", "seed", "seconds", "best_val_accuracy", "cpu"])
+                w.writerows([name, seed, f"{s:.1f}", f"{a:.4f}", here] for s, a in curve)
             print(f"{name} seed {seed}: {winner} {row.params:,} params, {100 * row.test_accuracy:.2f}% test after the retrain, "
                   f"{row.evaluations} evaluations, {time.time() - t0:.0f} s", flush=True)  # fmt: skip
 
 
-def figure(anytime_csv: Path, out: Path, seconds: float) -> None:
-    """Mean over seeds of the best top-rung validation accuracy so far, per strategy."""
+def figure(anytime_csv: Path, out: Path, seconds: float, cpu: str) -> None:
+    """Mean over seeds of the best top-rung validation accuracy so far, per strategy (the rows of one CPU)."""
     curves: dict[str, dict[int, list[tuple[float, float]]]] = {}
     with open(anytime_csv, newline="") as f:
         for r in csv.DictReader(f):
+            if r.get("cpu", "") != cpu:
+                continue
             curves.setdefault(r["strategy"], {}).setdefault(int(r["seed"]), []).append((float(r["seconds"]), float(r["best_val_accuracy"])))
     grid = np.linspace(0, seconds, 200)
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
@@ -139,7 +143,7 @@ def figure(anytime_csv: Path, out: Path, seconds: float) -> None:
         mean = np.array(ys).mean(axis=0)  # from the first moment every seed has a top-rung result (NaN before: no dip)
         ax.plot(grid, 100 * mean, label=f"{name} ({len(by_seed)} seeds)", lw=2 if name == MAIN else 1.2)
     ax.set(xlabel="search wall-clock seconds", ylabel="best top-rung validation accuracy so far (%)",
-           title="anytime curves at the main job's budget (mean over paired seeds)")  # fmt: skip
+           title=f"anytime curves at the main job's budget (mean over paired seeds; {cpu or 'CPU not recorded'})")  # fmt: skip
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -159,6 +163,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/bench_search.png")
     ap.add_argument("--workdir", default="bench_search_work", help="the stores and compilation caches")
     ap.add_argument("--report", action="store_true", help="run nothing: the table and figure from the CSVs")
+    ap.add_argument("--cpu", default=None, help="report the rows of this CPU (lscpu's model name; default: the CPU with most rows)")
     ap.add_argument("override", nargs="*", help="more Hydra overrides for every search")
     args = ap.parse_args()
     args.strategies, args.seeds = args.strategies.split(","), [int(s) for s in args.seeds.split(",")]
@@ -170,14 +175,16 @@ def main() -> None:
     if not args.report:
         print(f"{len(args.strategies)} strategies x seeds {args.seeds}, {args.search_seconds} s of search each; stores in {args.workdir}")
         run_missing(args)
-    rows = read_rows(args.csv)
+    cpus = sorted({r.cpu for r in read_rows(args.csv)})
+    cpu, rows = rows_of_cpu(read_rows(args.csv), args.cpu)
     if not rows:
-        raise SystemExit(f"{args.csv} has no rows yet")
+        raise SystemExit(f"{args.csv} has no rows for CPU {args.cpu!r}; it has rows for {cpus}")
+    print(f"rows measured on {cpu or 'a CPU not recorded'} (the CSV holds {cpus}; --cpu chooses)")
     print(summary_table(rows, BASELINE))
     for r in rows:
         print(f"  {r.strategy} seed {r.seed}: {r.winner} {r.params:,} params, {100 * r.test_accuracy:.2f}% test, {r.evaluations} evals")
     if Path(args.anytime_csv).exists():
-        figure(Path(args.anytime_csv), Path(args.out), args.search_seconds)
+        figure(Path(args.anytime_csv), Path(args.out), args.search_seconds, cpu)
 
 
 if __name__ == "__main__":

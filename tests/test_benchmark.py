@@ -1,10 +1,11 @@
 """The strategy benchmark's statistics on a fixed CSV give the numbers worked out by hand."""
 
 import math
+from dataclasses import replace
 
 import pytest
 
-from fmnas_jax.benchmark import Row, append_row, mean_interval, paired_difference, read_rows, summary_table
+from fmnas_jax.benchmark import Row, append_row, mean_interval, paired_difference, read_rows, rows_of_cpu, summary_table
 
 T_975_2 = 4.302652729749464  # Student t, 97.5 % quantile, 2 degrees of freedom
 
@@ -50,3 +51,17 @@ def test_summary_table_names_the_main_job_and_the_paired_differences():
     assert "| hillclimb+asha (main job) | 3 | 91.33 (" in table
     assert "+1.33 (" in table and "n=3" in table
     assert "| random+asha | 3 | 90.00 (" in table and "| — |" in table
+
+
+def test_rows_of_one_cpu_only_and_a_csv_without_the_cpu_column_still_reads(tmp_path):
+    epyc = [replace(r, cpu="AMD EPYC") for r in _rows()]
+    xeon = [replace(r, cpu="Intel Xeon", test_accuracy=0.5) for r in _rows()[:2]]
+    assert rows_of_cpu(epyc + xeon) == ("AMD EPYC", epyc)  # the CPU with most rows
+    assert rows_of_cpu(epyc + xeon, "Intel Xeon") == ("Intel Xeon", xeon)
+    assert rows_of_cpu(epyc, "Apple M2") == ("Apple M2", [])
+    old = tmp_path / "old.csv"  # written before the column existed
+    header = "strategy,main,seed,winner,params,val_accuracy,test_accuracy,evaluations,wall_seconds"
+    old.write_text(header + "\nrandom,no,3,g3,5000,0.9,0.89,40,600.0\n")
+    (row,) = read_rows(old)
+    assert row.cpu == "" and row.params == 5000 and row.test_accuracy == 0.89
+    assert rows_of_cpu([row]) == ("", [row])
