@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import statistics
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -45,11 +46,8 @@ def rows_of_cpu(rows: Sequence[Row], cpu: str | None = None) -> tuple[str, list[
     A search's budget is wall-clock seconds, so a slower CPU evaluates fewer genomes in it: the statistics
     pair and average rows of one CPU only.
     """
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r.cpu] = counts.get(r.cpu, 0) + 1
     if cpu is None:
-        cpu = max(counts, key=lambda c: counts[c], default="")
+        cpu = next((c for c, _ in Counter(r.cpu for r in rows).most_common(1)), "")
     return cpu, [r for r in rows if r.cpu == cpu]
 
 

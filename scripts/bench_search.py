@@ -175,8 +175,9 @@ def main() -> None:
     if not args.report:
         print(f"{len(args.strategies)} strategies x seeds {args.seeds}, {args.search_seconds} s of search each; stores in {args.workdir}")
         run_missing(args)
-    cpus = sorted({r.cpu for r in read_rows(args.csv)})
-    cpu, rows = rows_of_cpu(read_rows(args.csv), args.cpu)
+    every = read_rows(args.csv)
+    cpus = sorted({r.cpu for r in every})
+    cpu, rows = rows_of_cpu(every, args.cpu)
     if not rows:
         raise SystemExit(f"{args.csv} has no rows for CPU {args.cpu!r}; it has rows for {cpus}")
     print(f"rows measured on {cpu or 'a CPU not recorded'} (the CSV holds {cpus}; --cpu chooses)")
