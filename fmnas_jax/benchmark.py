@@ -37,14 +37,14 @@ class Row:
     top_rung_evaluations: int = 0
     search_val_accuracy: float = math.nan  # the winner's validation accuracy at the search's top rung
     search_run_id: str = ""
-    cpu: str = ""  # lscpu's model name: wall-clock budgets make rows of two CPUs incomparable
+    cpu: str = ""  # lscpu's model name, family and model: wall-clock budgets make rows of two CPUs incomparable
 
 
 def rows_of_cpu(rows: Sequence[Row], cpu: str | None = None) -> tuple[str, list[Row]]:
     """The rows measured on `cpu` (None: the CPU with the most rows), and that CPU's name.
 
-    A search's budget is wall-clock seconds, so a slower CPU evaluates fewer genomes in it: the statistics
-    pair and average rows of one CPU only.
+    A search's budget is wall-clock seconds, so a slower CPU evaluates fewer genomes in it: means of one
+    strategy are comparable within one CPU; paired differences pool CPUs (paired_difference).
     """
     if cpu is None:
         cpu = next((c for c, _ in Counter(r.cpu for r in rows).most_common(1)), "")
@@ -101,10 +101,15 @@ def mean_interval(values: Sequence[float], level: float = 0.95) -> Interval:
 
 
 def paired_difference(rows: Iterable[Row], strategy: str, baseline: str = BASELINE, key: str = "test_accuracy") -> Interval:
-    """Mean over the seeds both ran of (strategy - baseline) in `key`, with its interval."""
-    by = {(r.strategy, r.seed): getattr(r, key) for r in rows}
-    seeds = sorted({s for st, s in by if st == strategy} & {s for st, s in by if st == baseline})
-    return mean_interval([by[strategy, s] - by[baseline, s] for s in seeds])
+    """Mean over the (seed, CPU) pairs both ran of (strategy - baseline) in `key`, with its interval.
+
+    A pair is one seed on one CPU: the two searches had the same population and the same seconds of the
+    same machine. Pairs from several CPUs pool (the CPU is one more block, as the seed is); a seed the
+    two strategies ran on different CPUs is no pair.
+    """
+    by = {(r.strategy, r.seed, r.cpu): getattr(r, key) for r in rows}
+    blocks = sorted({(s, c) for st, s, c in by if st == strategy} & {(s, c) for st, s, c in by if st == baseline})
+    return mean_interval([by[strategy, s, c] - by[baseline, s, c] for s, c in blocks])
 
 
 def summary_table(rows: Sequence[Row], baseline: str = BASELINE) -> str:

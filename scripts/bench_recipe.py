@@ -31,11 +31,16 @@ RECIPES = {
 
 
 def cpu_name() -> str:
+    """lscpu's model name with its family and model: "AMD EPYC" alone names machines of very different speed."""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
+    except OSError:
         return platform.processor() or "unknown CPU"
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines())}
+    name = fields.get("Model name") or platform.processor() or "unknown CPU"
+    if "CPU family" in fields and "Model" in fields:
+        name += f" (family {fields['CPU family']} model {fields['Model']})"
+    return name
 
 
 def main() -> None:

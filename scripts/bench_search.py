@@ -26,6 +26,7 @@ import csv
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -33,7 +34,7 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from bench_recipe import cpu_name  # the same lscpu model name the other benchmarks print
+from bench_recipe import cpu_name  # the same lscpu model name, family and model the other benchmarks print
 from mlflow import MlflowClient
 
 from fmnas_jax.benchmark import BASELINE, Row, append_row, read_rows, rows_of_cpu, summary_table
@@ -124,28 +125,30 @@ def run_missing(args: argparse.Namespace) -> None:
                   f"{row.evaluations} evaluations, {time.time() - t0:.0f} s", flush=True)  # fmt: skip
 
 
-def figure(anytime_csv: Path, out: Path, seconds: float, cpu: str) -> None:
-    """Mean over seeds of the best top-rung validation accuracy so far, per strategy (the rows of one CPU)."""
-    curves: dict[str, dict[int, list[tuple[float, float]]]] = {}
+def figure(anytime_csv: Path, out: Path, seconds: float, cpus: list[str]) -> None:
+    """Mean over seeds of the best top-rung validation accuracy so far, per strategy: one panel per CPU."""
+    curves: dict[str, dict[str, dict[int, list[tuple[float, float]]]]] = {c: {} for c in cpus}
     with open(anytime_csv, newline="") as f:
         for r in csv.DictReader(f):
-            if r.get("cpu", "") != cpu:
-                continue
-            curves.setdefault(r["strategy"], {}).setdefault(int(r["seed"]), []).append((float(r["seconds"]), float(r["best_val_accuracy"])))
+            if r.get("cpu", "") in curves:
+                by_seed = curves[r.get("cpu", "")].setdefault(r["strategy"], {}).setdefault(int(r["seed"]), [])
+                by_seed.append((float(r["seconds"]), float(r["best_val_accuracy"])))
     grid = np.linspace(0, seconds, 200)
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    for name, by_seed in curves.items():
-        ys = []
-        for pts in by_seed.values():
-            t, a = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
-            idx = np.searchsorted(t, grid, side="right") - 1
-            ys.append(np.where(idx >= 0, a[np.clip(idx, 0, None)], np.nan))
-        mean = np.array(ys).mean(axis=0)  # from the first moment every seed has a top-rung result (NaN before: no dip)
-        ax.plot(grid, 100 * mean, label=f"{name} ({len(by_seed)} seeds)", lw=2 if name == MAIN else 1.2)
-    ax.set(xlabel="search wall-clock seconds", ylabel="best top-rung validation accuracy so far (%)",
-           title=f"anytime curves at the main job's budget (mean over paired seeds; {cpu or 'CPU not recorded'})")  # fmt: skip
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    fig, axes = plt.subplots(1, len(cpus), figsize=(8 * len(cpus), 5), dpi=120, squeeze=False, sharey=True)
+    for ax, cpu in zip(axes[0], cpus, strict=True):
+        for name, by_seed in curves[cpu].items():
+            ys = []
+            for pts in by_seed.values():
+                t, a = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+                idx = np.searchsorted(t, grid, side="right") - 1
+                ys.append(np.where(idx >= 0, a[np.clip(idx, 0, None)], np.nan))
+            mean = np.array(ys).mean(axis=0)  # from the first moment every seed has a top-rung result (NaN before: no dip)
+            ax.plot(grid, 100 * mean, label=f"{name} (seeds {', '.join(map(str, sorted(by_seed)))})", lw=2 if name == MAIN else 1.2)
+        ax.set(xlabel="search wall-clock seconds", title=f"{cpu or 'CPU not recorded'}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    axes[0][0].set_ylabel("best top-rung validation accuracy so far (%)")
+    fig.suptitle("anytime curves at the main job's budget (mean over paired seeds, one panel per CPU)")
     fig.tight_layout()
     fig.savefig(out)
     print(f"figure: {out.resolve()}")
@@ -163,7 +166,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/bench_search.png")
     ap.add_argument("--workdir", default="bench_search_work", help="the stores and compilation caches")
     ap.add_argument("--report", action="store_true", help="run nothing: the table and figure from the CSVs")
-    ap.add_argument("--cpu", default=None, help="report the rows of this CPU (lscpu's model name; default: the CPU with most rows)")
+    ap.add_argument("--cpu", default=None, help="report the rows of this CPU only (as the CSV's cpu column names it; default: every CPU)")
     ap.add_argument("override", nargs="*", help="more Hydra overrides for every search")
     args = ap.parse_args()
     args.strategies, args.seeds = args.strategies.split(","), [int(s) for s in args.seeds.split(",")]
@@ -176,16 +179,22 @@ def main() -> None:
         print(f"{len(args.strategies)} strategies x seeds {args.seeds}, {args.search_seconds} s of search each; stores in {args.workdir}")
         run_missing(args)
     every = read_rows(args.csv)
-    cpus = sorted({r.cpu for r in every})
-    cpu, rows = rows_of_cpu(every, args.cpu)
-    if not rows:
+    counts = Counter(r.cpu for r in every)
+    cpus = [c for c, _ in counts.most_common()]
+    if args.cpu is not None and args.cpu not in counts:
         raise SystemExit(f"{args.csv} has no rows for CPU {args.cpu!r}; it has rows for {cpus}")
-    print(f"rows measured on {cpu or 'a CPU not recorded'} (the CSV holds {cpus}; --cpu chooses)")
-    print(summary_table(rows, BASELINE))
-    for r in rows:
-        print(f"  {r.strategy} seed {r.seed}: {r.winner} {r.params:,} params, {100 * r.test_accuracy:.2f}% test, {r.evaluations} evals")
+    if args.cpu is None:
+        print(f"every CPU's rows ({', '.join(f'{c}: {n}' for c, n in counts.items())}); differences paired within one seed on one CPU, "
+              "means over rows of several CPUs:")  # fmt: skip
+        print(summary_table(every, BASELINE))
+    for cpu in [args.cpu] if args.cpu is not None else cpus:
+        rows = rows_of_cpu(every, cpu)[1]
+        print(f"rows measured on {cpu or 'a CPU not recorded'}:")
+        print(summary_table(rows, BASELINE))
+        for r in rows:
+            print(f"  {r.strategy} seed {r.seed}: {r.winner} {r.params:,} params, {100 * r.test_accuracy:.2f}% test, {r.evaluations} evals")
     if Path(args.anytime_csv).exists():
-        figure(Path(args.anytime_csv), Path(args.out), args.search_seconds, cpu)
+        figure(Path(args.anytime_csv), Path(args.out), args.search_seconds, [args.cpu] if args.cpu is not None else cpus)
 
 
 if __name__ == "__main__":

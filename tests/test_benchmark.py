@@ -65,3 +65,13 @@ def test_rows_of_one_cpu_only_and_a_csv_without_the_cpu_column_still_reads(tmp_p
     (row,) = read_rows(old)
     assert row.cpu == "" and row.params == 5000 and row.test_accuracy == 0.89
     assert rows_of_cpu([row]) == ("", [row])
+
+
+def test_pairs_are_one_seed_on_one_cpu_and_pool_across_cpus():
+    base = _rows()  # seeds 0-2 of random+asha and hillclimb+asha, differences 0.01, 0.02, 0.01
+    slow = [replace(r, cpu="Intel Xeon", seed=r.seed + 10, test_accuracy=r.test_accuracy - 0.2) for r in base if r.seed == 0]
+    d = paired_difference(base + slow, "hillclimb+asha", "random+asha")
+    assert d.n == 4 and d.mean == pytest.approx((0.01 + 0.02 + 0.01 + 0.01) / 4)  # the slow CPU's block: its own pair
+    moved = [replace(r, cpu="Intel Xeon") if r.strategy == "hillclimb+asha" and r.seed == 2 else r for r in base]
+    d = paired_difference(moved, "hillclimb+asha", "random+asha")
+    assert d.n == 2 and d.mean == pytest.approx(0.015)  # seed 2 ran on two CPUs: no pair
