@@ -46,6 +46,7 @@ STRATEGIES = {
     "random+asha": ["search=random"],
     "tpe+asha": ["search=optuna", "search.sampler=tpe"],
     "random": ["search=random", "search/fidelity=none"],
+    "hillclimb+asha+confirm": ["search=hillclimb", "search.confirm=3"],  # the top rung's best 3 evaluated again at seed + 1
 }
 
 

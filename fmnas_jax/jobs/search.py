@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -18,7 +19,7 @@ from fmnas_jax.backends import Backend, EvalSpec, InProcess, choose_backend, cpu
 from fmnas_jax.config import AppConfig
 from fmnas_jax.cost import WORKERS_OVER_ONE_PROCESS, CostModel, Sample
 from fmnas_jax.data import DataConfig
-from fmnas_jax.evaluator import Evaluator, Outcome, budget_key, describe_budget
+from fmnas_jax.evaluator import Evaluator, OnEpoch, Outcome, budget_key, describe_budget
 from fmnas_jax.genome import Genome, SearchSpace, sample_population
 from fmnas_jax.jobs.common import card_of, class_report, open_store, print_card
 from fmnas_jax.objective import Allowance, HalvingObjective, SearchObjective, images_per_evaluation
@@ -26,7 +27,7 @@ from fmnas_jax.progress import EpochBar, count_bar
 from fmnas_jax.report import Card, Row, plot_curves, plot_search, write_card, write_csv
 from fmnas_jax.scheduler import AsyncHalving
 from fmnas_jax.search import table_climb
-from fmnas_jax.search.base import ClimbResult, Proposals, TableConfig, drive
+from fmnas_jax.search.base import ClimbResult, Proposals, SearchConfig, Step, TableConfig, drive
 from fmnas_jax.store import Store, flatten, host_name
 
 log = logging.getLogger("fmnas_jax")
@@ -40,6 +41,8 @@ AFTER_RETRAIN_SECONDS = 30.0
 def search_key(cfg: AppConfig) -> str:
     """Hash of what determines a search's path: space, strategy, fitness, budget and seeds."""
     blob: dict[str, Any] = {k: asdict(getattr(cfg, k)) for k in ("search_space", "search", "fitness")}
+    if not cfg.search.confirm:  # off: the key of the searches stored before the setting existed
+        del blob["search"]["confirm"], blob["search"]["confirm_seeds"]
     blob["budget"] = budget_key(EvalSpec(cfg.trainer, cfg.data, cfg.seed))
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -153,9 +156,14 @@ def _search(
         rungs.append(SearchObjective(ev, cfg.fitness, own, allowance, n_train(spec.data), on_counted=progress.counted(r)))
     progress.rungs = rungs
 
-    def reserve() -> float:  # the leader's predicted retrain, at most final_share of the budget
+    confirming = False
+
+    def reserve() -> float:  # the leader's predicted retrain (at most final_share of the budget) and, while searching, the confirmations
         leader = _leader(rungs)
-        return min(cost.seconds(leader, final_images) / speedup, cap) if leader is not None else 0.0
+        if leader is None:
+            return 0.0
+        retrain = min(cost.seconds(leader, final_images) / speedup, cap)
+        return retrain if confirming else retrain + _confirm_seconds(sc, rungs[-1], leader, cost, backend.parallelism)
 
     allowance.reserve = reserve
     population = sample_population(cfg.search_space, sc.population_size, rng)
@@ -183,12 +191,16 @@ def _search(
             start = max(scores, key=lambda g: scores[g])
             given = Proposals(known=scores, start=start, foreign=_foreign(cfg, store, rungs[-1], own))
             result = drive(sc.make(cfg.search_space, rng, given), objective)
+    checks: list[SearchObjective] = []
+    if sc.confirm:
+        confirming = True
+        result, checks = _confirm(cfg, rungs[-1], specs[-1], result, allowance, progress, epochs.update)
     progress.close()
     epochs.close()
     _log_counts(f"search done ({result.best}, fitness {result.best_fitness:.4f})", rungs)
     if len(rungs) > 1 and result.best not in rungs[-1].outcomes:
         log.warning("the budget ran out before a genome reached the top rung: the winner was chosen on a cheaper rung")
-    counts = [r.evaluator.counts() for r in rungs]
+    counts = [r.evaluator.counts() for r in [*rungs, *checks]]
     metrics = {"new_evaluations": sum(c["trained"] + c["failed"] for c in counts), "reused_evaluations": sum(c["reused"] for c in counts),
                "failed_evaluations": sum(c["failed"] for c in counts), "search_seconds": time.monotonic() - started}  # fmt: skip
     store.log(parent, metrics=metrics)
@@ -212,6 +224,58 @@ def _search(
     if final.reused:
         log.info("the winner's final run %s was already in the store; reused", final.run_id)
     return _report(cfg, store, parent, rungs, result, final, final_spec, out_dir)
+
+
+def _confirm_candidates(sc: SearchConfig, top: SearchObjective) -> list[Outcome]:
+    """The top rung's best `search.confirm` finished outcomes, best first."""
+    finished = [o for o in top.outcomes.values() if o.status == "FINISHED"]
+    return sorted(finished, key=top.fitness_of, reverse=True)[: sc.confirm]
+
+
+def _confirm_seconds(sc: SearchConfig, top: SearchObjective, leader: Genome, cost: CostModel, parallelism: int) -> float:
+    """Predicted wall seconds of the confirmations (search.confirm), kept back while the search runs: today's best
+    candidates, and the leader for each one the top rung does not have yet."""
+    if not sc.confirm:
+        return 0.0
+    genomes = [o.genome for o in _confirm_candidates(sc, top)]
+    genomes += [leader] * (sc.confirm - len(genomes))
+    return sc.confirm_seeds * sum(cost.seconds(g, top.images) for g in genomes) / max(parallelism, 1)
+
+
+def _confirm(
+    cfg: AppConfig, top: SearchObjective, spec: EvalSpec, result: ClimbResult, allowance: Allowance, progress: _Progress, on_epoch: OnEpoch
+) -> tuple[ClimbResult, list[SearchObjective]]:
+    """search.confirm: the top rung's best genomes evaluated again at search.confirm_seeds more seeds; the winner is the
+    best mean fitness over the top rung's seed and those (genomes a seed could not afford are not compared). The
+    evaluations are ordinary ones (stored, reused, resumed; the time budget kept them back while the search ran)."""
+    sc = cfg.search
+    candidates = _confirm_candidates(sc, top)
+    if len(candidates) < 2:
+        log.info("search.confirm=%d: the top rung has %d finished genome(s); nothing to compare again", sc.confirm, len(candidates))
+        return result, []
+    genomes = [o.genome for o in candidates]
+    scores = {g: [top.fitness_of(o)] for g, o in zip(genomes, candidates, strict=True)}
+    allowance.allow(len(genomes) * sc.confirm_seeds)  # beyond search.budget: the time budget kept them back
+    checks = []
+    for k in range(1, sc.confirm_seeds + 1):
+        ev = Evaluator(top.evaluator.store, replace(spec, seed=spec.seed + k), top.evaluator.backend, top.evaluator.parent_run_id,
+                       on_epoch, confirm=k)  # fmt: skip
+        check = SearchObjective(ev, cfg.fitness, top.own_searches, allowance, n_train(spec.data), lambda o: progress.log_elapsed())
+        for g, f in zip(genomes, check(genomes), strict=True):
+            scores[g].append(f)
+        checks.append(check)
+    full = {g: statistics.fmean(v) for g, v in scores.items() if len(v) == sc.confirm_seeds + 1 and all(map(math.isfinite, v))}
+    for g in genomes:
+        log.info("confirm: %s fitness %s%s", g, " / ".join(f"{f:.4f}" for f in scores[g]),
+                 f", mean {full[g]:.4f}" if g in full else " (not compared: a seed did not fit or failed)")  # fmt: skip
+    if len(full) < 2:
+        log.warning("search.confirm: fewer than two genomes were evaluated at every seed; the winner stays the top rung's best")
+        return result, checks
+    best = max(full, key=lambda g: full[g])
+    log.info("confirm: the winner is %s (mean fitness %.4f over %d seeds)%s", best, full[best], sc.confirm_seeds + 1,
+             "" if best == result.best else f", not the top rung's best {result.best}")  # fmt: skip
+    last = result.path[-1] if result.path else Step(0, 0, best, full[best], "start")
+    return ClimbResult(best, full[best], (*result.path, Step(last.restart, last.step + 1, best, full[best], "confirm"))), checks
 
 
 def _fit_final(spec: EvalSpec, genome: Genome, cost: CostModel, speedup: float, seconds_left: float) -> EvalSpec:

@@ -80,6 +80,10 @@ class SearchConfig:
     time_budget: str | None = None  # the whole job (search and final retrain): 600, '12m', '1.5h'; null = no limit
     final_share: float = 0.5  # the most of time_budget the search keeps back for the winner's retrain
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
+    # Before the winner is chosen, the best `confirm` genomes of the top rung are evaluated again at `confirm_seeds`
+    # more seeds (seed + 1, ...: initialisation, shuffling and split); the winner is the best mean fitness. 0 = off.
+    confirm: int = 0
+    confirm_seeds: int = 1
 
     @property
     def time_budget_seconds(self) -> float | None:
@@ -104,6 +108,11 @@ class SearchConfig:
             raise ValueError(f"search.population_size {self.population_size} must be >= 1")
         if self.budget is not None and self.budget < 0:
             raise ValueError(f"search.budget {self.budget} must be >= 0")
+        if self.confirm < 0 or self.confirm == 1 or self.confirm_seeds < 1:
+            raise ValueError(f"search.confirm {self.confirm} must be 0 (off) or >= 2 (the genomes compared again), "
+                             f"and search.confirm_seeds {self.confirm_seeds} >= 1")  # fmt: skip
+        if self.confirm and self.strategy == "table":
+            raise ValueError("search.confirm is for the strategies that train (search=table climbs the stored table): set it to 0")
         if self.budget is None and self.time_budget is None:
             raise ValueError("search.budget and search.time_budget are both null: the search would never end; set one (or both)")
 
@@ -230,7 +239,7 @@ class Step:
     step: int
     genome: Genome
     fitness: float
-    move: str  # start | left | right | improve | optimum | budget
+    move: str  # start | left | right | improve | optimum | budget | confirm (the winner chosen again, search.confirm)
 
 
 @dataclass(frozen=True)
