@@ -100,8 +100,10 @@ def mean_interval(values: Sequence[float], level: float = 0.95) -> Interval:
     return Interval(m, m - half, m + half, n)
 
 
-def paired_difference(rows: Iterable[Row], strategy: str, baseline: str = BASELINE, key: str = "test_accuracy") -> Interval:
-    """Mean over the (seed, CPU) pairs both ran of (strategy - baseline) in `key`, with its interval.
+def paired_differences(
+    rows: Iterable[Row], strategy: str, baseline: str = BASELINE, key: str = "test_accuracy"
+) -> dict[tuple[int, str], float]:
+    """(strategy - baseline) in `key` for every (seed, CPU) both ran, in seed order.
 
     A pair is one seed on one CPU: the two searches had the same population and the same seconds of the
     same machine. Pairs from several CPUs pool (the CPU is one more block, as the seed is); a seed the
@@ -109,7 +111,12 @@ def paired_difference(rows: Iterable[Row], strategy: str, baseline: str = BASELI
     """
     by = {(r.strategy, r.seed, r.cpu): getattr(r, key) for r in rows}
     blocks = sorted({(s, c) for st, s, c in by if st == strategy} & {(s, c) for st, s, c in by if st == baseline})
-    return mean_interval([by[strategy, s, c] - by[baseline, s, c] for s, c in blocks])
+    return {(s, c): by[strategy, s, c] - by[baseline, s, c] for s, c in blocks}
+
+
+def paired_difference(rows: Iterable[Row], strategy: str, baseline: str = BASELINE, key: str = "test_accuracy") -> Interval:
+    """Mean over the (seed, CPU) pairs both ran of (strategy - baseline) in `key`, with its interval (paired_differences)."""
+    return mean_interval(list(paired_differences(rows, strategy, baseline, key).values()))
 
 
 def summary_table(rows: Sequence[Row], baseline: str = BASELINE) -> str:

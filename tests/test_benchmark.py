@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from fmnas_jax.benchmark import Row, append_row, mean_interval, paired_difference, read_rows, rows_of_cpu, summary_table
+from fmnas_jax.benchmark import Row, append_row, mean_interval, paired_difference, paired_differences, read_rows, rows_of_cpu, summary_table
 
 T_975_2 = 4.302652729749464  # Student t, 97.5 % quantile, 2 degrees of freedom
 
@@ -44,6 +44,8 @@ def test_paired_difference_by_hand():
     assert d.low < 0 < d.high  # three seeds this close do not tell them apart
     tpe = paired_difference(_rows(), "tpe+asha", "random+asha")  # only the seeds both ran: 0 and 1
     assert tpe.n == 2 and tpe.mean == pytest.approx(((0.92 - 0.90) + (0.90 - 0.91)) / 2)
+    per_seed = paired_differences(_rows(), "tpe+asha", "hillclimb+asha")  # any two strategies, per (seed, CPU)
+    assert list(per_seed) == [(0, ""), (1, "")] and list(per_seed.values()) == pytest.approx([0.01, -0.03])
 
 
 def test_summary_table_names_the_main_job_and_the_paired_differences():
