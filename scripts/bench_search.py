@@ -37,7 +37,7 @@ import matplotlib.pyplot as plt
 from bench_recipe import cpu_name  # the same lscpu model name, family and model the other benchmarks print
 from mlflow import MlflowClient
 
-from fmnas_jax.benchmark import BASELINE, Row, append_row, paired_difference, paired_differences, read_rows, rows_of_cpu, summary_table
+from fmnas_jax.benchmark import BASELINE, Row, append_row, mean_interval, paired_differences, read_rows, rows_of_cpu, summary_table
 
 MAIN = "hillclimb+asha"  # what +experiment=hillclimb runs
 STRATEGIES = {
@@ -186,7 +186,7 @@ def main() -> None:
         print(f"{len(args.strategies)} strategies x seeds {args.seeds}, {args.search_seconds} s of search each; stores in {args.workdir}")
         run_missing(args)
     every = read_rows(args.csv)
-    counts, counts_by_strategy = Counter(r.cpu for r in every), Counter(r.strategy for r in every)
+    counts, names = Counter(r.cpu for r in every), list(dict.fromkeys(r.strategy for r in every))
     cpus = [c for c, _ in counts.most_common()]
     if args.cpu is not None and args.cpu not in counts:
         raise SystemExit(f"{args.csv} has no rows for CPU {args.cpu!r}; it has rows for {cpus}")
@@ -202,9 +202,10 @@ def main() -> None:
             print(f"  {r.strategy} seed {r.seed}: {r.winner} {r.params:,} params, {100 * r.test_accuracy:.2f}% test, {r.evaluations} evals")
     for pair in filter(None, args.compare.split(",")):
         a, _, b = pair.partition(":")
-        if a not in counts_by_strategy or b not in counts_by_strategy:
-            raise SystemExit(f"--compare {pair!r}: give two strategies as A:B, from those {args.csv} has: {list(counts_by_strategy)}")
-        d, per_seed = paired_difference(every, a, b), paired_differences(every, a, b)
+        if a not in names or b not in names:
+            raise SystemExit(f"--compare {pair!r}: give two strategies as A:B, from those {args.csv} has: {names}")
+        per_seed = paired_differences(every, a, b)
+        d = mean_interval(list(per_seed.values()))
         seeds = ", ".join(f"seed {s}: {100 * v:+.2f}" for (s, _), v in per_seed.items())
         print(f"{a} minus {b}, paired: {100 * d.mean:+.2f} ({100 * d.low:+.2f} .. {100 * d.high:+.2f}) points, n={d.n} ({seeds})"
               if d.n else f"{a} minus {b}: no paired seeds")  # fmt: skip
