@@ -3,18 +3,20 @@
     .venv/bin/python scripts/bench_fidelity.py                      # 30 genomes, the main job's rungs, 30-epoch retrains
     .venv/bin/python scripts/bench_fidelity.py --genomes 12 --retrain-epochs 10 --noise-genomes 4   # a quick look
     .venv/bin/python scripts/bench_fidelity.py --report             # the table from docs/bench_fidelity.csv only
-    .venv/bin/python scripts/bench_fidelity.py --candidates 2x4000,1x10000   # also rank candidate rung-0 budgets
+    .venv/bin/python scripts/bench_fidelity.py --candidates 1x4000,2x4000,3x4000   # also rank budgets that are not rungs
 
 Genomes are drawn uniformly from the main job's space (`+experiment=hillclimb`: at most 16,598 parameters),
-so good and bad ones both appear. Each is evaluated at every rung of the main job (1 epoch on 4,000
-images, 2 on 10,000, 3 on 20,000) on the worker pool, and retrained with the main job's final recipe
+so good and bad ones both appear. Each is evaluated at every rung of the main job (read from its config;
+today 1 epoch on 10,000 images, 2 on 10,000, 3 on 20,000) on the worker pool, and retrained with the main job's final recipe
 (`--retrain-epochs` on all 55,000, label smoothing 0.1) on the same pool; for `--noise-genomes` of them each
 rung is repeated with two more seeds (model initialisation, shuffling and the split all change with it).
 `--candidates EPOCHSxIMAGES,...` adds budgets that are not the main job's (columns `cand_<E>x<N>_val_accuracy`),
 measured the same way, to choose a rung from: a cheaper rung is worth its place if its top third holds the
 retrain's top third (the promotion ASHA makes) and its seed noise is small against the gaps it must rank.
 Everything goes through the package's evaluator into one MLflow store (--tracking-uri), so a stopped
-study resumes where it stopped. Writes docs/bench_fidelity.csv (one row per genome: each rung's
+study resumes where it stopped; the CSVs are the study's memory too (the store need not survive), matched
+by budget, so after the main job's rungs change an earlier rung's column is kept by naming its budget in
+--candidates. Writes docs/bench_fidelity.csv (one row per genome: each rung's
 validation accuracy, the retrain's validation and test accuracy) and docs/bench_fidelity_noise.csv, and
 prints Spearman and Kendall rank correlations of each rung with the retrain and each rung's seed noise.
 """
@@ -156,19 +158,24 @@ def main() -> None:
     names = [f"rung{r}_val_accuracy" for r in range(len(specs))]
     described = [f"{s.trainer.epochs} x {s.data.train_size or 55000:,}" for s in specs]
     for e, n in candidates:
+        if f"{e} x {n:,}" in described:
+            raise SystemExit(f"--candidates {e}x{n} is one of the main job's rungs ({', '.join(described)}); measured already")
         specs.append(replace(specs[0], trainer=replace(specs[0].trainer, epochs=e), data=replace(specs[0].data, train_size=n)))
         names.append(f"cand_{e}x{n}_val_accuracy")
     noisy = genomes[: args.noise_genomes]
     out, noise_out = Path(args.csv), Path(args.noise_csv)
     earlier, earlier_noise = _read(out), _read(noise_out)  # what a stopped study (whose store may be gone) measured
-    values: dict[str, dict] = {n: {} for n in names}
-    noise: dict[tuple[str, str, int], float] = {(r["budget"], r["genome"], int(r["seed"])): float(r["val_accuracy"]) for r in earlier_noise}
+    # Earlier measurements are matched by their budget (epochs x images), not their column: when the main job's rungs
+    # change, a value measured as rung 0 at 1 x 4,000 is a candidate's now, and a candidate's may be a rung's.
+    by_budget = earlier_by_budget(earlier, earlier_noise)
+    budget_of = dict(zip(names, [*described, *(budget_images(n, []) for n in names[len(described) :])], strict=True))
+    values: dict[str, dict] = {n: dict(by_budget[0].get(budget_of[n], {})) for n in names}
+    noise = {(n, g, seed): v for n in names for (g, seed), v in by_budget[1].get(budget_of[n], {}).items()}
     retrains = {r["genome"]: (float(r["retrain_val_accuracy"]), float(r["retrain_test_accuracy"]), r.get("retrain_cpu") or EARLIER_CPU)
                 for r in earlier if r.get("retrain_test_accuracy") and int(r["retrain_epochs"]) == args.retrain_epochs}  # fmt: skip
-    for r in earlier:
-        for n in names:
-            if r.get(n):
-                values[n][r["genome"]] = float(r[n])
+    dropped = sorted(set(by_budget[0]) - set(budget_of.values()))
+    if dropped:
+        print(f"{out} has budgets this study does not measure ({', '.join(dropped)}); give them as --candidates to keep them", flush=True)
 
     def write() -> None:
         rung_budgets = [f"rung{r}_budget" for r in range(len(described))]
@@ -208,6 +215,35 @@ def main() -> None:
 
         Evaluator(store, final, pool).evaluate_many(todo, on_done=retrained)
     report(out, noise_out)
+
+
+def earlier_by_budget(rows: list[dict], noise_rows: list[dict]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """What earlier CSVs measured, keyed by budget ('1 x 4,000'): ({budget: {genome: val}}, {budget: {(genome, seed): val}}).
+
+    A rung column's budget is its row's `rung<i>_budget`; a candidate column's is in its name. The noise CSV names
+    columns only, so its rung budgets are those of the main CSV's rows (one study writes both).
+    """
+    values: dict[str, dict] = {}
+    column_budget: dict[str, str] = {}
+    for r in rows:
+        for k, v in r.items():
+            if not (k.startswith(("rung", "cand_")) and k.endswith("_val_accuracy")):
+                continue
+            budget = budget_images(k, []) if k.startswith("cand_") else r.get(k.replace("_val_accuracy", "_budget"), "")
+            if not budget:
+                raise SystemExit(f"{k} of {r['genome']!r} has no budget column ({k.replace('_val_accuracy', '_budget')})")
+            column_budget.setdefault(k, budget)
+            if column_budget[k] != budget:
+                raise SystemExit(f"{k} holds two budgets across rows ({column_budget[k]}, {budget}); the CSV mixes two studies")
+            if v:
+                values.setdefault(budget, {})[r["genome"]] = float(v)
+    noise: dict[str, dict] = {}
+    for r in noise_rows:
+        budget = column_budget.get(r["budget"]) or (budget_images(r["budget"], []) if r["budget"].startswith("cand_") else None)
+        if budget is None:
+            raise SystemExit(f"the noise CSV's {r['budget']!r} names no budget of the main CSV")
+        noise.setdefault(budget, {})[(r["genome"], int(r["seed"]))] = float(r["val_accuracy"])
+    return values, noise
 
 
 def _read(path: Path) -> list[dict]:
