@@ -229,7 +229,7 @@ def earlier_by_budget(rows: list[dict], noise_rows: list[dict]) -> tuple[dict[st
         for k, v in r.items():
             if not (k.startswith(("rung", "cand_")) and k.endswith("_val_accuracy")):
                 continue
-            budget = budget_images(k, []) if k.startswith("cand_") else r.get(k.replace("_val_accuracy", "_budget"), "")
+            budget = budget_images(k, [r])
             if not budget:
                 raise SystemExit(f"{k} of {r['genome']!r} has no budget column ({k.replace('_val_accuracy', '_budget')})")
             column_budget.setdefault(k, budget)
