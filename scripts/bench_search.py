@@ -168,8 +168,8 @@ def main() -> None:
     ap.add_argument("--retrain-epochs", type=int, default=30, help="every winner retrained alike for this many epochs")
     ap.add_argument("--retrain-seed", type=int, default=0)
     ap.add_argument("--csv", default="docs/bench_search.csv")
-    ap.add_argument("--anytime-csv", default="docs/bench_search_anytime.csv")
-    ap.add_argument("--out", default="docs/bench_search.png")
+    ap.add_argument("--anytime-csv", default=None, help="the anytime curves (default: beside --csv, as <stem>_anytime.csv)")
+    ap.add_argument("--out", default=None, help="the figure (default: beside --csv, as <stem>.png)")
     ap.add_argument("--workdir", default="bench_search_work", help="the stores and compilation caches")
     ap.add_argument("--report", action="store_true", help="run nothing: the table and figure from the CSVs")
     ap.add_argument("--cpu", default=None, help="report the rows of this CPU only (as the CSV's cpu column names it; default: every CPU)")
@@ -177,6 +177,9 @@ def main() -> None:
     ap.add_argument("override", nargs="*", help="more Hydra overrides for every search")
     args = ap.parse_args()
     args.strategies, args.seeds = args.strategies.split(","), [int(s) for s in args.seeds.split(",")]
+    stem = Path(args.csv).with_suffix("")  # another benchmark's CSV never appends to, or redraws, this one's files
+    args.anytime_csv = args.anytime_csv or f"{stem}_anytime.csv"
+    args.out = args.out or f"{stem}.png"
     unknown = [s for s in args.strategies if s not in STRATEGIES]
     if unknown:
         raise SystemExit(f"unknown strategies {unknown}; allowed: {list(STRATEGIES)}")
