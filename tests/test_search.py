@@ -86,6 +86,34 @@ def test_hill_climb_restarts_until_patience():
     assert restarts == [0, 1, 2, 3]  # the first climb sets the best, then 3 restarts without improvement
 
 
+def test_explore_asks_random_genomes_and_jumps_to_a_better_one():
+    from fmnas_jax.genome import neighbours
+    from fmnas_jax.search.hillclimb import HillClimber
+
+    start = random_genome(SPACE, np.random.default_rng(3))
+    climber = HillClimber(SPACE, np.random.default_rng(4), HillClimbConfig(explore=0.95), population=[start])
+    assert climber.ask() == start
+    climber.tell(start, 0.0)
+    asked = [climber.ask() for _ in range(10)]  # all asked before any result: the climb stays at `start`
+    near = set(neighbours(start, SPACE))
+    far = [g for g in asked if g not in near]
+    assert len(far) >= 7 and len(set(asked)) == 10  # about 95 % of the asks are fresh random genomes
+    for g in asked:
+        climber.tell(g, 1.0 if g == far[0] else -1.0)
+    jump = [s for s in climber.path if s.move == "jump"]
+    assert [s.genome for s in jump] == [far[0]] and jump[0].fitness == 1.0  # only the better random genome moves it
+
+
+def test_explore_still_climbs_to_the_optimum():
+    res = hill_climb(SPACE, TableObjective(5000), np.random.default_rng(0), HillClimbConfig(explore=0.3, patience=1, max_restarts=0))
+    assert res.best == TARGET
+
+
+def test_explore_outside_its_range_is_refused():
+    with pytest.raises(ValueError, match=r"search.explore 1.0 must be >= 0 and < 1"):
+        HillClimbConfig(explore=1.0)
+
+
 def test_hill_climb_is_deterministic():
     a = hill_climb(SPACE, TableObjective(60), np.random.default_rng(7), HillClimbConfig(budget=60))
     b = hill_climb(SPACE, TableObjective(60), np.random.default_rng(7), HillClimbConfig(budget=60))

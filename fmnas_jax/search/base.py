@@ -129,11 +129,16 @@ class HillClimbConfig(SearchConfig):
     move: str = "first"  # first | steepest improvement
     patience: int = 2  # stop after this many restarts in a row without improvement
     max_restarts: int = 10
+    # The share of the climb's asks that sample a fresh random genome instead of a neighbour; the climb jumps to
+    # one whose result beats its current point (a climb stuck in one basin still sees the rest of the space). 0 = off.
+    explore: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.move not in MOVES:
             raise ValueError(f"search.move {self.move!r} is not one of {list(MOVES)}")
+        if not 0.0 <= self.explore < 1.0:
+            raise ValueError(f"search.explore {self.explore} must be >= 0 and < 1 (the share of asks that sample at random)")
         if self.patience < 1 or self.max_restarts < 0:
             raise ValueError(f"search.patience {self.patience} must be >= 1 and search.max_restarts {self.max_restarts} >= 0")
 

@@ -11,6 +11,10 @@ restarts in a row bring no improvement or `max_restarts` is reached.
 known, so a free worker always gets a genome, and the climb moves to any genome asked in this climb
 (the population's too, in the first) whose result beats the current point's, whenever it arrives: with
 rungs, results come back rung by rung, and the one that reaches the top rung first is where to climb on.
+
+`explore` > 0: that share of the climb's asks is a fresh random genome (a candidate of the current point like
+its neighbours); the climb jumps to one told better than the current point, so a climb caught in one basin still
+samples the rest of the space as random search does.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class HillClimber:
         self._asked: set[Genome] = set()  # candidates of the current point not told yet
         self._climb_asked: set[Genome] = set()  # every genome this climb asked (eager: any of them may move it)
         self._scores: dict[Genome, float] = {}  # candidates of the current point told (steepest)
+        self._explored: set[Genome] = set()  # random genomes asked by `explore` (a move to one is a "jump")
 
     @property
     def done(self) -> bool:
@@ -95,6 +100,13 @@ class HillClimber:
         return True
 
     def _candidate(self) -> Genome | None:
+        if self.cfg.explore and self.rng.random() < self.cfg.explore:
+            g = self._fresh()
+            if g is not None:
+                self._asked.add(g)
+                self._climb_asked.add(g)
+                self._explored.add(g)
+                return g
         while self._queue:
             g = self._queue.pop(0)
             if g in self.known:  # told before (the population, an earlier climb): no need to ask
@@ -114,6 +126,14 @@ class HillClimber:
                 return self.ask()
         self._end("optimum")
         return self.ask()
+
+    def _fresh(self) -> Genome | None:
+        """A random genome not told or asked before (None if a few draws find only known ones)."""
+        for _ in range(20):
+            g = random_genome(self.space, self.rng)
+            if g not in self.known and g not in self._climb_asked and g != self._current:
+                return g
+        return None
 
     # -- tell ---------------------------------------------------------------------
 
@@ -141,7 +161,7 @@ class HillClimber:
 
     def _move(self, genome: Genome, fitness: float) -> None:
         self._current, self._f = genome, fitness
-        self._record(genome, fitness, "improve")
+        self._record(genome, fitness, "jump" if genome in self._explored else "improve")
         nbrs = neighbours(genome, self.space)
         self._queue = [nbrs[i] for i in self.rng.permutation(len(nbrs))]
         self._asked, self._scores = set(), {}
