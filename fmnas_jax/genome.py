@@ -7,7 +7,7 @@ validated, mutated and sized anywhere.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -248,6 +248,15 @@ def random_genome(space: SearchSpace, rng: np.random.Generator) -> Genome:
         if space.fits(genome):
             return genome
     raise ValueError(f"search space: found no genome with at most {space.max_params:,} parameters in 100,000 draws")
+
+
+def fresh_genome(space: SearchSpace, rng: np.random.Generator, *seen: Container[Genome], draws: int) -> Genome | None:
+    """A random genome in none of `seen`, or None when `draws` draws find only seen ones (a nearly exhausted space)."""
+    for _ in range(draws):
+        genome = random_genome(space, rng)
+        if not any(genome in s for s in seen):
+            return genome
+    return None
 
 
 def _random_genes(space: SearchSpace, rng: np.random.Generator) -> Genome:

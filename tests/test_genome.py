@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from fmnas_jax import Genome, SearchSpace, count_params
-from fmnas_jax.genome import neighbours, output_sizes, random_genome, sample_population, train_flops_per_image
+from fmnas_jax.genome import fresh_genome, neighbours, output_sizes, random_genome, sample_population, train_flops_per_image
 
 PAPER = "NC 4 5 sigmoid;RC 64 3 relu;NC 4 5 sigmoid;RC 64 3 relu;FL gelu;"
 SPACE = SearchSpace()
@@ -127,6 +127,17 @@ def test_population_is_distinct_and_seeded():
     tiny = SearchSpace(kernel_sizes=(1,), filters=(4,), activations=("relu",))
     with pytest.raises(ValueError, match="exceeds the 1 genomes"):
         sample_population(tiny, 2, np.random.default_rng(0))
+
+
+def test_fresh_genome_avoids_every_seen_collection_and_gives_up():
+    small = SearchSpace(kernel_sizes=(1, 3), filters=(4,), activations=("relu",))  # 2**4 = 16 genomes
+    every = {random_genome(small, np.random.default_rng(i)) for i in range(400)}
+    assert len(every) == small.size
+    keep = sorted(every, key=str)[0]
+    half = set(sorted(every, key=str)[1:9])
+    rest = set(sorted(every, key=str)[9:])
+    assert fresh_genome(small, np.random.default_rng(0), half, rest, draws=500) == keep
+    assert fresh_genome(small, np.random.default_rng(0), half, rest, {keep}, draws=500) is None
 
 
 def test_activation_elements_of_the_paper_genome():

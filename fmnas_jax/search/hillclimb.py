@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from fmnas_jax.genome import Genome, SearchSpace, neighbours, random_genome
+from fmnas_jax.genome import Genome, SearchSpace, fresh_genome, neighbours, random_genome
 from fmnas_jax.search.base import ClimbResult, HillClimbConfig, Objective, Step, drive
 
 
@@ -101,7 +101,7 @@ class HillClimber:
 
     def _candidate(self) -> Genome | None:
         if self.cfg.explore and self.rng.random() < self.cfg.explore:
-            g = self._fresh()
+            g = fresh_genome(self.space, self.rng, self.known, self._climb_asked, (self._current,), draws=20)
             if g is not None:
                 self._asked.add(g)
                 self._climb_asked.add(g)
@@ -126,14 +126,6 @@ class HillClimber:
                 return self.ask()
         self._end("optimum")
         return self.ask()
-
-    def _fresh(self) -> Genome | None:
-        """A random genome not told or asked before (None if a few draws find only known ones)."""
-        for _ in range(20):
-            g = random_genome(self.space, self.rng)
-            if g not in self.known and g not in self._climb_asked and g != self._current:
-                return g
-        return None
 
     # -- tell ---------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from fmnas_jax.genome import Genome, SearchSpace, random_genome
+from fmnas_jax.genome import Genome, SearchSpace, fresh_genome
 from fmnas_jax.search.base import ClimbResult, Objective, Step, best_of, drive
 
 MAX_DRAWS = 1000  # draws for one genome not seen yet (a nearly exhausted small space gives up)
@@ -26,13 +26,12 @@ class RandomSearch:
     def ask(self) -> Genome | None:
         if self._population:
             return self._population.pop(0)
-        for _ in range(MAX_DRAWS):
-            g = random_genome(self.space, self.rng)
-            if g not in self._asked:
-                self._asked.add(g)
-                return g
-        self.done = True
-        return None
+        g = fresh_genome(self.space, self.rng, self._asked, draws=MAX_DRAWS)
+        if g is None:
+            self.done = True
+        else:
+            self._asked.add(g)
+        return g
 
     def tell(self, genome: Genome, fitness: float) -> None:
         if genome not in self.scores:
