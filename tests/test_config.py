@@ -89,6 +89,7 @@ def test_command_line_overrides_win():
         ("search.final_share=1.0", "search.final_share 1.0 must be between 0 and 1"),
         (("search=optuna", "search.sampler=cmaes"), "search.sampler 'cmaes' is not one of ['tpe', 'nsga2', 'random']"),
         ("search.time_budget=null", "search.budget and search.time_budget are both null"),
+        ("search.min_gain=-0.01", "search.min_gain -0.01 must be >= 0 and < 1"),
         ("search.confirm=1", "search.confirm 1 must be 0 (off) or >= 2"),
         (("search.confirm=3", "search.confirm_seeds=0"), "search.confirm_seeds 0 >= 1"),
         (("search=table", "search.confirm=2"), "search.confirm is for the strategies that train"),

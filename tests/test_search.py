@@ -114,6 +114,48 @@ def test_explore_outside_its_range_is_refused():
         HillClimbConfig(explore=1.0)
 
 
+def test_min_gain_moves_only_beyond_the_threshold():
+    from fmnas_jax.search.hillclimb import HillClimber
+
+    start = random_genome(SPACE, np.random.default_rng(3))
+
+    def moves(min_gain: float) -> list:
+        climber = HillClimber(SPACE, np.random.default_rng(4), HillClimbConfig(min_gain=min_gain), population=[start])
+        assert climber.ask() == start
+        climber.tell(start, 0.5)
+        asked = [climber.ask() for _ in range(3)]  # all asked before any result: the climb stays at `start`
+        for g, gain in zip(asked, [0.004, 0.012, -0.1], strict=True):
+            climber.tell(g, 0.5 + gain)
+        return asked, [s.genome for s in climber.path if s.move == "improve"]
+
+    asked, moved = moves(0.0)
+    assert moved == [asked[0]]  # without a threshold a 0.4-point gain moves the climb
+    asked, moved = moves(0.008)
+    assert moved == [asked[1]]  # with 0.8 points, only the 1.2-point gain does
+
+
+class CentiObjective(TableObjective):
+    """TableObjective in hundredths: each one-gene step gains 0.01, a point of accuracy."""
+
+    def __call__(self, genomes):
+        return [f / 100 for f in super().__call__(genomes)]
+
+
+@pytest.mark.parametrize("move", ["first", "steepest"])
+def test_min_gain_ends_a_climb_of_small_gains_where_it_starts(move):
+    cfg = HillClimbConfig(move=move, min_gain=0.015, patience=1, max_restarts=0)
+    res = hill_climb(SPACE, CentiObjective(5000), np.random.default_rng(0), cfg)
+    assert res.best != TARGET and [s.move for s in res.path] == ["start", "optimum"]  # no step gains 1.5 points
+    cfg = HillClimbConfig(move=move, min_gain=0.005, patience=1, max_restarts=0)
+    res = hill_climb(SPACE, CentiObjective(5000), np.random.default_rng(0), cfg)
+    assert res.best == TARGET  # a threshold below the steps' gain leaves the climb as it was
+
+
+def test_min_gain_outside_its_range_is_refused():
+    with pytest.raises(ValueError, match=r"search.min_gain 1.0 must be >= 0 and < 1"):
+        HillClimbConfig(min_gain=1.0)
+
+
 def test_hill_climb_is_deterministic():
     a = hill_climb(SPACE, TableObjective(60), np.random.default_rng(7), HillClimbConfig(budget=60))
     b = hill_climb(SPACE, TableObjective(60), np.random.default_rng(7), HillClimbConfig(budget=60))

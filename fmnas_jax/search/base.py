@@ -132,6 +132,9 @@ class HillClimbConfig(SearchConfig):
     # The share of the climb's asks that sample a fresh random genome instead of a neighbour; the climb jumps to
     # one whose result beats its current point (a climb stuck in one basin still sees the rest of the space). 0 = off.
     explore: float = 0.0
+    # The least fitness gain that moves the climb (0: any gain). A gain inside the top rung's seed noise is luck as
+    # often as progress; with a threshold the climb stops at such a point and restarts instead of chasing noise.
+    min_gain: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -139,6 +142,8 @@ class HillClimbConfig(SearchConfig):
             raise ValueError(f"search.move {self.move!r} is not one of {list(MOVES)}")
         if not 0.0 <= self.explore < 1.0:
             raise ValueError(f"search.explore {self.explore} must be >= 0 and < 1 (the share of asks that sample at random)")
+        if not 0.0 <= self.min_gain < 1.0:
+            raise ValueError(f"search.min_gain {self.min_gain} must be >= 0 and < 1 (a gain in fitness, accuracy as a fraction)")
         if self.patience < 1 or self.max_restarts < 0:
             raise ValueError(f"search.patience {self.patience} must be >= 1 and search.max_restarts {self.max_restarts} >= 0")
 

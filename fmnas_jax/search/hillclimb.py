@@ -15,6 +15,9 @@ rungs, results come back rung by rung, and the one that reaches the top rung fir
 `explore` > 0: that share of the climb's asks is a fresh random genome (a candidate of the current point like
 its neighbours); the climb jumps to one told better than the current point, so a climb caught in one basin still
 samples the rest of the space as random search does.
+
+`min_gain` > 0: a candidate moves the climb only when it beats the current point by more than that (in fitness, e.g.
+0.008 = the top rung's 0.8 points of seed noise); gains inside it end the climb at a local optimum, and it restarts.
 """
 
 from __future__ import annotations
@@ -121,7 +124,7 @@ class HillClimber:
             return None  # wait for the neighbourhood's results
         if self.cfg.move == "steepest" and self._scores:
             g = max(sorted(self._scores, key=str), key=lambda c: self._scores[c])
-            if self._scores[g] > self._f:
+            if self._scores[g] > self._f + self.cfg.min_gain:
                 self._move(g, self._scores[g])
                 return self.ask()
         self._end("optimum")
@@ -148,7 +151,7 @@ class HillClimber:
     def _consider(self, genome: Genome, fitness: float, candidate: bool) -> None:
         if candidate and self.cfg.move == "steepest":
             self._scores[genome] = fitness
-        elif self._f is not None and fitness > self._f:
+        elif self._f is not None and fitness > self._f + self.cfg.min_gain:
             self._move(genome, fitness)
 
     def _move(self, genome: Genome, fitness: float) -> None:
