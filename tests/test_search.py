@@ -119,7 +119,7 @@ def test_min_gain_moves_only_beyond_the_threshold():
 
     start = random_genome(SPACE, np.random.default_rng(3))
 
-    def moves(min_gain: float) -> list:
+    def moves(min_gain: float) -> tuple[list, list]:
         climber = HillClimber(SPACE, np.random.default_rng(4), HillClimbConfig(min_gain=min_gain), population=[start])
         assert climber.ask() == start
         climber.tell(start, 0.5)

@@ -124,7 +124,7 @@ class HillClimber:
             return None  # wait for the neighbourhood's results
         if self.cfg.move == "steepest" and self._scores:
             g = max(sorted(self._scores, key=str), key=lambda c: self._scores[c])
-            if self._scores[g] > self._f + self.cfg.min_gain:
+            if self._beats(self._scores[g]):
                 self._move(g, self._scores[g])
                 return self.ask()
         self._end("optimum")
@@ -151,8 +151,12 @@ class HillClimber:
     def _consider(self, genome: Genome, fitness: float, candidate: bool) -> None:
         if candidate and self.cfg.move == "steepest":
             self._scores[genome] = fitness
-        elif self._f is not None and fitness > self._f + self.cfg.min_gain:
+        elif self._f is not None and self._beats(fitness):
             self._move(genome, fitness)
+
+    def _beats(self, fitness: float) -> bool:
+        """Whether a candidate's fitness moves the climb: above the current point's by more than `min_gain`."""
+        return fitness > self._f + self.cfg.min_gain
 
     def _move(self, genome: Genome, fitness: float) -> None:
         self._current, self._f = genome, fitness
