@@ -270,7 +270,9 @@ class Evaluator:
                 self.store.log(run_id, metrics=row, step=epoch)
         summary = {k: as_logged(v) for k, v in result.summary().items()}  # what a later reuse will read back
         per_epoch = set(result.history)  # already logged at steps 1..epochs; the last value is the final one
-        budget = {"budget_epochs": self.spec.trainer.epochs, "budget_images": self.spec.trainer.epochs * self.spec.data.n_train}
+        trained = len(result.history.get("train_loss", []))
+        budget = {"budget_epochs": self.spec.trainer.epochs, "budget_images": self.spec.trainer.epochs * self.spec.data.n_train,
+                  "epochs_trained": trained}  # fmt: skip  # fewer than budget_epochs: a deadline cut it (InProcess(deadline=...))
         where = {RAY_NODE: result.node} if result.node else None
         self.store.log(run_id, metrics={k: v for k, v in summary.items() if k not in per_epoch} | budget, tags=where, step=0)  # one-off
         if result.status == "FINISHED":
@@ -299,7 +301,8 @@ class Evaluator:
             self.store.end_run(run_id, "FAILED", result.reason)
             self.failed += 1
             log.warning("evaluation of %s FAILED: %s", genome, result.reason)
-        return Outcome(genome, key, run_id, result.status, summary, False, result.history, result.variables,
+        metrics = summary | {"epochs_trained": float(trained)}
+        return Outcome(genome, key, run_id, result.status, metrics, False, result.history, result.variables,
                        normalisation=result.normalisation)  # fmt: skip
 
 

@@ -23,6 +23,9 @@ class EpochBar:
             self._bar = tqdm(total=self.epochs, initial=epoch, desc="  epochs", leave=False, disable=not self.enabled, unit="ep")
         else:
             self._bar.update(epoch - self._bar.n)
+        if "epochs_planned" in row and int(row["epochs_planned"]) != self._bar.total:  # a deadline re-planned the training
+            self._bar.total = int(row["epochs_planned"])
+            self._bar.refresh()
         self._bar.set_postfix(val_acc=f"{row['val_accuracy']:.4f}")
 
     def close(self) -> None:

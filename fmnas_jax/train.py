@@ -185,6 +185,28 @@ def lr_schedule(cfg: TrainConfig, total_steps: int) -> np.ndarray:
     return (cfg.learning_rate * 0.5 * (1 + np.cos(np.pi * np.minimum(steps, max(total_steps, 1)) / max(total_steps, 1)))).astype(np.float32)
 
 
+def epochs_that_fit(done: int, planned: int, epoch_seconds: Sequence[float], seconds_left: float, reserve: float = 0.0) -> int:
+    """The total epochs a training under a deadline should plan for after `done` of them: `planned` when the rest
+    fits the `seconds_left`, fewer when not (never fewer than `done`, never fewer than 1). The epoch's cost is the
+    median of the last three measured (`epoch_seconds`, one per epoch done): one slow epoch (the first touch of
+    the data, a noisy neighbour) does not cut the plan. `reserve`: seconds kept back after the last epoch (the test
+    pass)."""
+    if not epoch_seconds:
+        return planned
+    per_epoch = float(np.median(epoch_seconds[-3:]))
+    more = int(max(seconds_left - reserve, 0.0) // max(per_epoch, 1e-9))
+    return max(done, 1, min(planned, done + more))
+
+
+def replanned_lrs(cfg: TrainConfig, lrs: np.ndarray, steps_per_epoch: int, done: int, total: int) -> np.ndarray:
+    """The per-step learning rates when a training of cfg.epochs is re-planned to `total` epochs after `done`: the
+    steps already taken keep theirs, the rest follow the schedule of a `total`-epoch training, so the cosine decays
+    to its end at the new last step instead of being cut off halfway."""
+    if total * steps_per_epoch == len(lrs):
+        return lrs
+    return np.concatenate([lrs[: done * steps_per_epoch], lr_schedule(cfg, total * steps_per_epoch)[done * steps_per_epoch :]])
+
+
 def divergence(mean_loss: float, epoch: int) -> str | None:
     """Why an epoch's mean training loss means the run diverged, or None."""
     if math.isfinite(mean_loss) and mean_loss <= DIVERGED_LOSS:
@@ -268,6 +290,7 @@ def fit(
     seed: int,
     acc_shape: tuple[int, ...] = (2,),
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    deadline: float | None = None,
 ) -> tuple[TrainState, float]:
     """The training loop of one model (train_and_evaluate) or of a bucket of them (fmnas_jax.batched):
     `state` holds the models of `results` (one each), `step(state, acc, perm, aug_key, lr, epoch, i)`
@@ -275,7 +298,11 @@ def fit(
     `evaluate(variables, rows)` gives each model's (mean loss, accuracy), shape (models, 2). Steps
     dispatch asynchronously; one host sync per epoch reads the sums. Fills each result's history and
     images_trained; a model whose training loss diverged is FAILED (a bucket's others go on).
-    Returns the final state and the seconds spent in training steps."""
+    `deadline` (a time.monotonic() value): after every epoch the remaining epochs are re-planned from the
+    measured epochs (epochs_that_fit, with one more validation-sized pass kept back for the test), and the
+    learning-rate schedule with them (replanned_lrs), so that training and its test end by then; at least one
+    epoch is trained, and never more than cfg.epochs. Returns the final state and the seconds spent in training
+    steps."""
     steps = dd.n_train // cfg.batch_size
     seen = steps * cfg.batch_size
     key = jax.random.key(seed)
@@ -284,7 +311,9 @@ def fit(
     for r in results:
         r.history = {k: [] for k in HISTORY}
     train_time = 0.0
-    for epoch in range(cfg.epochs):
+    total, epoch_seconds = cfg.epochs, []
+    epoch = 0
+    while epoch < total:
         t0 = time.perf_counter()
         perm = epoch_order(key, epoch, dd)
         acc = jnp.zeros(acc_shape)
@@ -298,13 +327,23 @@ def fit(
         live = [j for j, r in enumerate(results) if r.status == "FINISHED"]
         if not live:
             break
+        t_val = time.perf_counter()
         val = evaluate(variables_of(state), dd.val_range)
+        epoch += 1
+        plan = {}
+        if deadline is not None:
+            now = time.perf_counter()
+            epoch_seconds.append(now - t0)
+            test_pass = (now - t_val) * (dd.test_range[1] - dd.test_range[0]) / max(dd.val_range[1] - dd.val_range[0], 1)
+            total = epochs_that_fit(epoch, cfg.epochs, epoch_seconds, deadline - time.monotonic(), test_pass)
+            lrs = replanned_lrs(cfg, lrs, steps, epoch, total)
+            plan = {"epochs_planned": float(total)}  # streamed with the epoch: the progress bar's new total, a curve in MLflow
         for j in live:
             row = dict(zip(HISTORY, (float(v) for v in (*sums[j], *val[j])), strict=True))
             for k, v in row.items():
                 results[j].history[k].append(v)
             if on_epoch is not None:
-                on_epoch(epoch + 1, row)
+                on_epoch(epoch, row | plan)
     for r in results:
         r.images_trained = (len(r.history["train_loss"]) + (r.status == "FAILED")) * seen
     return state, train_time
@@ -335,10 +374,12 @@ def train_and_evaluate(
     keep_variables: bool = False,
     test: bool = True,
     fused: bool = False,
+    deadline: float | None = None,
 ) -> EvalResult:
     """Train `genome` for cfg.epochs and report train/val (and test) metrics; NaN/inf loss -> FAILED.
 
-    `fused`: one compiled program for the whole step (for a process whose XLA has several threads)."""
+    `fused`: one compiled program for the whole step (for a process whose XLA has several threads).
+    `deadline` (a time.monotonic() value): train the epochs that end by then, at least one (see `fit`)."""
     started = time.perf_counter()
     if dd.n_train // cfg.batch_size < 1:
         raise ValueError(f"trainer.batch_size {cfg.batch_size} exceeds the {dd.n_train} training images")
@@ -354,7 +395,7 @@ def train_and_evaluate(
     def evaluate(variables: dict, rows: tuple[int, int]) -> np.ndarray:
         return np.array([evaluate_split(programs, variables, dd, rows)])
 
-    state, result.train_seconds = fit(step, evaluate, state, [result], dd, cfg, seed, on_epoch=on_epoch)
+    state, result.train_seconds = fit(step, evaluate, state, [result], dd, cfg, seed, on_epoch=on_epoch, deadline=deadline)
     result.images_per_second = result.images_trained / max(result.train_seconds, 1e-9)
     variables = variables_of(state)
     finish([result], evaluate, variables, dd, test)

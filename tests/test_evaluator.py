@@ -1,5 +1,6 @@
 """Keys decide reuse, and the evaluator alone decides train-or-reuse (synthetic data, a temporary SQLite store)."""
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -71,6 +72,21 @@ def test_miss_trains_then_hit_reuses(store):
     assert hit.reused and hit.run_id == out[G1].run_id and hit.metrics["val_accuracy"] == out[G1].metrics["val_accuracy"]
     assert again.trained == 0 and again.reused == 1
     assert _statuses(store) == ["FINISHED", "FINISHED"]  # nothing trained twice
+
+
+def test_a_deadline_cut_is_recorded_and_reused_as_it_is(store):
+    """A retrain past its deadline (InProcess(deadline=...)) trains fewer epochs than its budget: the run says how
+    many (epochs_trained beside budget_epochs, the plan per epoch), and a rerun of the same budget reuses it."""
+    three = replace(SPEC, trainer=replace(SPEC.trainer, epochs=3))
+    cut = Evaluator(store, three, InProcess(synthetic_load, fused=True, deadline=time.monotonic()), role="final").evaluate(G1)
+    assert cut.status == "FINISHED" and cut.metrics["epochs_trained"] == 1
+    record = store.get_run(cut.run_id)
+    assert record.metric("epochs_trained") == 1 and record.metric("budget_epochs") == 3 and record.metric("epochs_planned") == 1
+    again = Evaluator(store, three, InProcess(synthetic_load, fused=True), role="final").evaluate(G1)
+    assert again.reused and again.run_id == cut.run_id and again.metric("epochs_trained") == 1
+    far = InProcess(synthetic_load, fused=True, deadline=time.monotonic() + 3600)
+    whole = Evaluator(store, replace(three, seed=1), far, role="final").evaluate(G1)  # a deadline not reached: all 3
+    assert not whole.reused and whole.metrics["epochs_trained"] == 3 and store.get_run(whole.run_id).metric("epochs_planned") == 3
 
 
 def test_another_budget_is_a_miss(store):

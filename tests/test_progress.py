@@ -29,3 +29,11 @@ def test_epoch_bar_starts_over_for_a_new_or_resumed_evaluation():
         bar.close()
         bar.update("c", 4, {"val_accuracy": 0.8})  # resumed from a checkpoint at epoch 4
         assert (_state(bar)["n"], _state(bar)["initial"]) == (4, 4)
+
+
+def test_epoch_bar_takes_a_deadlines_new_plan():
+    with EpochBar(40) as bar:
+        bar.update("g", 1, {"val_accuracy": 0.5, "epochs_planned": 40.0})
+        assert _state(bar)["total"] == 40
+        bar.update("g", 2, {"val_accuracy": 0.6, "epochs_planned": 31.0})  # the trainer re-planned to 31 epochs
+        assert _state(bar)["total"] == 31 and _state(bar)["n"] == 2

@@ -1,4 +1,5 @@
 import math
+import time
 from dataclasses import replace
 
 import jax
@@ -14,9 +15,11 @@ from fmnas_jax.train import (
     TrainConfig,
     augment,
     compiled_programs,
+    epochs_that_fit,
     evaluate_split,
     init_state,
     lr_schedule,
+    replanned_lrs,
     to_device,
     train_and_evaluate,
 )
@@ -181,3 +184,39 @@ def test_schedules():
 def test_train_config_validation(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
         TrainConfig(**kwargs)
+
+
+def test_epochs_that_fit_a_deadline():
+    # 10 s epochs, 100 s left: 10 more fit; fewer are planned only when the rest would run past the deadline
+    assert epochs_that_fit(2, 8, [10.0, 10.0], 100.0) == 8
+    assert epochs_that_fit(2, 30, [10.0, 10.0], 100.0) == 12
+    assert epochs_that_fit(2, 30, [10.0, 10.0], 100.0, reserve=15.0) == 10  # the test pass kept back
+    # the median of the last three: one slow epoch (the data's first touch) does not cut the plan
+    assert epochs_that_fit(3, 30, [40.0, 10.0, 10.0], 100.0) == 13
+    # past the deadline: what is done, and at least one epoch
+    assert epochs_that_fit(4, 30, [10.0] * 4, -5.0) == 4
+    assert epochs_that_fit(1, 30, [10.0], 0.0) == 1
+
+
+def test_replanned_schedule_decays_to_its_new_end():
+    cfg = TrainConfig(epochs=10, learning_rate=1e-2)
+    steps = 7
+    lrs = lr_schedule(cfg, 10 * steps)
+    cut = replanned_lrs(cfg, lrs, steps, done=3, total=6)
+    assert len(cut) == 6 * steps
+    np.testing.assert_array_equal(cut[: 3 * steps], lrs[: 3 * steps])  # the steps taken keep their rates
+    np.testing.assert_allclose(cut[3 * steps :], lr_schedule(cfg, 6 * steps)[3 * steps :])  # the rest: a 6-epoch cosine
+    assert cut[-1] < 0.01 * cfg.learning_rate < lrs[6 * steps - 1]  # it ends near 0, where the 10-epoch one was still high
+    assert replanned_lrs(cfg, lrs, steps, done=3, total=10) is lrs
+
+
+def test_a_deadline_cuts_the_epochs_and_only_then(dd):
+    cfg = TrainConfig(batch_size=64, epochs=3)
+    past = train_and_evaluate(SMALL, dd, cfg, seed=0, deadline=time.monotonic())
+    assert past.status == "FINISHED", past.reason
+    assert len(past.history["val_accuracy"]) == 1 and past.images_trained == 512 // 64 * 64  # one epoch: never none
+    assert math.isfinite(past.test_accuracy)
+    plain = train_and_evaluate(SMALL, dd, cfg, seed=0)
+    far = train_and_evaluate(SMALL, dd, cfg, seed=0, deadline=time.monotonic() + 3600)
+    assert len(far.history["val_accuracy"]) == 3
+    assert far.history == plain.history  # a deadline that is not reached changes nothing

@@ -144,8 +144,10 @@ def safe_evaluate(
     on_epoch: Callable | None = None,
     device: Any = None,
     fused: bool = False,
+    deadline: float | None = None,
 ) -> EvalResult:
-    """train_and_evaluate on `device`; an exception becomes a FAILED result whose reason says where."""
+    """train_and_evaluate on `device` (by `deadline`, if given); an exception becomes a FAILED result whose reason
+    says where."""
     import jax
 
     from fmnas_jax.train import failed, train_and_evaluate
@@ -161,7 +163,8 @@ def safe_evaluate(
     try:
         dd = cache.get(spec, device)
         with jax.default_device(dd.device):
-            return train_and_evaluate(genome, dd, spec.trainer, spec.seed, on_epoch and reporting, spec.keep_variables, spec.test, fused)
+            return train_and_evaluate(genome, dd, spec.trainer, spec.seed, on_epoch and reporting, spec.keep_variables, spec.test, fused,
+                                      deadline)  # fmt: skip
     except _CallbackError as e:
         raise e.__cause__ from None
     except Exception as e:  # one broken genome must not end a search of many

@@ -21,12 +21,16 @@ class InProcess(_Batches):
     """One evaluation at a time, in this process: `next_result` trains the oldest submitted one.
 
     `fused` compiles each genome's whole step as one program: for a long training of one genome (the final
-    retrain, +experiment=train) on several threads; a search's many genomes share compiled pieces instead."""
+    retrain, +experiment=train) on several threads; a search's many genomes share compiled pieces instead.
+    `deadline` (a time.monotonic() value, or None): each evaluation trains the epochs that end by then (at least
+    one; the learning-rate schedule re-planned to them): a time-budgeted search's final retrain."""
 
     parallelism, streams_epochs, separate_processes = 1, True, False
 
-    def __init__(self, loader: Loader = data_mod.load, description: str = "in-process", fused: bool = False) -> None:
-        self.cache, self.description, self.fused = DataCache(loader), description, fused
+    def __init__(
+        self, loader: Loader = data_mod.load, description: str = "in-process", fused: bool = False, deadline: float | None = None
+    ) -> None:
+        self.cache, self.description, self.fused, self.deadline = DataCache(loader), description, fused, deadline
         self._queued: collections.deque = collections.deque()
 
     def submit(self, tag: Any, genome: Genome, spec: EvalSpec, on_epoch: EpochCallback | None = None) -> None:
@@ -36,7 +40,7 @@ class InProcess(_Batches):
         if not self._queued:
             return None
         tag, genome, spec, on_epoch = self._queued.popleft()
-        return tag, safe_evaluate(genome, spec, self.cache, "", on_epoch, fused=self.fused)
+        return tag, safe_evaluate(genome, spec, self.cache, "", on_epoch, fused=self.fused, deadline=self.deadline)
 
     def close(self, now: bool = False) -> None:
         self._queued.clear()

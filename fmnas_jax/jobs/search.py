@@ -206,12 +206,16 @@ def _search(
     store.log(parent, metrics=metrics)
 
     # RETRAIN the winner with the final budget and recipe, then REPORT.
+    deadline = None
     if sc.time_budget_seconds is not None:
         earlier_epochs = _earlier_final_epochs(store, own, result.best)
         if earlier_epochs is not None:  # an earlier attempt retrained it already: the same run, reused
             final_spec = replace(final_spec, trainer=replace(final_spec.trainer, epochs=earlier_epochs))
         else:
             final_spec = _fit_final(final_spec, result.best, cost, speedup, sc.time_budget_seconds - (time.monotonic() - started) - spent)
+        # The plan above is the cost model's; the trainer holds it to the budget's end from its own measured epochs
+        # (fewer epochs, the schedule re-planned to them, when the retrain runs slower than predicted).
+        deadline = started + sc.time_budget_seconds - spent - AFTER_RETRAIN_SECONDS
     log.info("retraining the winner %s: %s", result.best, describe_budget(final_spec.trainer, final_spec.data))
     with EpochBar(final_spec.trainer.epochs, cfg.progress) as final_bar:
 
@@ -219,10 +223,15 @@ def _search(
             final_bar.update(genome, epoch, row)
             progress.log_elapsed()
 
-        final = Evaluator(store, final_spec, InProcess(fused=True), parent, on_final_epoch, role="final",
+        final = Evaluator(store, final_spec, InProcess(fused=True, deadline=deadline), parent, on_final_epoch, role="final",
                           register_as=cfg.registry.model_name).evaluate(result.best)  # fmt: skip
     if final.reused:
         log.info("the winner's final run %s was already in the store; reused", final.run_id)
+    trained = final.metric("epochs_trained")
+    if final.status == "FINISHED" and math.isfinite(trained) and trained < final_spec.trainer.epochs:
+        log.warning("the retrain trained %d of its %d planned epochs: the rest would have run past search.time_budget (its "
+                    "learning-rate schedule was re-planned to them)", trained, final_spec.trainer.epochs)  # fmt: skip
+        final_spec = replace(final_spec, trainer=replace(final_spec.trainer, epochs=int(trained)))  # what the report states
     return _report(cfg, store, parent, rungs, result, final, final_spec, out_dir)
 
 
