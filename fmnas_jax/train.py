@@ -188,12 +188,14 @@ def lr_schedule(cfg: TrainConfig, total_steps: int) -> np.ndarray:
 def epochs_that_fit(done: int, planned: int, epoch_seconds: Sequence[float], seconds_left: float, reserve: float = 0.0) -> int:
     """The total epochs a training under a deadline should plan for after `done` of them: `planned` when the rest
     fits the `seconds_left`, fewer when not (never fewer than `done`, never fewer than 1). The epoch's cost is the
-    median of the last three measured (`epoch_seconds`, one per epoch done): one slow epoch (the first touch of
-    the data, a noisy neighbour) does not cut the plan. `reserve`: seconds kept back after the last epoch (the test
-    pass)."""
-    if not epoch_seconds:
-        return planned
-    per_epoch = float(np.median(epoch_seconds[-3:]))
+    median of the last three measured (`epoch_seconds`, one per epoch done) after the first: the first carries the
+    data's first touch (measured up to 2.4x a steady epoch), so on its own it cuts nothing unless the deadline has
+    passed, and one slow epoch later (a noisy neighbour) does not cut the plan either. `reserve`: seconds kept back
+    after the last epoch (the test pass)."""
+    steady = list(epoch_seconds[1:])
+    if not steady:
+        return planned if seconds_left > reserve else max(done, 1)
+    per_epoch = float(np.median(steady[-3:]))
     more = int(max(seconds_left - reserve, 0.0) // max(per_epoch, 1e-9))
     return max(done, 1, min(planned, done + more))
 

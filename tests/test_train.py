@@ -191,8 +191,12 @@ def test_epochs_that_fit_a_deadline():
     assert epochs_that_fit(2, 8, [10.0, 10.0], 100.0) == 8
     assert epochs_that_fit(2, 30, [10.0, 10.0], 100.0) == 12
     assert epochs_that_fit(2, 30, [10.0, 10.0], 100.0, reserve=15.0) == 10  # the test pass kept back
-    # the median of the last three: one slow epoch (the data's first touch) does not cut the plan
+    # the first epoch (the data's first touch) is not a steady one: alone it cuts nothing, later it is left out
+    assert epochs_that_fit(1, 30, [40.0], 100.0) == 30
     assert epochs_that_fit(3, 30, [40.0, 10.0, 10.0], 100.0) == 13
+    # the median of the last three steady ones: one slow epoch does not cut the plan, a slower machine does
+    assert epochs_that_fit(5, 30, [10.0, 10.0, 10.0, 50.0, 10.0], 100.0) == 15
+    assert epochs_that_fit(5, 30, [10.0, 20.0, 20.0, 20.0, 20.0], 100.0) == 10
     # past the deadline: what is done, and at least one epoch
     assert epochs_that_fit(4, 30, [10.0] * 4, -5.0) == 4
     assert epochs_that_fit(1, 30, [10.0], 0.0) == 1
