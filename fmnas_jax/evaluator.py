@@ -271,10 +271,11 @@ class Evaluator:
         summary = {k: as_logged(v) for k, v in result.summary().items()}  # what a later reuse will read back
         per_epoch = set(result.history)  # already logged at steps 1..epochs; the last value is the final one
         trained = len(result.history.get("train_loss", []))
-        budget = {"budget_epochs": self.spec.trainer.epochs, "budget_images": self.spec.trainer.epochs * self.spec.data.n_train,
-                  "epochs_trained": trained}  # fmt: skip  # fewer than budget_epochs: a deadline cut it (InProcess(deadline=...))
+        budget = {"budget_epochs": self.spec.trainer.epochs, "budget_images": self.spec.trainer.epochs * self.spec.data.n_train}
+        done = {"epochs_trained": float(trained)}  # fewer than budget_epochs: a deadline cut it (InProcess(deadline=...))
         where = {RAY_NODE: result.node} if result.node else None
-        self.store.log(run_id, metrics={k: v for k, v in summary.items() if k not in per_epoch} | budget, tags=where, step=0)  # one-off
+        one_off = {k: v for k, v in summary.items() if k not in per_epoch} | budget | done
+        self.store.log(run_id, metrics=one_off, tags=where, step=0)
         if result.status == "FINISHED":
             earlier = self.store.find_finished(key, self.role)  # another process may have finished it meanwhile
             if earlier is not None and earlier.run_id != run_id:
@@ -301,8 +302,7 @@ class Evaluator:
             self.store.end_run(run_id, "FAILED", result.reason)
             self.failed += 1
             log.warning("evaluation of %s FAILED: %s", genome, result.reason)
-        metrics = summary | {"epochs_trained": float(trained)}
-        return Outcome(genome, key, run_id, result.status, metrics, False, result.history, result.variables,
+        return Outcome(genome, key, run_id, result.status, summary | done, False, result.history, result.variables,
                        normalisation=result.normalisation)  # fmt: skip
 
 

@@ -23,6 +23,8 @@ RECIPES = {
     "flip": {"augment_flip": True},
     "ls": {"label_smoothing": 0.1},
     "crop": {"augment_crop": 2},
+    "crop+ls": {"augment_crop": 2, "label_smoothing": 0.1},
+    "crop1+ls": {"augment_crop": 1, "label_smoothing": 0.1},
     "crop+flip": {"augment_crop": 2, "augment_flip": True},
     "flip+ls": {"augment_flip": True, "label_smoothing": 0.1},
     "crop+flip+ls": {"augment_crop": 2, "augment_flip": True, "label_smoothing": 0.1},
@@ -54,11 +56,12 @@ def main() -> None:
     genome = Genome.parse(args.genome)
     dd = to_device(load(DataConfig(), args.seed))
     print(f"{genome} ({count_params(genome):,} params), {args.epochs} epochs on 55,000 images, seed {args.seed}, CPU: {cpu_name()}")
-    print("| recipe | val acc | test acc | images/s |\n|---|---|---|---|")
+    print("| recipe | train acc | val acc | test acc | images/s |\n|---|---|---|---|---|")
     for name in args.recipes.split(","):
         cfg = replace(TrainConfig(epochs=args.epochs, learning_rate=args.lr), **RECIPES[name])
         r = train_and_evaluate(genome, dd, cfg, args.seed)
-        print(f"| {name} | {100 * r.val_accuracy:.2f}% | {100 * r.test_accuracy:.2f}% | {r.images_per_second:,.0f} |", flush=True)
+        accs = " | ".join(f"{100 * a:.2f}%" for a in (r.train_accuracy, r.val_accuracy, r.test_accuracy))
+        print(f"| {name} | {accs} | {r.images_per_second:,.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -208,14 +208,15 @@ def _search(
     # RETRAIN the winner with the final budget and recipe, then REPORT.
     deadline = None
     if sc.time_budget_seconds is not None:
+        budget_end = started + sc.time_budget_seconds - spent  # on time.monotonic()'s clock, earlier attempts' time deducted
         earlier_epochs = _earlier_final_epochs(store, own, result.best)
         if earlier_epochs is not None:  # an earlier attempt retrained it already: the same run, reused
             final_spec = replace(final_spec, trainer=replace(final_spec.trainer, epochs=earlier_epochs))
         else:
-            final_spec = _fit_final(final_spec, result.best, cost, speedup, sc.time_budget_seconds - (time.monotonic() - started) - spent)
+            final_spec = _fit_final(final_spec, result.best, cost, speedup, budget_end - time.monotonic())
         # The plan above is the cost model's; the trainer holds it to the budget's end from its own measured epochs
         # (fewer epochs, the schedule re-planned to them, when the retrain runs slower than predicted).
-        deadline = started + sc.time_budget_seconds - spent - AFTER_RETRAIN_SECONDS
+        deadline = budget_end - AFTER_RETRAIN_SECONDS
     log.info("retraining the winner %s: %s", result.best, describe_budget(final_spec.trainer, final_spec.data))
     with EpochBar(final_spec.trainer.epochs, cfg.progress) as final_bar:
 
