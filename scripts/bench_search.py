@@ -16,6 +16,10 @@ seed) into one shared store, so a winner two searches share trains once.
 Each finished (strategy, seed) appends a row to --csv (docs/bench_search.csv) and its anytime curve
 (best top-rung validation accuracy against the search's wall-clock seconds) to --anytime-csv, so a
 stopped benchmark continues where it stopped. The table and the figure come from the CSVs alone.
+
+--replay: the searches finished already in --workdir's stores; run them again with the code of now (a finished
+search resumed from its store retraces its path and trains nothing), e.g. after a change to how a strategy picks
+its winner, which leaves every search's path as it was. A row's evaluations and seconds are the first attempt's.
 Statistics: fmnas_jax.benchmark (Student-t 95 % intervals; differences paired by seed).
 """
 
@@ -37,7 +41,17 @@ import matplotlib.pyplot as plt
 from bench_recipe import cpu_name  # the same lscpu model name, family and model the other benchmarks print
 from mlflow import MlflowClient
 
-from fmnas_jax.benchmark import BASELINE, Row, append_row, mean_interval, paired_differences, read_rows, rows_of_cpu, summary_table
+from fmnas_jax.benchmark import (
+    BASELINE,
+    Row,
+    append_row,
+    mean_interval,
+    objective_on_test,
+    paired_differences,
+    read_rows,
+    rows_of_cpu,
+    summary_table,
+)
 
 MAIN = "hillclimb+asha"  # what +experiment=hillclimb runs
 STRATEGIES = {
@@ -87,13 +101,24 @@ def retrain(genome: str, args: argparse.Namespace) -> dict[str, float]:
     return MlflowClient(uri).get_run(run_id).data.metrics
 
 
-def describe(uri: str, final_run_id: str) -> tuple[object, list, list[tuple[float, float]]]:
-    """(the search run, its top-rung evaluations, its anytime curve [(seconds, best validation accuracy)])."""
+def describe(uri: str, final_run_id: str, replay: bool = False) -> tuple[object, object, list, list[tuple[float, float]]]:
+    """(the search run, the attempt that trained its evaluations, its top-rung evaluations, its anytime curve
+    [(seconds, best validation accuracy)]). Without `replay` both runs are the search run; with it, the attempt is
+    the first finished run of the same search_key, and the search run must have trained nothing."""
     client = MlflowClient(uri)
     final = client.get_run(final_run_id)
     parent = client.get_run(final.data.tags["mlflow.parentRunId"])
     exp = parent.info.experiment_id
-    evals = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' AND tags.`fmnas.role` = 'evaluation' "
+    first = parent
+    if replay:
+        earlier = client.search_runs([exp], f"tags.search_key = '{parent.data.tags['search_key']}' AND tags.`fmnas.role` = 'search' "
+                                     f"AND attributes.status = 'FINISHED' AND attributes.run_id != '{parent.info.run_id}'",
+                                     order_by=["attributes.start_time ASC"])  # fmt: skip
+        if not earlier or parent.data.metrics.get("new_evaluations", 0) != 0:
+            raise SystemExit(f"--replay: {uri} held no finished attempt of this search (the rerun trained "
+                             f"{parent.data.metrics.get('new_evaluations', 0):.0f} evaluations); run it without --replay")  # fmt: skip
+        first = earlier[0]
+    evals = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{first.info.run_id}' AND tags.`fmnas.role` = 'evaluation' "
                                "AND attributes.status = 'FINISHED'", max_results=50000)  # fmt: skip
     rungs = {r.data.tags.get("fmnas.rung") for r in evals}
     top_tag = max(rungs, key=lambda t: -1 if t is None else int(t))
@@ -101,8 +126,8 @@ def describe(uri: str, final_run_id: str) -> tuple[object, list, list[tuple[floa
     curve, best = [], -1.0
     for r in top:
         best = max(best, r.data.metrics.get("val_accuracy", -1.0))
-        curve.append(((r.info.end_time - parent.info.start_time) / 1000, best))
-    return parent, top, curve
+        curve.append(((r.info.end_time - first.info.start_time) / 1000, best))
+    return parent, first, top, curve
 
 
 def run_missing(args: argparse.Namespace) -> None:
@@ -114,10 +139,10 @@ def run_missing(args: argparse.Namespace) -> None:
                 continue
             t0 = time.time()
             uri, final_id = search(name, seed, args)
-            parent, top, curve = describe(uri, final_id)
+            parent, first, top, curve = describe(uri, final_id, args.replay)
             winner = parent.data.tags["winner"]
             retrained = retrain(winner, args)
-            m = parent.data.metrics
+            m = first.data.metrics
             winner_top = [r for r in top if r.data.tags["genome"] == winner]
             row = Row(name, "yes" if name == MAIN else "no", seed, winner, int(retrained["param_count"]), retrained["val_accuracy"],
                       retrained["test_accuracy"], int(m.get("new_evaluations", 0)), float(m.get("search_seconds", 0.0)), len(top),
@@ -175,6 +200,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="the figure (default: beside --csv, as <stem>.png)")
     ap.add_argument("--workdir", default="bench_search_work", help="the stores and compilation caches")
     ap.add_argument("--report", action="store_true", help="run nothing: the table and figure from the CSVs")
+    ap.add_argument("--replay", action="store_true", help="rerun searches that finished in --workdir's stores (they train nothing)")
     ap.add_argument("--cpu", default=None, help="report the rows of this CPU only (as the CSV's cpu column names it; default: every CPU)")
     ap.add_argument("--compare", default="", help="more paired differences to report, as A:B,... (A minus B, pairs within a seed and CPU)")
     ap.add_argument("override", nargs="*", help="more Hydra overrides for every search")
@@ -210,11 +236,12 @@ def main() -> None:
         a, _, b = pair.partition(":")
         if a not in names or b not in names:
             raise SystemExit(f"--compare {pair!r}: give two strategies as A:B, from those {args.csv} has: {names}")
-        per_seed = paired_differences(every, a, b)
-        d = mean_interval(list(per_seed.values()))
-        seeds = ", ".join(f"seed {s}: {100 * v:+.2f}" for (s, _), v in per_seed.items())
-        print(f"{a} minus {b}, paired: {100 * d.mean:+.2f} ({100 * d.low:+.2f} .. {100 * d.high:+.2f}) points, n={d.n} ({seeds})"
-              if d.n else f"{a} minus {b}: no paired seeds")  # fmt: skip
+        for what, key in (("test accuracy", "test_accuracy"), ("objective on test accuracy", objective_on_test)):
+            per_seed = paired_differences(every, a, b, key)
+            d = mean_interval(list(per_seed.values()))
+            seeds = ", ".join(f"seed {s}: {100 * v:+.2f}" for (s, _), v in per_seed.items())
+            print(f"{a} minus {b}, {what}, paired: {100 * d.mean:+.2f} ({100 * d.low:+.2f} .. {100 * d.high:+.2f}) points, n={d.n} "
+                  f"({seeds})" if d.n else f"{a} minus {b}: no paired seeds")  # fmt: skip
     if Path(args.anytime_csv).exists():
         figure(Path(args.anytime_csv), Path(args.out), args.search_seconds, [args.cpu] if args.cpu is not None else cpus)
 

@@ -5,14 +5,27 @@ from dataclasses import replace
 
 import pytest
 
-from fmnas_jax.benchmark import Row, append_row, mean_interval, paired_difference, paired_differences, read_rows, rows_of_cpu, summary_table
+from fmnas_jax.benchmark import (
+    Row,
+    append_row,
+    mean_interval,
+    objective_on_test,
+    paired_difference,
+    paired_differences,
+    read_rows,
+    rows_of_cpu,
+    summary_table,
+)
+from fmnas_jax.genome import SearchSpace, count_params, parse_genome, train_flops_per_image
+from fmnas_jax.search.fitness import FitnessConfig
 
+PAPER = "NC 4 5 sigmoid;RC 64 3 relu;NC 4 5 sigmoid;RC 64 3 relu;FL gelu;"  # winners in the fixed rows (their objective: accuracy)
 T_975_2 = 4.302652729749464  # Student t, 97.5 % quantile, 2 degrees of freedom
 
 
 def _rows():
     acc = {"random+asha": [0.90, 0.91, 0.89], "hillclimb+asha": [0.91, 0.93, 0.90], "tpe+asha": [0.92, 0.90]}
-    return [Row(name, "yes" if name == "hillclimb+asha" else "no", seed, f"g{seed}", 10000 + seed, a + 0.005, a, 100, 600.0, 30, a + 0.01)
+    return [Row(name, "yes" if name == "hillclimb+asha" else "no", seed, PAPER, 10000 + seed, a + 0.005, a, 100, 600.0, 30, a + 0.01)
             for name, values in acc.items() for seed, a in enumerate(values)]  # fmt: skip
 
 
@@ -52,7 +65,24 @@ def test_summary_table_names_the_main_job_and_the_paired_differences():
     table = summary_table(_rows(), "random+asha")
     assert "| hillclimb+asha (main job) | 3 | 91.33 (" in table
     assert "+1.33 (" in table and "n=3" in table
-    assert "| random+asha | 3 | 90.00 (" in table and "| — |" in table
+    assert "| random+asha | 3 | 90.00 (" in table and "| — | — |" in table
+
+
+def test_the_objective_credits_a_smaller_cheaper_winner_as_the_search_does():
+    """The main job's fitness: half the parameters is worth one point, and so is half the training FLOPs."""
+    small = "NC 4 5 sigmoid;RC 32 3 relu;NC 4 5 sigmoid;RC 32 3 relu;FL gelu;"
+    g = parse_genome(small, SearchSpace())
+    big = Row("random+asha", "no", 0, PAPER, 16598, 0.905, 0.90, 100, 600.0)
+    mine = replace(big, strategy="hillclimb+asha", winner=small, params=count_params(g), test_accuracy=0.895)
+    assert objective_on_test(big) == pytest.approx(0.90)  # the paper's genome, the references (16,598 params, 9,822,336 FLOPs): no charge
+    charge = 0.01 * math.log2(count_params(g) / 16598) + 0.01 * math.log2(train_flops_per_image(g) / 9822336)
+    assert charge < 0 and objective_on_test(mine) == pytest.approx(0.895 - charge)
+    assert objective_on_test(mine, FitnessConfig(size_weight=0.0)) == pytest.approx(0.895)
+    assert paired_difference([big, mine], "hillclimb+asha", "random+asha").mean == pytest.approx(-0.005)
+    d = paired_difference([big, mine], "hillclimb+asha", "random+asha", objective_on_test)
+    assert d.mean == pytest.approx(-0.005 - charge) and d.n == 1
+    table = summary_table([big, mine], "random+asha")
+    assert f"| -0.50 (-0.50 .. -0.50), n=1 | {100 * d.mean:+.2f} (" in table
 
 
 def test_rows_of_one_cpu_only_and_a_csv_without_the_cpu_column_still_reads(tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fmnas_jax import Genome, SearchSpace
-from fmnas_jax.genome import random_genome
+from fmnas_jax.genome import neighbours, random_genome
 from fmnas_jax.search import (
     FitnessConfig,
     HillClimbConfig,
@@ -145,7 +145,10 @@ class CentiObjective(TableObjective):
 def test_min_gain_ends_a_climb_of_small_gains_where_it_starts(move):
     cfg = HillClimbConfig(move=move, min_gain=0.015, patience=1, max_restarts=0)
     res = hill_climb(SPACE, CentiObjective(5000), np.random.default_rng(0), cfg)
-    assert res.best != TARGET and [s.move for s in res.path] == ["start", "optimum"]  # no step gains 1.5 points
+    assert [s.move for s in res.path] == ["start", "optimum", "best"]  # no step gains 1.5 points: the climb stays put
+    start, best = res.path[0], res.path[-1]
+    assert res.best == best.genome != TARGET and res.best in neighbours(start.genome, SPACE)
+    assert res.best_fitness == best.fitness == pytest.approx(start.fitness + 0.01)  # yet the winner is the best neighbour told
     cfg = HillClimbConfig(move=move, min_gain=0.005, patience=1, max_restarts=0)
     res = hill_climb(SPACE, CentiObjective(5000), np.random.default_rng(0), cfg)
     assert res.best == TARGET  # a threshold below the steps' gain leaves the climb as it was

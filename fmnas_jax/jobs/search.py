@@ -452,8 +452,8 @@ def _report(
     if len(rungs) > 1:
         title += f"; {len(rows) - len(shown)} more screened on cheaper rungs (shown by validation accuracy)"
     final_point = (int(final.metric("param_count")), final.metric("test_accuracy"))
-    files.append(plot_search(rows, [str(s.genome) for s in result.path], str(final.genome), out_dir / "params_vs_accuracy.png", title,
-                             final_point))  # fmt: skip
+    moved = [str(s.genome) for s in result.path if s.move != "best"]  # a "best" step is the winner chosen, not a move
+    files.append(plot_search(rows, moved, str(final.genome), out_dir / "params_vs_accuracy.png", title, final_point))
     path = [asdict(s) | {"genome": str(s.genome)} for s in result.path]
     (out_dir / "climb_path.json").write_text(json.dumps(path, indent=1, default=float) + "\n")
     files.append(out_dir / "climb_path.json")

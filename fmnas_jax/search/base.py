@@ -249,7 +249,8 @@ class Step:
     step: int
     genome: Genome
     fitness: float
-    move: str  # start | left | right | improve | optimum | budget | confirm (the winner chosen again, search.confirm)
+    move: str  # start | left | right | improve | jump | optimum | budget | confirm (the winner chosen again, search.confirm)
+    #            | best (hill climbing's winner when no climb moved to it)
 
 
 @dataclass(frozen=True)

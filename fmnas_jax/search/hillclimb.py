@@ -4,7 +4,8 @@ A climb starts from an origin (the best of the population, or a random genome af
 the origin's neighbours in a random order and moves: with `first`, to the first candidate told better
 than the current point; with `steepest`, to the best of the whole neighbourhood. Results of the
 previous point's candidates that arrive after a move do not move the climb (they still count for the
-best genome found). A neighbourhood with nothing better is a local optimum: restart, until `patience`
+best genome found: the result is the best genome told, whether or not a climb moved to it).
+A neighbourhood with nothing better is a local optimum: restart, until `patience`
 restarts in a row bring no improvement or `max_restarts` is reached.
 
 `eager` (the asynchronous scheduler): candidates are asked before the current point's own result is
@@ -190,13 +191,20 @@ class HillClimber:
             self._done = True
 
     def result(self) -> ClimbResult:
+        """The best genome told, as random search's: a climb's best point, or a candidate that did not move a climb (a
+        gain inside `min_gain`, a result that arrived after its climb moved on or ended), which then closes the path
+        as a "best" step."""
         if not self._done:
             self.stop("budget")
-        if self._best is None:
-            told = max(self.known, key=lambda g: self.known[g]) if self.known else None
-            best = told or (self.path[0].genome if self.path else self._start)
-            return ClimbResult(best, self.known.get(best, -math.inf), tuple(self.path))
-        return ClimbResult(self._best, self._best_f, tuple(self.path))
+        if not self.known:
+            best = self.path[0].genome if self.path else self._start
+            return ClimbResult(best, -math.inf, tuple(self.path))
+        told = max(self.known, key=lambda g: self.known[g])  # the first told of equals
+        if self._best is not None and self.known.get(self._best, self._best_f) >= self.known[told]:
+            return ClimbResult(self._best, self.known.get(self._best, self._best_f), tuple(self.path))
+        last = self.path[-1] if self.path else None
+        step = Step(last.restart if last else 0, last.step + 1 if last else 0, told, self.known[told], "best")
+        return ClimbResult(told, self.known[told], (*self.path, step))
 
 
 def hill_climb(
