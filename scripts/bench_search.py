@@ -103,21 +103,20 @@ def retrain(genome: str, args: argparse.Namespace) -> dict[str, float]:
 
 def describe(uri: str, final_run_id: str, replay: bool = False) -> tuple[object, object, list, list[tuple[float, float]]]:
     """(the search run, the attempt that trained its evaluations, its top-rung evaluations, its anytime curve
-    [(seconds, best validation accuracy)]). Without `replay` both runs are the search run; with it, the attempt is
-    the first finished run of the same search_key, and the search run must have trained nothing."""
+    [(seconds, best validation accuracy)]). Without `replay` both runs are the search run; with it, the search run is
+    the newest finished run of the search_key and must have trained nothing, and the attempt is the first."""
     client = MlflowClient(uri)
     final = client.get_run(final_run_id)
     parent = client.get_run(final.data.tags["mlflow.parentRunId"])
     exp = parent.info.experiment_id
     first = parent
-    if replay:
-        earlier = client.search_runs([exp], f"tags.search_key = '{parent.data.tags['search_key']}' AND tags.`fmnas.role` = 'search' "
-                                     f"AND attributes.status = 'FINISHED' AND attributes.run_id != '{parent.info.run_id}'",
-                                     order_by=["attributes.start_time ASC"])  # fmt: skip
-        if not earlier or parent.data.metrics.get("new_evaluations", 0) != 0:
+    if replay:  # the rerun is the newest attempt (its final run may be an earlier attempt's, reused: the same winner)
+        attempts = client.search_runs([exp], f"tags.search_key = '{parent.data.tags['search_key']}' AND tags.`fmnas.role` = 'search' "
+                                      "AND attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"])  # fmt: skip
+        first, parent = attempts[0], attempts[-1]
+        if len(attempts) < 2 or parent.data.metrics.get("new_evaluations", 0) != 0:
             raise SystemExit(f"--replay: {uri} held no finished attempt of this search (the rerun trained "
                              f"{parent.data.metrics.get('new_evaluations', 0):.0f} evaluations); run it without --replay")  # fmt: skip
-        first = earlier[0]
     evals = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{first.info.run_id}' AND tags.`fmnas.role` = 'evaluation' "
                                "AND attributes.status = 'FINISHED'", max_results=50000)  # fmt: skip
     rungs = {r.data.tags.get("fmnas.rung") for r in evals}
