@@ -196,15 +196,13 @@ class HillClimber:
         as a "best" step."""
         if not self._done:
             self.stop("budget")
-        if not self.known:
-            best = self.path[0].genome if self.path else self._start
-            return ClimbResult(best, -math.inf, tuple(self.path))
+        if not self.known:  # nothing told, so no step recorded either
+            return ClimbResult(self._start, -math.inf, ())
         told = max(self.known, key=lambda g: self.known[g])  # the first told of equals
-        if self._best is not None and self.known.get(self._best, self._best_f) >= self.known[told]:
-            return ClimbResult(self._best, self.known.get(self._best, self._best_f), tuple(self.path))
-        last = self.path[-1] if self.path else None
-        step = Step(last.restart if last else 0, last.step + 1 if last else 0, told, self.known[told], "best")
-        return ClimbResult(told, self.known[told], (*self.path, step))
+        if self._best is not None and self.known[self._best] == self.known[told]:  # every step's genome was told
+            return ClimbResult(self._best, self.known[told], tuple(self.path))
+        last = self.path[-1] if self.path else Step(0, -1, told, self.known[told], "start")
+        return ClimbResult(told, self.known[told], (*self.path, Step(last.restart, last.step + 1, told, self.known[told], "best")))
 
 
 def hill_climb(
