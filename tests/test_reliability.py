@@ -134,6 +134,10 @@ def test_parallel_joblib_sweep_on_one_fresh_sqlite_store(tmp_path):
     finals = runs(tmp_path, "final", "FINISHED")
     for r in searches:  # every search's card points at a real finished run: its retrained winner
         assert r.data.tags["winner_run_id"] in {e.info.run_id for e in finals}
+    registry = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # three registrations at once: the best wears the alias
+    versions = registry.search_model_versions("name = 'fmnas-winner'")
+    champion = registry.get_model_version_by_alias("fmnas-winner", "champion")
+    assert len(versions) == 3 and float(champion.tags["val_accuracy"]) == max(float(v.tags["val_accuracy"]) for v in versions)
 
 
 def test_divergence_is_a_failed_run_and_the_search_goes_on(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import warnings
 from pathlib import Path
@@ -29,27 +30,49 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
 
 
 CHAMPION = "champion"  # the registered model's alias: its best version by validation accuracy
+_CROWN_ROUNDS = 20  # read-compare-set rounds before crown_if_best leaves the alias to the next registration
+
+
+def _val_accuracy(version: object) -> float:
+    """A version's validation accuracy (its tag); -inf if missing or unreadable, so it never wins."""
+    try:
+        value = float(version.tags.get("val_accuracy", "nan"))  # type: ignore[attr-defined]
+    except ValueError:
+        return float("-inf")
+    return float("-inf") if math.isnan(value) else value
+
+
+def _is_conflict(error: Exception) -> bool:
+    """Another process created the same alias row at the same moment (SQLite's and PostgreSQL's wording)."""
+    text = str(error).lower()
+    return "unique constraint" in text or "duplicate key" in text or "integrityerror" in text
 
 
 def crown_if_best(client: MlflowClient, name: str, version: str) -> bool:
-    """Point the alias `champion` at `version` if its validation accuracy (version tag) beats the current
-    champion's, or there is none yet; True if it moved. Test accuracy stays a reported number, never the choice."""
+    """Point the alias `champion` at the registered version with the highest validation accuracy (version tag);
+    True if that is `version`. Ties keep the earlier version; test accuracy stays a reported number, never the choice.
 
-    def val(v: object) -> float:
+    Safe when several searches register at once (a Hydra multirun on one store): each compares all versions,
+    not just its own against the alias it read, and reads again after setting, so a worse version written late
+    by another process is overwritten and the last registration leaves the best; two processes creating the
+    alias at the same moment (a unique-constraint error from the database) read again instead of failing."""
+    for _ in range(_CROWN_ROUNDS):
+        versions = client.search_model_versions(f"name = '{name}'")
+        best = str(max(versions, key=lambda v: (_val_accuracy(v), -int(v.version))).version)
         try:
-            return float(v.tags.get("val_accuracy", "nan"))  # type: ignore[attr-defined]
-        except ValueError:
-            return float("nan")
-
-    new = client.get_model_version(name, version)
-    try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        current = None  # no champion yet
-    if current is not None and not val(new) > val(current):
-        return False
-    client.set_registered_model_alias(name, CHAMPION, version)
-    return True
+            current = str(client.get_model_version_by_alias(name, CHAMPION).version)
+        except MlflowException:
+            current = None  # no champion yet
+        if current == best:
+            return best == str(version)
+        try:
+            client.set_registered_model_alias(name, CHAMPION, best)
+        except MlflowException as e:
+            if not _is_conflict(e):
+                raise
+            log.debug("alias %s of %s set by another process at the same moment; reading again", CHAMPION, name)
+    log.warning("the alias %s of %s kept moving under concurrent registrations; left as the last one set it", CHAMPION, name)
+    return False
 
 
 def _model_requirements() -> list[str]:
