@@ -109,6 +109,10 @@ class Interval:
     def half_width(self) -> float:
         return (self.high - self.low) / 2
 
+    def points(self) -> str:
+        """A difference of fractions in points: '+0.64 (-0.48 .. +1.77), n=8'."""
+        return f"{100 * self.mean:+.2f} ({100 * self.low:+.2f} .. {100 * self.high:+.2f}), n={self.n}"
+
 
 def mean_interval(values: Sequence[float], level: float = 0.95) -> Interval:
     """Mean and its Student-t interval (a single value: the interval is that value)."""
@@ -158,7 +162,7 @@ def summary_table(rows: Sequence[Row], baseline: str = BASELINE) -> str:
         if name != baseline:
             for i, key in enumerate(("test_accuracy", objective_on_test)):
                 d = paired_difference(rows, name, baseline, key)
-                diffs[i] = f"{100 * d.mean:+.2f} ({100 * d.low:+.2f} .. {100 * d.high:+.2f}), n={d.n}" if d.n else "no paired seeds"
+                diffs[i] = d.points() if d.n else "no paired seeds"
         lines.append(f"| {name}{main} | {len(mine)} | {t.mean:.2f} ({t.low:.2f} .. {t.high:.2f}) % | {p.mean:,.0f} ± {p.half_width:,.0f} "
                      f"| {e:.0f} | {diffs[0]} | {diffs[1]} |")  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -239,8 +239,7 @@ def main() -> None:
             per_seed = paired_differences(every, a, b, key)
             d = mean_interval(list(per_seed.values()))
             seeds = ", ".join(f"seed {s}: {100 * v:+.2f}" for (s, _), v in per_seed.items())
-            print(f"{a} minus {b}, {what}, paired: {100 * d.mean:+.2f} ({100 * d.low:+.2f} .. {100 * d.high:+.2f}) points, n={d.n} "
-                  f"({seeds})" if d.n else f"{a} minus {b}: no paired seeds")  # fmt: skip
+            print(f"{a} minus {b}, {what}, paired, in points: {d.points()} ({seeds})" if d.n else f"{a} minus {b}: no paired seeds")
     if Path(args.anytime_csv).exists():
         figure(Path(args.anytime_csv), Path(args.out), args.search_seconds, [args.cpu] if args.cpu is not None else cpus)
 

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from fmnas_jax.cli import quote_values, to_app_config
 from fmnas_jax.config import ConfigError, realize, schema
+from fmnas_jax.genome import SearchSpace
 
 CONF = Path(__file__).parent.parent / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -216,3 +217,12 @@ def test_a_count_and_a_time_budget_together_both_hold():
     allowance = Allowance(count=2, seconds=1000)
     g = Genome.parse(PAPER_GENOME)
     assert [allowance.admit(g, 100) for _ in range(3)] == [True, True, False] and allowance.exhausted  # the count ended first
+
+
+def test_the_benchmarks_objective_is_the_main_jobs():
+    """fmnas_jax.benchmark scores winners with the main job's fitness and search space, which its searches run under."""
+    from fmnas_jax.benchmark import MAIN_FITNESS
+
+    app = to_app_config(_compose("+experiment=hillclimb"))
+    assert app.fitness == MAIN_FITNESS
+    assert dataclasses.replace(app.search_space, max_params=None) == SearchSpace()  # parsing a winner needs no cap
