@@ -192,7 +192,7 @@ def _crown_together(uri: str, name: str, versions: list[str]) -> list[Exception]
 
 def test_concurrent_crowning_on_one_sqlite_store_leaves_the_best_and_raises_nothing(tmp_path):
     """Searches of one multirun register at once: before, two creating the alias together raised a UNIQUE
-    constraint error, and a worse version set last kept the alias (8 of 10 trials of this test failed)."""
+    constraint error, and a worse version set last kept the alias (8 of 10 such trials failed before the fix)."""
     for trial in range(5):
         uri = f"sqlite:///{tmp_path / f'{trial}.db'}"
         client, name = Store(uri, "exp").client, "fmnas-race-test"

@@ -201,8 +201,8 @@ class HillClimber:
         told = max(self.known, key=lambda g: self.known[g])  # the first told of equals
         if self._best is not None and self.known[self._best] == self.known[told]:  # every step's genome was told
             return ClimbResult(self._best, self.known[told], tuple(self.path))
-        last = self.path[-1] if self.path else Step(0, -1, told, self.known[told], "start")
-        return ClimbResult(told, self.known[told], (*self.path, Step(last.restart, last.step + 1, told, self.known[told], "best")))
+        restart, step = (self.path[-1].restart, self.path[-1].step + 1) if self.path else (0, 0)
+        return ClimbResult(told, self.known[told], (*self.path, Step(restart, step, told, self.known[told], "best")))
 
 
 def hill_climb(
