@@ -137,8 +137,19 @@ class RegistryConfig:
     model_name: str | None = "fmnas-winner"  # null: log the MLflow Model, register nothing
 
     def __post_init__(self) -> None:
-        if self.model_name is not None and not self.model_name.strip():
+        name = self.model_name
+        if name is None:
+            return
+        if not name.strip():
             raise ValueError("registry.model_name must be a non-empty name, or null to register nothing")
+        # Checked here, not after the search and the retrain: MLflow refuses '/' and ':' only when it registers, and
+        # names that resolve to another path ('.', '..x'); a single quote would break the store's filter string.
+        bad = sorted({c for c in name if c in "/:'"})
+        if bad or name == "." or name.startswith(".."):
+            raise ValueError(
+                f"registry.model_name {name!r} is not a name MLflow can register: it must not contain '/', ':' or "
+                "a single quote, nor be '.' or start with '..' (e.g. registry.model_name=fmnas-winner)"
+            )
 
 
 @dataclass(frozen=True)
