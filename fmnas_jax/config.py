@@ -144,8 +144,7 @@ class RegistryConfig:
             raise ValueError("registry.model_name must be a non-empty name, or null to register nothing")
         # Checked here, not after the search and the retrain: MLflow refuses '/' and ':' only when it registers, and
         # names that resolve to another path ('.', '..x'); a single quote would break the store's filter string.
-        bad = sorted({c for c in name if c in "/:'"})
-        if bad or name == "." or name.startswith(".."):
+        if any(c in name for c in "/:'") or name == "." or name.startswith(".."):
             raise ValueError(
                 f"registry.model_name {name!r} is not a name MLflow can register: it must not contain '/', ':' or "
                 "a single quote, nor be '.' or start with '..' (e.g. registry.model_name=fmnas-winner)"
