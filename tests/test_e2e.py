@@ -118,7 +118,8 @@ CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright drives it (no brows
 def test_the_printed_link_opens_the_runs_in_model_training_mode_in_a_real_browser(smoke):
     """`mlflow ui` on the smoke search's store, the link the job printed, a headless Chromium: the runs table in
     Model-training mode (not GenAI's welcome page), the search by name, and its final run under it."""
-    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    playwright = pytest.importorskip("playwright.sync_api")
+    sync_playwright, expect = playwright.sync_playwright, playwright.expect
     from services import free_port, wait_until
 
     tmp_path, first = smoke
@@ -148,8 +149,11 @@ def test_the_printed_link_opens_the_runs_in_model_training_mode_in_a_real_browse
                 page.goto(link.replace(":5000/", f":{port}/"))
                 name = page.get_by_text(search.info.run_name, exact=True).first
                 name.wait_for(timeout=60_000)  # the runs table, with the search by its name
-                assert "workflowType=machine_learning" in page.url and page.get_by_text("Model training").first.is_visible()
-                assert page.get_by_role("heading", name="Runs").first.is_visible() and page.get_by_text("Welcome to MLflow").count() == 0
+                assert "workflowType=machine_learning" in page.url
+                # expect() waits for the page to settle (is_visible() does not: the heading once came after the table)
+                expect(page.get_by_text("Model training").first).to_be_visible(timeout=30_000)
+                expect(page.get_by_role("heading", name="Runs").first).to_be_visible(timeout=30_000)
+                expect(page.get_by_text("Welcome to MLflow")).to_have_count(0)
                 page.locator(f'[row-id="{search.info.run_id}"] button').first.click()  # expand the search: its runs nest under it
                 page.get_by_text(winner.info.run_name, exact=True).first.wait_for(timeout=30_000)
             finally:
