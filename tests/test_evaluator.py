@@ -125,3 +125,10 @@ def test_admit_decides_what_is_evaluated(store):
     out = ev.evaluate_many([G1, G2], admit=lambda g, stored: seen.append((g, stored is not None)) or g == G1)
     assert seen == [(G1, True), (G2, False)]
     assert list(out) == [G1] and out[G1].reused and ev.trained == 1  # G2 refused: not trained
+
+
+@pytest.mark.parametrize("name", ["team/winner", "a:b", "it's", ".", "..up", " "])
+def test_register_as_rejects_names_mlflow_cannot_register_before_training(store, name):
+    with pytest.raises(ValueError, match="registry.model_name"):
+        Evaluator(store, SPEC, InProcess(synthetic_load), role="final", register_as=name)
+    assert _statuses(store) == []  # nothing started, nothing half-written
