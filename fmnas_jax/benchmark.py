@@ -16,10 +16,11 @@ import csv
 import math
 import statistics
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 from scipy import stats
 
 from fmnas_jax.genome import SearchSpace, parse_genome, train_flops_per_image
@@ -143,6 +144,27 @@ def paired_differences(
 def paired_difference(rows: Iterable[Row], strategy: str, baseline: str = BASELINE, key: Key = "test_accuracy") -> Interval:
     """Mean over the (seed, CPU) pairs both ran of (strategy - baseline) in `key`, with its interval (paired_differences)."""
     return mean_interval(list(paired_differences(rows, strategy, baseline, key).values()))
+
+
+def anytime_means(
+    curves: Mapping[str, Mapping[int, Sequence[tuple[float, float]]]], grid: np.ndarray
+) -> tuple[list[int], dict[str, np.ndarray]]:
+    """The seeds every strategy in `curves` ran, and per strategy the mean over those seeds of its anytime curve on `grid`.
+
+    `curves[strategy][seed]` is a search's (seconds, best top-rung validation accuracy so far) points in time
+    order: a step function, NaN before its first point, so a mean is NaN until every seed has a result (no dip
+    at the start). Seeds only some strategies ran are left out: the curves are paired as the differences are.
+    """
+    shared = sorted(set.intersection(*(set(by_seed) for by_seed in curves.values()))) if curves else []
+    means = {}
+    for name, by_seed in curves.items():
+        ys = []
+        for seed in shared:
+            t, a = np.array([p[0] for p in by_seed[seed]]), np.array([p[1] for p in by_seed[seed]])
+            idx = np.searchsorted(t, grid, side="right") - 1
+            ys.append(np.where(idx >= 0, a[np.clip(idx, 0, None)], np.nan))
+        means[name] = np.array(ys).mean(axis=0) if ys else np.full(len(grid), np.nan)
+    return shared, means
 
 
 def summary_table(rows: Sequence[Row], baseline: str = BASELINE) -> str:

@@ -130,6 +130,24 @@ class BackendConfig:
             raise ValueError(f"backend.max_in_flight {self.max_in_flight} and backend.max_retries {self.max_retries} must be >= 0")
 
 
+def check_model_name(name: str | None, key: str = "registry.model_name") -> None:
+    """Raise ValueError unless `name` (the setting `key`) is None or a name MLflow can register.
+
+    Checked before anything trains, not after the search and the retrain: MLflow refuses '/' and ':' only when
+    it registers, and names that resolve to another path ('.', '..x'); a single quote would break the store's
+    filter string.
+    """
+    if name is None:
+        return
+    if not name.strip():
+        raise ValueError(f"{key} must be a non-empty name, or null to register nothing")
+    if any(c in name for c in "/:'") or name == "." or name.startswith(".."):
+        raise ValueError(
+            f"{key} {name!r} is not a name MLflow can register: it must not contain '/', ':' or "
+            f"a single quote, nor be '.' or start with '..' (e.g. {key}=fmnas-winner)"
+        )
+
+
 @dataclass(frozen=True)
 class RegistryConfig:
     """Where retrained winners (and saved train runs) are registered as MLflow Model versions."""
@@ -137,18 +155,7 @@ class RegistryConfig:
     model_name: str | None = "fmnas-winner"  # null: log the MLflow Model, register nothing
 
     def __post_init__(self) -> None:
-        name = self.model_name
-        if name is None:
-            return
-        if not name.strip():
-            raise ValueError("registry.model_name must be a non-empty name, or null to register nothing")
-        # Checked here, not after the search and the retrain: MLflow refuses '/' and ':' only when it registers, and
-        # names that resolve to another path ('.', '..x'); a single quote would break the store's filter string.
-        if any(c in name for c in "/:'") or name == "." or name.startswith(".."):
-            raise ValueError(
-                f"registry.model_name {name!r} is not a name MLflow can register: it must not contain '/', ':' or "
-                "a single quote, nor be '.' or start with '..' (e.g. registry.model_name=fmnas-winner)"
-            )
+        check_model_name(self.model_name)
 
 
 @dataclass(frozen=True)

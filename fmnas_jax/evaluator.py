@@ -18,7 +18,7 @@ from typing import Any
 
 from fmnas_jax.backends import Backend, EvalSpec
 from fmnas_jax.checkpoint import checkpoint_bytes
-from fmnas_jax.config import RegistryConfig
+from fmnas_jax.config import check_model_name
 from fmnas_jax.data import DataConfig, split_records
 from fmnas_jax.genome import Genome
 from fmnas_jax.store import RAY_NODE, ArtifactError, Store, StoredEval, as_logged, flatten
@@ -96,8 +96,7 @@ class Evaluator:
         self.on_epoch, self.rung, self.role = on_epoch, rung, role  # role 'final': a search's retrained winner
         self.confirm = confirm  # a search's confirmation at seed + confirm of its top rung's best genomes (search.confirm)
         self.register_as = register_as  # runs that keep their weights: registered model name (None: log the model only)
-        if register_as is not None:  # the CLI's check (registry.model_name) for library callers too, before anything trains
-            RegistryConfig(model_name=register_as)
+        check_model_name(register_as, "register_as")  # the CLI's check of registry.model_name, for library callers too
         self.budget = budget_key(spec)
         self.known: dict[str, StoredEval] = {s.eval_key: s for s in store.finished_evaluations(self.budget, role)}
         self.trained = self.reused = self.failed = 0

@@ -23,10 +23,8 @@ from collections.abc import Callable, Container, Sequence
 from fmnas_jax.cost import CostModel, Sample
 from fmnas_jax.evaluator import Evaluator, Outcome
 from fmnas_jax.genome import Genome, train_flops_per_image
-from fmnas_jax.search.fitness import FitnessConfig, fitness
+from fmnas_jax.search.fitness import RUNG_PENALTY, FitnessConfig, fitness
 from fmnas_jax.train import TrainConfig
-
-RUNG_PENALTY = 10.0  # larger than any fitness difference (accuracies are in [0, 1], size terms ~0.1)
 
 
 def images_per_evaluation(trainer: TrainConfig, n_train: int) -> int:

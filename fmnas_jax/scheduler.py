@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from fmnas_jax.backends import Backend
 from fmnas_jax.evaluator import Outcome, eval_key
 from fmnas_jax.genome import Genome
-from fmnas_jax.objective import RUNG_PENALTY, SearchObjective
+from fmnas_jax.objective import SearchObjective
 from fmnas_jax.search.base import ClimbResult, Strategy
+from fmnas_jax.search.fitness import RUNG_PENALTY
 
 log = logging.getLogger("fmnas_jax")
 

@@ -44,6 +44,7 @@ from mlflow import MlflowClient
 from fmnas_jax.benchmark import (
     BASELINE,
     Row,
+    anytime_means,
     append_row,
     mean_interval,
     objective_on_test,
@@ -63,6 +64,8 @@ STRATEGIES = {
     "hillclimb+asha+explore": ["search=hillclimb", "search.explore=0.3"],  # 30 % of the climb's asks sample at random
     # A move only for a gain beyond the top rung's seed noise (0.80 points, the fidelity study): no chasing of noise.
     "hillclimb+asha+mingain": ["search=hillclimb", "search.min_gain=0.008"],
+    # The same, the threshold scaled with the rung of the comparison: each rung's seed noise (1.97, 1.69, 0.80 points).
+    "hillclimb+asha+mingain+rungs": ["search=hillclimb", "search.min_gain=0.008", "search.min_gain_rungs=[0.0197,0.0169]"],
     "hillclimb+asha+confirm": ["search=hillclimb", "search.confirm=3"],  # the top rung's best 3 evaluated again at seed + 1
     # The size charge off (fitness.size_weight=0): the 16,598-parameter cap is the only limit on size, as the targets state
     # it (the main job charges 1 point of accuracy per doubling of parameters; retrained winners gain ~1.3 points per
@@ -158,25 +161,34 @@ def run_missing(args: argparse.Namespace) -> None:
                   f"{row.evaluations} evaluations, {time.time() - t0:.0f} s", flush=True)  # fmt: skip
 
 
-def figure(anytime_csv: Path, out: Path, seconds: float, cpus: list[str]) -> None:
-    """Mean over seeds of the best top-rung validation accuracy so far, per strategy: one panel per CPU."""
+def _ranges(seeds: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    runs: list[list[int]] = []
+    for s in seeds:
+        if runs and s == runs[-1][-1] + 1:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs) or "none"
+
+
+def figure(anytime_csv: Path, out: Path, seconds: float, cpus: list[str], strategies: list[str] | None = None) -> None:
+    """Mean of the best top-rung validation accuracy so far, per strategy (`strategies`; None: every one in the CSV),
+    over the seeds all of them ran on that CPU (anytime_means): one panel per CPU."""
     curves: dict[str, dict[str, dict[int, list[tuple[float, float]]]]] = {c: {} for c in cpus}
     with open(anytime_csv, newline="") as f:
         for r in csv.DictReader(f):
-            if r.get("cpu", "") in curves:
+            if r.get("cpu", "") in curves and (strategies is None or r["strategy"] in strategies):
                 by_seed = curves[r.get("cpu", "")].setdefault(r["strategy"], {}).setdefault(int(r["seed"]), [])
                 by_seed.append((float(r["seconds"]), float(r["best_val_accuracy"])))
     grid = np.linspace(0, seconds, 200)
     fig, axes = plt.subplots(1, len(cpus), figsize=(8 * len(cpus), 5), dpi=120, squeeze=False, sharey=True)
     for ax, cpu in zip(axes[0], cpus, strict=True):
-        for name, by_seed in curves[cpu].items():
-            ys = []
-            for pts in by_seed.values():
-                t, a = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
-                idx = np.searchsorted(t, grid, side="right") - 1
-                ys.append(np.where(idx >= 0, a[np.clip(idx, 0, None)], np.nan))
-            mean = np.array(ys).mean(axis=0)  # from the first moment every seed has a top-rung result (NaN before: no dip)
-            ax.plot(grid, 100 * mean, label=f"{name} (seeds {', '.join(map(str, sorted(by_seed)))})", lw=2 if name == MAIN else 1.2)
+        shared, means = anytime_means(curves[cpu], grid)
+        for name, mean in means.items():
+            alone = sorted(set(curves[cpu][name]) - set(shared))
+            note = f"; {_ranges(alone)} left out: not run by all drawn" if alone else ""
+            ax.plot(grid, 100 * mean, label=f"{name} (seeds {_ranges(shared)}{note})", lw=2 if name == MAIN else 1.2)
         ax.set(xlabel="search wall-clock seconds", title=f"{cpu or 'CPU not recorded'}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
@@ -201,6 +213,11 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="run nothing: the table and figure from the CSVs")
     ap.add_argument("--replay", action="store_true", help="rerun searches that finished in --workdir's stores (they train nothing)")
     ap.add_argument("--cpu", default=None, help="report the rows of this CPU only (as the CSV's cpu column names it; default: every CPU)")
+    ap.add_argument(
+        "--anytime-strategies",
+        default="",
+        help="the strategies the figure draws, as A,B,... (default: every one; each panel averages the seeds all of them ran)",
+    )
     ap.add_argument("--compare", default="", help="more paired differences to report, as A:B,... (A minus B, pairs within a seed and CPU)")
     ap.add_argument("override", nargs="*", help="more Hydra overrides for every search")
     args = ap.parse_args()
@@ -241,7 +258,10 @@ def main() -> None:
             seeds = ", ".join(f"seed {s}: {100 * v:+.2f}" for (s, _), v in per_seed.items())
             print(f"{a} minus {b}, {what}, paired, in points: {d.points()} ({seeds})" if d.n else f"{a} minus {b}: no paired seeds")
     if Path(args.anytime_csv).exists():
-        figure(Path(args.anytime_csv), Path(args.out), args.search_seconds, [args.cpu] if args.cpu is not None else cpus)
+        drawn = [n for n in args.anytime_strategies.split(",") if n] or None
+        if drawn is not None and (unknown := sorted(set(drawn) - {r.strategy for r in every})):
+            raise SystemExit(f"--anytime-strategies: {unknown} not in {args.csv}; it has: {sorted({r.strategy for r in every})}")
+        figure(Path(args.anytime_csv), Path(args.out), args.search_seconds, [args.cpu] if args.cpu is not None else cpus, drawn)
 
 
 if __name__ == "__main__":

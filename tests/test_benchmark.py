@@ -3,10 +3,12 @@
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from fmnas_jax.benchmark import (
     Row,
+    anytime_means,
     append_row,
     mean_interval,
     objective_on_test,
@@ -107,3 +109,16 @@ def test_pairs_are_one_seed_on_one_cpu_and_pool_across_cpus():
     moved = [replace(r, cpu="Intel Xeon") if r.strategy == "hillclimb+asha" and r.seed == 2 else r for r in base]
     d = paired_difference(moved, "hillclimb+asha", "random+asha")
     assert d.n == 2 and d.mean == pytest.approx(0.015)  # seed 2 ran on two CPUs: no pair
+
+
+def test_anytime_means_average_step_curves_over_the_seeds_every_strategy_ran():
+    curves = {
+        "a": {0: [(10.0, 0.80), (30.0, 0.86)], 1: [(20.0, 0.84)], 2: [(5.0, 0.99)]},  # seed 2: a alone, left out
+        "b": {0: [(10.0, 0.70)], 1: [(10.0, 0.80), (25.0, 0.90)]},
+    }
+    seeds, means = anytime_means(curves, np.array([0.0, 10.0, 20.0, 30.0]))
+    assert seeds == [0, 1]
+    np.testing.assert_allclose(means["a"], [np.nan, np.nan, (0.80 + 0.84) / 2, (0.86 + 0.84) / 2])  # NaN until both seeds have one
+    np.testing.assert_allclose(means["b"], [np.nan, (0.70 + 0.80) / 2, (0.70 + 0.80) / 2, (0.70 + 0.90) / 2])
+    seeds, means = anytime_means({"a": curves["a"], "c": {3: [(1.0, 0.5)]}}, np.array([0.0]))
+    assert seeds == [] and np.isnan(means["a"]).all()  # nothing paired: nothing drawn as if it were

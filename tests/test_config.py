@@ -95,6 +95,9 @@ def test_command_line_overrides_win():
         (("search=optuna", "search.sampler=cmaes"), "search.sampler 'cmaes' is not one of ['tpe', 'nsga2', 'random']"),
         ("search.time_budget=null", "search.budget and search.time_budget are both null"),
         ("search.min_gain=-0.01", "search.min_gain -0.01 must be >= 0 and < 1"),
+        ("search.min_gain_rungs=[0.02]", "search.min_gain_rungs [0.02] needs one gain per rung below the top: search.fidelity has 2"),
+        ("search.min_gain_rungs=[0.02,1.5]", "search.min_gain_rungs [0.02, 1.5]: each must be >= 0 and < 1"),
+        (("search/fidelity=none", "search.min_gain_rungs=[0.02,0.017]"), "search.fidelity has 0 (mode 'none')"),
         ("search.confirm=1", "search.confirm 1 must be 0 (off) or >= 2"),
         (("search.confirm=3", "search.confirm_seeds=0"), "search.confirm_seeds 0 >= 1"),
         (("search=table", "search.confirm=2"), "search.confirm is for the strategies that train"),
@@ -110,6 +113,12 @@ def test_bad_values_are_refused_with_their_name(override, fragment):
     with pytest.raises(ValueError) as info:
         to_app_config(_compose("+experiment=hillclimb", *([override] if isinstance(override, str) else override)))
     assert fragment in str(info.value)
+
+
+def test_rung_scaled_min_gain_lands_in_the_typed_config():
+    app = to_app_config(_compose("+experiment=hillclimb", "search.min_gain=0.008", "search.min_gain_rungs=[0.0197,0.0169]"))
+    assert (app.search.min_gain, app.search.min_gain_rungs) == (0.008, (0.0197, 0.0169))
+    assert to_app_config(_compose("+experiment=hillclimb")).search.min_gain_rungs == ()
 
 
 def test_the_ray_backend_settings_land_in_the_typed_config():

@@ -129,6 +129,6 @@ def test_admit_decides_what_is_evaluated(store):
 
 @pytest.mark.parametrize("name", ["team/winner", "a:b", "it's", ".", "..up", " "])
 def test_register_as_rejects_names_mlflow_cannot_register_before_training(store, name):
-    with pytest.raises(ValueError, match="registry.model_name"):
+    with pytest.raises(ValueError, match="register_as"):
         Evaluator(store, SPEC, InProcess(synthetic_load), role="final", register_as=name)
     assert _statuses(store) == []  # nothing started, nothing half-written

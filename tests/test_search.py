@@ -15,6 +15,7 @@ from fmnas_jax.search import (
     regularized_evolution,
     table_climb,
 )
+from fmnas_jax.search.base import FidelityConfig, Rung
 
 SPACE = SearchSpace()
 TARGET = Genome.parse("NC 16 3 relu;RC 32 5 gelu;NC 8 2 tanh;RC 64 7 swish;FL sigmoid;")
@@ -132,6 +133,41 @@ def test_min_gain_moves_only_beyond_the_threshold():
     assert moved == [asked[0]]  # without a threshold a 0.4-point gain moves the climb
     asked, moved = moves(0.008)
     assert moved == [asked[1]]  # with 0.8 points, only the 1.2-point gain does
+
+
+def test_min_gain_rungs_scale_the_threshold_with_the_current_points_rung():
+    from fmnas_jax.search.fitness import RUNG_PENALTY
+    from fmnas_jax.search.hillclimb import HillClimber
+
+    start = random_genome(SPACE, np.random.default_rng(3))
+    cfg = HillClimbConfig(min_gain=0.008, min_gain_rungs=(0.02, 0.017), fidelity=FidelityConfig("asha", 3, (Rung(), Rung(2))))
+
+    def moved(base: float, gains: list[float]) -> list[float]:
+        """The gains that moved a climb whose start was told `base` (one gain at a time, from the point it moved to)."""
+        climber = HillClimber(SPACE, np.random.default_rng(4), cfg, population=[start])
+        assert climber.ask() == start
+        climber.tell(start, base)
+        taken, f = [], base
+        for gain in gains:
+            g = climber.ask()
+            climber.tell(g, f + gain)
+            if climber.path[-1].genome == g:
+                taken, f = [*taken, gain], f + gain
+        return taken
+
+    assert moved(0.85, [0.012, 0.009]) == [0.012, 0.009]  # the top rung: min_gain, 0.8 points
+    assert moved(0.85 - RUNG_PENALTY, [0.012, 0.018]) == [0.018]  # one rung below the top: 1.7 points
+    assert moved(0.85 - 2 * RUNG_PENALTY, [0.012, 0.018, 0.021]) == [0.021]  # rung 0: 2 points
+    assert moved(0.85 - 2 * RUNG_PENALTY, [RUNG_PENALTY - 0.05]) == [RUNG_PENALTY - 0.05]  # promoted a rung: moves
+    without = HillClimbConfig(min_gain=0.008)
+    climber = HillClimber(SPACE, np.random.default_rng(4), without, population=[start])
+    assert climber.min_gain_at(0.85 - 2 * RUNG_PENALTY) == climber.min_gain_at(0.85) == 0.008  # empty: min_gain at every rung
+
+
+def test_rungs_below_top_reads_the_penalty_bands():
+    from fmnas_jax.search.fitness import RUNG_PENALTY, rungs_below_top
+
+    assert [rungs_below_top(v) for v in (0.9, -0.4, 0.7 - RUNG_PENALTY, 0.1 - 2 * RUNG_PENALTY, -math.inf)] == [0, 0, 1, 2, 0]
 
 
 class CentiObjective(TableObjective):

@@ -135,6 +135,11 @@ class HillClimbConfig(SearchConfig):
     # The least fitness gain that moves the climb (0: any gain). A gain inside the top rung's seed noise is luck as
     # often as progress; with a threshold the climb stops at such a point and restarts instead of chasing noise.
     min_gain: float = 0.0
+    # With rungs: the least gain at each rung below the top, cheapest first (one per search.fidelity rung), for
+    # comparisons made at that rung (the current point's); min_gain is then the top rung's. A cheap rung's seed
+    # noise is larger (the fidelity study: 1.97, 1.69 and 0.80 points), so is the gain worth a move. Empty: min_gain
+    # at every rung.
+    min_gain_rungs: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -144,6 +149,12 @@ class HillClimbConfig(SearchConfig):
             raise ValueError(f"search.explore {self.explore} must be >= 0 and < 1 (the share of asks that sample at random)")
         if not 0.0 <= self.min_gain < 1.0:
             raise ValueError(f"search.min_gain {self.min_gain} must be >= 0 and < 1 (a gain in fitness, accuracy as a fraction)")
+        if any(not 0.0 <= g < 1.0 for g in self.min_gain_rungs):
+            raise ValueError(f"search.min_gain_rungs {list(self.min_gain_rungs)}: each must be >= 0 and < 1 (a gain in fitness)")
+        cheap = len(self.fidelity.rungs) if self.fidelity.mode != "none" else 0
+        if self.min_gain_rungs and len(self.min_gain_rungs) != cheap:
+            raise ValueError(f"search.min_gain_rungs {list(self.min_gain_rungs)} needs one gain per rung below the top: "
+                             f"search.fidelity has {cheap} (mode {self.fidelity.mode!r}); [] = min_gain at every rung")  # fmt: skip
         if self.patience < 1 or self.max_restarts < 0:
             raise ValueError(f"search.patience {self.patience} must be >= 1 and search.max_restarts {self.max_restarts} >= 0")
 

@@ -16,6 +16,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 METRICS = ("val_accuracy", "test_accuracy", "train_accuracy")
+# With rungs (successive halving), a genome screened out at rung r scores its rung-r fitness minus RUNG_PENALTY per
+# rung below the top: larger than any fitness difference (accuracies are in [0, 1], size terms ~0.1).
+RUNG_PENALTY = 10.0
+
+
+def rungs_below_top(value: float) -> int:
+    """How many rungs below the top a multi-fidelity search's fitness `value` was measured at (0: the top rung, or a
+    search without rungs; -inf, a failed evaluation: 0)."""
+    return max(0, round(-value / RUNG_PENALTY)) if math.isfinite(value) else 0
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ samples the rest of the space as random search does.
 
 `min_gain` > 0: a candidate moves the climb only when it beats the current point by more than that (in fitness, e.g.
 0.008 = the top rung's 0.8 points of seed noise); gains inside it end the climb at a local optimum, and it restarts.
+`min_gain_rungs`: with rungs, the threshold for a current point measured below the top rung (a climb that restarted
+at a genome screened out at rung 0 compares its neighbours at rung 0, where seed noise is larger).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 
 from fmnas_jax.genome import Genome, SearchSpace, fresh_genome, neighbours, random_genome
 from fmnas_jax.search.base import ClimbResult, HillClimbConfig, Objective, Step, drive
+from fmnas_jax.search.fitness import rungs_below_top
 
 
 class HillClimber:
@@ -156,8 +159,14 @@ class HillClimber:
             self._move(genome, fitness)
 
     def _beats(self, fitness: float) -> bool:
-        """Whether a candidate's fitness moves the climb: above the current point's by more than `min_gain`."""
-        return fitness > self._f + self.cfg.min_gain
+        """Whether a candidate's fitness moves the climb: above the current point's by more than the least gain at the
+        current point's rung (`min_gain` at the top, `min_gain_rungs` below it)."""
+        return fitness > self._f + self.min_gain_at(self._f)
+
+    def min_gain_at(self, current: float) -> float:
+        """The least gain over fitness `current` that moves the climb (its rung's, when min_gain_rungs is set)."""
+        gains, below = self.cfg.min_gain_rungs, rungs_below_top(current)
+        return gains[max(0, len(gains) - below)] if gains and below else self.cfg.min_gain
 
     def _move(self, genome: Genome, fitness: float) -> None:
         self._current, self._f = genome, fitness
