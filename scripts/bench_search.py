@@ -259,8 +259,8 @@ def main() -> None:
             print(f"{a} minus {b}, {what}, paired, in points: {d.points()} ({seeds})" if d.n else f"{a} minus {b}: no paired seeds")
     if Path(args.anytime_csv).exists():
         drawn = [n for n in args.anytime_strategies.split(",") if n] or None
-        if drawn is not None and (unknown := sorted(set(drawn) - {r.strategy for r in every})):
-            raise SystemExit(f"--anytime-strategies: {unknown} not in {args.csv}; it has: {sorted({r.strategy for r in every})}")
+        if drawn is not None and (unknown := sorted(set(drawn) - set(names))):
+            raise SystemExit(f"--anytime-strategies: {unknown} not in {args.csv}; it has: {names}")
         figure(Path(args.anytime_csv), Path(args.out), args.search_seconds, [args.cpu] if args.cpu is not None else cpus, drawn)
 
 
