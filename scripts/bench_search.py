@@ -54,7 +54,7 @@ from fmnas_jax.benchmark import (
     summary_table,
 )
 
-MAIN = "hillclimb+asha"  # what +experiment=hillclimb runs
+MAIN = "hillclimb+asha+mingain"  # what +experiment=hillclimb runs (since 2026-12-05; hillclimb+asha before)
 STRATEGIES = {
     "hillclimb+asha": ["search=hillclimb"],
     "evolution+asha": ["search=evolution"],
@@ -63,9 +63,9 @@ STRATEGIES = {
     "random": ["search=random", "search/fidelity=none"],
     "hillclimb+asha+explore": ["search=hillclimb", "search.explore=0.3"],  # 30 % of the climb's asks sample at random
     # A move only for a gain beyond the top rung's seed noise (0.80 points, the fidelity study): no chasing of noise.
-    "hillclimb+asha+mingain": ["search=hillclimb", "search.min_gain=0.008"],
+    "hillclimb+asha+mingain": ["search=hillclimb_mingain"],  # = search=hillclimb search.min_gain=0.008
     # The same, the threshold scaled with the rung of the comparison: each rung's seed noise (1.97, 1.69, 0.80 points).
-    "hillclimb+asha+mingain+rungs": ["search=hillclimb", "search.min_gain=0.008", "search.min_gain_rungs=[0.0197,0.0169]"],
+    "hillclimb+asha+mingain+rungs": ["search=hillclimb_mingain", "search.min_gain_rungs=[0.0197,0.0169]"],
     "hillclimb+asha+confirm": ["search=hillclimb", "search.confirm=3"],  # the top rung's best 3 evaluated again at seed + 1
     # The size charge off (fitness.size_weight=0): the 16,598-parameter cap is the only limit on size, as the targets state
     # it (the main job charges 1 point of accuracy per doubling of parameters; retrained winners gain ~1.3 points per

@@ -121,6 +121,19 @@ def test_rung_scaled_min_gain_lands_in_the_typed_config():
     assert to_app_config(_compose("+experiment=hillclimb")).search.min_gain_rungs == ()
 
 
+def test_the_main_job_climbs_beyond_noise_and_its_strategy_swaps_cleanly():
+    """+experiment=hillclimb runs search=hillclimb_mingain; search=hillclimb is the climb of any gain; the other
+    strategies take its place without its climb-only setting (their schemas have no min_gain)."""
+    main = to_app_config(_compose("+experiment=hillclimb"))
+    assert (main.search.strategy, main.search.min_gain, main.search.fidelity.mode) == ("hillclimb", 0.008, "asha")
+    assert to_app_config(_compose("+experiment=hillclimb", "search=hillclimb")).search.min_gain == 0.0
+    assert to_app_config(_compose("search=hillclimb")).search.min_gain == 0.0  # the group's default stays
+    for strategy in ("random", "evolution", "optuna", "table"):
+        swapped = to_app_config(_compose("+experiment=hillclimb", f"search={strategy}"))
+        assert swapped.search.strategy == strategy and not hasattr(swapped.search, "min_gain")
+        assert swapped.search.fidelity.mode == "asha" and swapped.search.population_size == 18
+
+
 def test_the_ray_backend_settings_land_in_the_typed_config():
     app = to_app_config(_compose("+experiment=hillclimb", "backend=ray", "backend.address=auto", "backend.num_gpus=0.25"))
     b = app.backend

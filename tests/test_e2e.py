@@ -277,7 +277,7 @@ def test_help_lists_the_experiments_and_groups(tmp_path):
     for text in (
         "+experiment=hillclimb",
         "experiment: hillclimb, long, paper, predict, smoke, train",
-        "search: evolution, hillclimb, optuna, random, table",
+        "search: evolution, hillclimb, hillclimb_mingain, optuna, random, table",
         "search/fidelity: asha, halving, none",
         "127.0.0.1",
     ):
