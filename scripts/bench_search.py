@@ -72,8 +72,8 @@ STRATEGIES = {
     # doubling). The charge for training FLOPs stays: in the main job a cheaper genome retrains more epochs.
     "hillclimb+asha+nosize": ["search=hillclimb", "fitness.size_weight=0"],
     "random+asha+nosize": ["search=random", "fitness.size_weight=0"],
-    # The main job's climb and random search without rungs, both with the size charge off: the pair without the size
-    # lottery (with it, the per-seed difference follows the winners' size ratio, +1.06 points per doubling).
+    # The main job's climb and random search without rungs, both with the parameter charge off (with it, the per-seed
+    # difference follows the winners' size ratio, +1.06 points per doubling); the FLOPs charge still trades size.
     "hillclimb+asha+mingain+nosize": ["search=hillclimb_mingain", "fitness.size_weight=0"],
     "random+nosize": ["search=random", "search/fidelity=none", "fitness.size_weight=0"],
 }
