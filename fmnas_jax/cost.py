@@ -52,13 +52,18 @@ class CostModel:
         self.coef = PRIOR
         self._fit()
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether predictions come from this machine's measurements (`MIN_SAMPLES` of them) rather than the priors."""
+        return len(self.samples) >= MIN_SAMPLES
+
     def add(self, sample: Sample) -> None:
         if _usable(sample):
             self.samples.append(sample)
             self._fit()
 
     def _fit(self) -> None:
-        if len(self.samples) < MIN_SAMPLES:
+        if not self.calibrated:
             return
         recent = self.samples[-500:]
         features = np.array([[1.0, train_flops_per_image(s.genome), activation_elements(s.genome)] for s in recent])

@@ -37,6 +37,9 @@ class Allowance:
 
     The time check predicts each evaluation's cost from its genome (`CostModel`) and spreads it over
     the backend's parallel slots; `reserve()` is time kept back for what follows (the final retrain).
+    While the cost model still runs on its priors (measured on another machine, easily 3x off), a
+    synchronous round trains at most one evaluation per slot (`round_limit`): an admitted evaluation is
+    never cancelled, so a whole population admitted on a wrong prior would overrun the budget.
     """
 
     def __init__(
@@ -76,6 +79,10 @@ class Allowance:
             self.pending += wall
         self.spent += 1
         return True
+
+    def round_limit(self) -> int | None:
+        """New trainings one synchronous round may admit: the slots while the time check rests on priors, else no limit."""
+        return self.parallelism if self.deadline is not None and not self.cost.calibrated else None
 
     def batch_done(self) -> None:
         """The admitted batch has run: its time is now on the clock."""
@@ -130,19 +137,31 @@ class SearchObjective:
 
     def __call__(self, genomes: Sequence[Genome]) -> list[float]:
         counted: set[Genome] = set()
+        trained, deferred = 0, False  # this round's new trainings; whether the round limit held one back
 
         def admit(g: Genome, stored: Outcome | None) -> bool:
+            nonlocal trained, deferred
             if g in self.outcomes:
                 return False
             if stored is not None and stored.parent_run_id not in self.own_searches:
                 return True  # another search's result: free
+            limit = self.allowance.round_limit()
+            if stored is None and limit is not None and trained >= limit:
+                deferred = True  # to a later round, once the finished ones have taught the cost model
+                return False
             if not self.allowance.admit(g, 0 if stored is not None else self.images):
                 return False
             counted.add(g)
+            trained += stored is None
             return True
 
         try:
-            self.outcomes |= self.evaluator.evaluate_many(genomes, admit, lambda o: self.completed(o, o.genome in counted))
+            while True:
+                trained, deferred = 0, False
+                self.outcomes |= self.evaluator.evaluate_many(genomes, admit, lambda o: self.completed(o, o.genome in counted))
+                self.allowance.batch_done()
+                if not deferred or self.allowance.exhausted:
+                    break
         finally:
             self.allowance.batch_done()
         return [self.fitness_of(self.outcomes[g]) if g in self.outcomes else -math.inf for g in genomes]

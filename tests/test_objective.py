@@ -63,6 +63,23 @@ def test_time_allowance_predicts_cost_and_keeps_a_reserve():
     assert allow.admit(genome, 0) is True  # a stored result (no images to train) costs no time: still admitted
 
 
+def test_an_uncalibrated_cost_model_admits_one_round_of_slots_at_a_time(tracking_uri):
+    """On priors, a synchronous round trains at most one evaluation per slot until MIN_SAMPLES have finished;
+    then the measured cost model admits the rest at once (an admitted evaluation is never cancelled)."""
+    assert Allowance(parallelism=2).round_limit() is None  # no time budget: nothing to protect
+    store = Store(tracking_uri, "unit")
+    parent = store.start_run("timed", "search", {})
+    ev = Evaluator(store, SPEC, InProcess(synthetic_load), parent)
+    admitted_when_done: list[int] = []
+    obj = SearchObjective(ev, FitnessConfig(), {parent}, Allowance(seconds=1e6, parallelism=2), n_train=256,
+                          on_counted=lambda o: admitted_when_done.append(obj.allowance.spent))  # fmt: skip
+    assert obj.allowance.round_limit() == 2
+    scores = obj(_genomes(8, seed=3))
+    assert all(math.isfinite(s) for s in scores) and ev.trained == 8 and not obj.exhausted
+    assert admitted_when_done == [2, 2, 4, 4, 6, 6, 8, 8]  # 3 rounds of 2 on priors, then the measured model: the other 2 at once
+    assert obj.allowance.cost.calibrated and obj.allowance.round_limit() is None
+
+
 def test_cost_model_fits_speed_against_flops_from_one_rung():
     """Every sample trained the same number of images (one rung): speed still comes out per image."""
     from fmnas_jax.genome import train_flops_per_image
