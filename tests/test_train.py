@@ -69,7 +69,7 @@ def test_same_seed_same_metrics(dd):
 
 
 def test_programs_are_compiled_once_per_shape(dd):
-    CACHE.clear()  # other tests (tests/test_objective.py's searches of 4-filter genomes) may have compiled these pieces
+    CACHE.clear()  # earlier tests in this pytest process may have compiled these pieces already
     cfg = TrainConfig(batch_size=64, epochs=1)
     g = Genome.parse("NC 4 1 tanh;RC 4 1 tanh;NC 4 1 tanh;RC 4 1 tanh;FL tanh;")
     first = train_and_evaluate(g, dd, cfg, seed=0)
