@@ -63,13 +63,24 @@ def test_time_allowance_predicts_cost_and_keeps_a_reserve():
     assert allow.admit(genome, 0) is True  # a stored result (no images to train) costs no time: still admitted
 
 
+class CountingEvaluator(Evaluator):
+    """A real Evaluator that counts its store lookups."""
+
+    lookups = 0
+
+    def lookup(self, genome):
+        self.lookups += 1
+        return super().lookup(genome)
+
+
 def test_an_uncalibrated_cost_model_admits_one_round_of_slots_at_a_time(tracking_uri):
     """On priors, a synchronous round trains at most one evaluation per slot until MIN_SAMPLES have finished;
-    then the measured cost model admits the rest at once (an admitted evaluation is never cancelled)."""
+    then the measured cost model admits the rest at once (an admitted evaluation is never cancelled).
+    A later round looks up only the genomes the earlier rounds deferred."""
     assert Allowance(parallelism=2).round_limit() is None  # no time budget: nothing to protect
     store = Store(tracking_uri, "unit")
     parent = store.start_run("timed", "search", {})
-    ev = Evaluator(store, SPEC, InProcess(synthetic_load), parent)
+    ev = CountingEvaluator(store, SPEC, InProcess(synthetic_load), parent)
     admitted_when_done: list[int] = []
     obj = SearchObjective(ev, FitnessConfig(), {parent}, Allowance(seconds=1e6, parallelism=2), n_train=256,
                           on_counted=lambda o: admitted_when_done.append(obj.allowance.spent))  # fmt: skip
@@ -78,6 +89,9 @@ def test_an_uncalibrated_cost_model_admits_one_round_of_slots_at_a_time(tracking
     assert all(math.isfinite(s) for s in scores) and ev.trained == 8 and not obj.exhausted
     assert admitted_when_done == [2, 2, 4, 4, 6, 6, 8, 8]  # 3 rounds of 2 on priors, then the measured model: the other 2 at once
     assert obj.allowance.cost.calibrated and obj.allowance.round_limit() is None
+    assert ev.lookups == 8 + 6 + 4 + 2  # each round: the genomes no earlier round finished
+    again = obj(_genomes(8, seed=3))  # all known to this objective: no lookup, no training
+    assert again == scores and ev.lookups == 20 and ev.trained == 8
 
 
 def test_cost_model_fits_speed_against_flops_from_one_rung():
