@@ -158,7 +158,7 @@ class SearchObjective:
         try:
             while True:
                 trained, deferred = 0, False
-                todo = [g for g in dict.fromkeys(genomes) if g not in self.outcomes]  # later rounds: only the deferred
+                todo = [g for g in dict.fromkeys(genomes) if g not in self.outcomes]  # what no earlier call or round finished
                 self.outcomes |= self.evaluator.evaluate_many(todo, admit, lambda o: self.completed(o, o.genome in counted))
                 self.allowance.batch_done()
                 if not deferred or self.allowance.exhausted:
