@@ -141,8 +141,6 @@ class SearchObjective:
 
         def admit(g: Genome, stored: Outcome | None) -> bool:
             nonlocal trained, deferred
-            if g in self.outcomes:
-                return False
             if stored is not None and stored.parent_run_id not in self.own_searches:
                 return True  # another search's result: free
             limit = self.allowance.round_limit()
@@ -158,7 +156,7 @@ class SearchObjective:
         try:
             while True:
                 trained, deferred = 0, False
-                todo = [g for g in dict.fromkeys(genomes) if g not in self.outcomes]  # what no earlier call or round finished
+                todo = [g for g in genomes if g not in self.outcomes]  # what no earlier call or round finished
                 self.outcomes |= self.evaluator.evaluate_many(todo, admit, lambda o: self.completed(o, o.genome in counted))
                 self.allowance.batch_done()
                 if not deferred or self.allowance.exhausted:

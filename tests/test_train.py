@@ -32,6 +32,13 @@ def dd():
     return to_device(synthetic_dataset(512, 200, 300, seed=0), eval_batch=128)
 
 
+@pytest.fixture
+def fresh_cache():
+    """An empty compiled-piece cache: earlier tests in this pytest process may have compiled a test's pieces already."""
+    CACHE.clear()
+    return CACHE
+
+
 def _state(genome, cfg):
     return init_state(genome, cfg, 0)
 
@@ -68,8 +75,7 @@ def test_same_seed_same_metrics(dd):
     assert a.history != c.history
 
 
-def test_programs_are_compiled_once_per_shape(dd):
-    CACHE.clear()  # earlier tests in this pytest process may have compiled these pieces already
+def test_programs_are_compiled_once_per_shape(dd, fresh_cache):
     cfg = TrainConfig(batch_size=64, epochs=1)
     g = Genome.parse("NC 4 1 tanh;RC 4 1 tanh;NC 4 1 tanh;RC 4 1 tanh;FL tanh;")
     first = train_and_evaluate(g, dd, cfg, seed=0)
@@ -95,10 +101,9 @@ def test_budgets_and_recipe_values_share_every_compiled_piece(dd):
     assert CACHE.compiles == before + 1  # the batch piece with flips; every layer piece is shared
 
 
-def test_a_neighbour_compiles_only_the_pieces_its_changed_gene_needs(dd):
+def test_a_neighbour_compiles_only_the_pieces_its_changed_gene_needs(dd, fresh_cache):
     cfg = TrainConfig(batch_size=64, epochs=1)
     g = Genome.parse("NC 4 3 relu;RC 8 3 relu;NC 4 3 relu;RC 8 3 relu;FL relu;")
-    CACHE.clear()  # other tests may have compiled some of these pieces already
     train_and_evaluate(g, dd, cfg, seed=0)
     before = CACHE.compiles
     train_and_evaluate(Genome.parse("NC 4 3 relu;RC 8 3 relu;NC 4 3 tanh;RC 8 3 relu;FL relu;"), dd, cfg, seed=0)
