@@ -76,6 +76,10 @@ STRATEGIES = {
     # difference follows the winners' size ratio, +1.06 points per doubling); the FLOPs charge still trades size.
     "hillclimb+asha+mingain+nosize": ["search=hillclimb_mingain", "fitness.size_weight=0"],
     "random+nosize": ["search=random", "search/fidelity=none", "fitness.size_weight=0"],
+    # Both charges off: fitness is validation accuracy alone, what a fixed-epoch retrain measures (with the FLOPs
+    # charge on, a climb may trade 2 points of accuracy for a fifth of the FLOPs that only a deadline retrain repays).
+    "hillclimb+asha+mingain+accuracy": ["search=hillclimb_mingain", "fitness.size_weight=0", "fitness.compute_weight=0"],
+    "random+accuracy": ["search=random", "search/fidelity=none", "fitness.size_weight=0", "fitness.compute_weight=0"],
 }
 
 
