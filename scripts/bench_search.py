@@ -79,6 +79,14 @@ STRATEGIES = {
     # Both charges off: fitness is validation accuracy alone, what a fixed-epoch retrain measures (with the FLOPs
     # charge on, a climb may trade 2 points of accuracy for a fifth of the FLOPs that only a deadline retrain repays).
     "hillclimb+asha+mingain+accuracy": ["search=hillclimb_mingain", "fitness.size_weight=0", "fitness.compute_weight=0"],
+    # The same with candidates up to two genes away (search.radius=2): a one-gene neighbourhood is flat within the top
+    # rung's seed noise (scripts/bench_neighbours.py); whether a wider one is, this row measures.
+    "hillclimb+asha+mingain+accuracy+radius2": [
+        "search=hillclimb_mingain",
+        "search.radius=2",
+        "fitness.size_weight=0",
+        "fitness.compute_weight=0",
+    ],
     "random+accuracy": ["search=random", "search/fidelity=none", "fitness.size_weight=0", "fitness.compute_weight=0"],
 }
 

@@ -98,6 +98,7 @@ def test_command_line_overrides_win():
         ("search.min_gain_rungs=[0.02]", "search.min_gain_rungs [0.02] needs one gain per rung below the top: search.fidelity has 2"),
         ("search.min_gain_rungs=[0.02,1.5]", "search.min_gain_rungs [0.02, 1.5]: each must be >= 0 and < 1"),
         (("search/fidelity=none", "search.min_gain_rungs=[0.02,0.017]"), "search.fidelity has 0 (mode 'none')"),
+        ("search.radius=0", "search.radius 0 must be 1, 2 or 3"),
         ("search.confirm=1", "search.confirm 1 must be 0 (off) or >= 2"),
         (("search.confirm=3", "search.confirm_seeds=0"), "search.confirm_seeds 0 >= 1"),
         (("search=table", "search.confirm=2"), "search.confirm is for the strategies that train"),
@@ -119,6 +120,11 @@ def test_rung_scaled_min_gain_lands_in_the_typed_config():
     app = to_app_config(_compose("+experiment=hillclimb", "search.min_gain=0.008", "search.min_gain_rungs=[0.0197,0.0169]"))
     assert (app.search.min_gain, app.search.min_gain_rungs) == (0.008, (0.0197, 0.0169))
     assert to_app_config(_compose("+experiment=hillclimb")).search.min_gain_rungs == ()
+
+
+def test_radius_lands_in_the_typed_config():
+    assert to_app_config(_compose("+experiment=hillclimb", "search.radius=2")).search.radius == 2
+    assert to_app_config(_compose("+experiment=hillclimb")).search.radius == 1
 
 
 def test_the_main_job_climbs_beyond_noise_and_its_strategy_swaps_cleanly():

@@ -145,3 +145,30 @@ def test_activation_elements_of_the_paper_genome():
 
     # 28x28x4 + 13x13x64 + 13x13x4 + 6x6x64 (RC: (n - k) // 2 + 1)
     assert activation_elements(Genome.parse(PAPER)) == 3136 + 10816 + 676 + 2304
+
+
+def test_neighbours_within_a_radius_are_every_genome_that_many_moves_away():
+    import itertools
+
+    from fmnas_jax.genome import ConvGene
+
+    space = SearchSpace(kernel_sizes=(1, 2, 3), filters=(4, 8), activations=("relu", "gelu"), max_params=1300)
+
+    def moves(a: Genome, b: Genome) -> int:  # kernel +-1, filters one step, another activation: one move each
+        d = int(a.head_activation != b.head_activation)
+        for x, y in zip(a.convs, b.convs, strict=True):
+            d += abs(x.kernel - y.kernel) + abs(space.filters.index(x.filters) - space.filters.index(y.filters))
+            d += x.activation != y.activation
+        return d
+
+    g = Genome.parse("NC 4 2 relu;RC 4 2 gelu;NC 4 1 relu;RC 4 2 relu;FL relu;", space)
+    assert space.fits(g)
+    genes = [ConvGene(t, f, k, a) for f in space.filters for k in space.kernel_sizes for a in space.activations for t in ("NC", "RC")]
+    by_type = {t: [c for c in genes if c.kind == t] for t in ("NC", "RC")}
+    every = [Genome(cs, h) for cs in itertools.product(*(by_type[t] for t in space.layout)) for h in space.activations]
+    one, two = neighbours(g, space), neighbours(g, space, radius=2)
+    assert set(one) == {h for h in every if moves(g, h) == 1 and space.fits(h)}
+    assert set(two) == {h for h in every if 1 <= moves(g, h) <= 2 and space.fits(h)}
+    assert len(two) == len(set(two)) and two[: len(one)] == one  # nearer genomes first, the one-gene ones as before
+    with pytest.raises(ValueError, match="radius 0 must be >= 1"):
+        neighbours(g, space, radius=0)

@@ -378,3 +378,23 @@ def test_tpe_beats_random_sampling_at_equal_budget_on_a_smooth_landscape():
     tpe = [_optuna(s, budget)[0].best_fitness for s in seeds]
     rand = [random_search(SPACE, TableObjective(budget), np.random.default_rng(s), {}).best_fitness for s in seeds]
     assert np.mean(tpe) > np.mean(rand), (tpe, rand)
+
+
+def test_radius_two_climbs_where_every_one_gene_step_looks_worse():
+    """A ridge: the start's one-gene neighbours are all worse, one genome two genes away is better. The one-gene climb
+    stops at the start; with radius 2 the climb reaches it; a radius outside 1..3 is refused."""
+    start = Genome.parse("NC 16 3 relu;RC 32 5 gelu;NC 8 2 tanh;RC 64 7 swish;FL sigmoid;")
+    peak = Genome.parse("NC 16 3 gelu;RC 32 5 gelu;NC 8 2 tanh;RC 64 7 swish;FL relu;")  # two genes changed
+
+    class Ridge(TableObjective):
+        def __call__(self, genomes):
+            return [1.0 if g == peak else 0.0 if g == start else -1.0 for g in genomes]
+
+    def climb(radius: int):
+        return hill_climb(SPACE, Ridge(5000), np.random.default_rng(0), HillClimbConfig(radius=radius, patience=1, max_restarts=0), start)
+
+    one, two = climb(1), climb(2)
+    assert one.best == start and [s.move for s in one.path] == ["start", "optimum"]
+    assert two.best == peak and [(s.genome, s.move) for s in two.path][:2] == [(start, "start"), (peak, "improve")]
+    with pytest.raises(ValueError, match=r"search.radius 4 must be 1, 2 or 3"):
+        HillClimbConfig(radius=4)

@@ -123,7 +123,7 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class HillClimbConfig(SearchConfig):
-    """search=hillclimb: one-gene moves, first or steepest improvement, random restarts."""
+    """search=hillclimb: moves of `radius` genes (one by default), first or steepest improvement, random restarts."""
 
     strategy: str = "hillclimb"
     move: str = "first"  # first | steepest improvement
@@ -140,6 +140,10 @@ class HillClimbConfig(SearchConfig):
     # noise is larger (the fidelity study: 1.97, 1.69 and 0.80 points), so is the gain worth a move. Empty: min_gain
     # at every rung.
     min_gain_rungs: tuple[float, ...] = ()
+    # The most one-gene moves between a point and its candidates: 1 = one gene changed; 2 = up to two genes (or one
+    # gene by two steps). A one-gene neighbourhood is flat within the top rung's seed noise at the main job's fidelity
+    # (docs/benchmarks.md): a wider one gives candidates whose differences the rungs can tell apart.
+    radius: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -155,6 +159,8 @@ class HillClimbConfig(SearchConfig):
         if self.min_gain_rungs and len(self.min_gain_rungs) != cheap:
             raise ValueError(f"search.min_gain_rungs {list(self.min_gain_rungs)} needs one gain per rung below the top: "
                              f"search.fidelity has {cheap} (mode {self.fidelity.mode!r}); [] = min_gain at every rung")  # fmt: skip
+        if not 1 <= self.radius <= 3:
+            raise ValueError(f"search.radius {self.radius} must be 1, 2 or 3 (the most one-gene moves from a point to its candidates)")
         if self.patience < 1 or self.max_restarts < 0:
             raise ValueError(f"search.patience {self.patience} must be >= 1 and search.max_restarts {self.max_restarts} >= 0")
 
@@ -174,6 +180,8 @@ class TableConfig(SearchConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 1 <= self.radius <= 3:
+            raise ValueError(f"search.radius {self.radius} must be 1, 2 or 3 (the most one-gene moves from a point to its candidates)")
         if self.patience < 1 or self.max_restarts < 0:
             raise ValueError(f"search.patience {self.patience} must be >= 1 and search.max_restarts {self.max_restarts} >= 0")
 

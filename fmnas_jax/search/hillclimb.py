@@ -19,6 +19,9 @@ samples the rest of the space as random search does.
 
 `min_gain` > 0: a candidate moves the climb only when it beats the current point by more than that (in fitness, e.g.
 0.008 = the top rung's 0.8 points of seed noise); gains inside it end the climb at a local optimum, and it restarts.
+`radius` > 1: a point's candidates are every genome within that many one-gene moves (up to `radius` genes changed),
+asked in a random order like the one-gene neighbours.
+
 `min_gain_rungs`: with rungs, the threshold for a current point measured below the top rung (a climb that restarted
 at a genome screened out at rung 0 compares its neighbours at rung 0, where seed noise is larger).
 """
@@ -101,7 +104,7 @@ class HillClimber:
         self._climb_asked = set(self._members) if self._restart == 0 else set()
         if self._f is not None:
             self._record(origin, self._f, "start")
-        nbrs = neighbours(origin, self.space)
+        nbrs = neighbours(origin, self.space, self.cfg.radius)
         self._queue = [nbrs[i] for i in self.rng.permutation(len(nbrs))]
         self._asked, self._scores = set(), {}
         return True
@@ -171,7 +174,7 @@ class HillClimber:
     def _move(self, genome: Genome, fitness: float) -> None:
         self._current, self._f = genome, fitness
         self._record(genome, fitness, "jump" if genome in self._explored else "improve")
-        nbrs = neighbours(genome, self.space)
+        nbrs = neighbours(genome, self.space, self.cfg.radius)
         self._queue = [nbrs[i] for i in self.rng.permutation(len(nbrs))]
         self._asked, self._scores = set(), {}
 
