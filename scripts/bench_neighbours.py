@@ -2,13 +2,15 @@
 
     .venv/bin/python scripts/bench_neighbours.py --stores /tmp/bench_acc_c*/hillclimb*.db --csv docs/bench_neighbours.csv
     .venv/bin/python scripts/bench_neighbours.py --report --csv docs/bench_neighbours.csv   # the numbers from the CSV alone
+    .venv/bin/python scripts/bench_neighbours.py --radius 2 --stores /tmp/bench_acc_d*/hillclimb*.db --csv docs/bench_neighbours_radius2.csv
 
 Reads every finished evaluation of the climbs that scripts/bench_search.py ran (one MLflow store per search, experiment
 `bench_search`) and writes one CSV row per (climb, genome, rung): its validation accuracy, when it ran, and whether it is
 a population member (the first --population genomes trained at rung 0) or a genome the climb asked later; for a later
-genome at the top rung, its parent: the one-gene neighbour (fmnas_jax.genome.neighbours) whose top-rung result ended
-last before it started. The report gives
-- neighbour minus parent at the top rung: is a one-gene step a real gain, and how often is it beyond `min_gain`;
+genome at the top rung, its parent: the neighbour within --radius one-gene moves (fmnas_jax.genome.neighbours; the
+climbs' search.radius) whose top-rung result ended last before it started, and how many moves apart they are. The
+report gives
+- neighbour minus parent at the top rung, by moves apart: is a step a real gain, and how often is it beyond `min_gain`;
 - the rank correlation (Spearman, values centred per climb) of each lower rung with the top rung, among population
   members (random genomes: what the rungs were chosen for) and among the climb's later genomes (near-equal neighbours:
   what a cheaper climb step would have to rank).
@@ -27,10 +29,10 @@ from scipy.stats import spearmanr
 
 from fmnas_jax.genome import SearchSpace, neighbours, parse_genome
 
-FIELDS = ["climb", "genome", "rung", "val_accuracy", "start_ms", "end_ms", "group", "parent", "parent_val_accuracy"]
+FIELDS = ["climb", "genome", "rung", "val_accuracy", "start_ms", "end_ms", "group", "parent", "parent_val_accuracy", "moves"]
 
 
-def extract(store: Path, population: int) -> list[dict[str, object]]:
+def extract(store: Path, population: int, radius: int = 1) -> list[dict[str, object]]:
     """One climb's evaluations as CSV rows (see the module docstring)."""
     client = MlflowClient(f"sqlite:///{store}")
     exp = client.get_experiment_by_name("bench_search")
@@ -54,25 +56,30 @@ def extract(store: Path, population: int) -> list[dict[str, object]]:
         genome, rung = r.data.tags["genome"], int(r.data.tags["fmnas.rung"])
         row = {"climb": f"{store.parent.name}/{store.stem}", "genome": genome, "rung": rung, "val_accuracy": r.data.metrics["val_accuracy"],
                "start_ms": r.info.start_time, "end_ms": r.info.end_time, "group": "population" if genome in members else "climb",
-               "parent": "", "parent_val_accuracy": ""}  # fmt: skip
+               "parent": "", "parent_val_accuracy": "", "moves": ""}  # fmt: skip
         if rung == top and genome not in members:
-            near = {str(g) for g in neighbours(parse_genome(genome, space), space)}
+            g = parse_genome(genome, space)
+            near = {str(n) for n in neighbours(g, space, radius)}
             parents = [t for t in tops if t[0] <= r.info.start_time and t[1] in near]
             if parents:
                 _, row["parent"], row["parent_val_accuracy"] = max(parents)
+                row["moves"] = next(k for k in range(1, radius + 1) if row["parent"] in {str(n) for n in neighbours(g, space, k)})
         rows.append(row)
     return rows
 
 
 def report(rows: list[dict[str, str]]) -> None:
     """The two findings of the module docstring, in points of validation accuracy."""
-    diffs = np.array([float(r["val_accuracy"]) - float(r["parent_val_accuracy"]) for r in rows if r["parent"]]) * 100
     climbs = sorted({r["climb"] for r in rows})
     print(f"{len(climbs)} climbs, {len(rows)} evaluations")
-    if len(diffs):
-        print(f"one-gene neighbour minus parent, top-rung validation accuracy: n = {len(diffs)}, mean {diffs.mean():+.2f}, "
-              f"sd {diffs.std(ddof=1):.2f} points; above the parent: {int((diffs > 0).sum())}, "
-              f"by more than 0.8 points (min_gain): {int((diffs > 0.8).sum())}")  # fmt: skip
+    with_parent = [r for r in rows if r["parent"]]
+    for moves in sorted({int(r.get("moves") or 1) for r in with_parent}):  # CSVs before --radius: one move
+        d = 100 * np.array(
+            [float(r["val_accuracy"]) - float(r["parent_val_accuracy"]) for r in with_parent if int(r.get("moves") or 1) == moves]
+        )
+        sd = f"{d.std(ddof=1):.2f}" if len(d) > 1 else "n/a"
+        print(f"neighbour {moves} move(s) away minus parent, top-rung validation accuracy: n = {len(d)}, mean {d.mean():+.2f}, sd {sd} "
+              f"points; above the parent: {int((d > 0).sum())}, by more than 0.8 points (min_gain): {int((d > 0.8).sum())}")  # fmt: skip
     val: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
     group = {}
     for r in rows:
@@ -96,13 +103,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stores", nargs="*", default=[], help="the climbs' sqlite stores (bench_search's --workdir/<strategy>.db)")
     ap.add_argument("--population", type=int, default=18, help="the searches' search.population_size (the main job's: 18)")
+    ap.add_argument("--radius", type=int, default=1, help="the climbs' search.radius: a parent is this many one-gene moves away at most")
     ap.add_argument("--csv", default="docs/bench_neighbours.csv")
     ap.add_argument("--report", action="store_true", help="read nothing: the numbers from --csv alone")
     args = ap.parse_args()
     if not args.report:
         if not args.stores:
             raise SystemExit("--stores: name at least one store (or --report to read --csv)")
-        rows = [row for s in args.stores for row in extract(Path(s), args.population)]
+        rows = [row for s in args.stores for row in extract(Path(s), args.population, args.radius)]
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=FIELDS)
             w.writeheader()
