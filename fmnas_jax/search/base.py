@@ -180,8 +180,6 @@ class TableConfig(SearchConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 1 <= self.radius <= 3:
-            raise ValueError(f"search.radius {self.radius} must be 1, 2 or 3 (the most one-gene moves from a point to its candidates)")
         if self.patience < 1 or self.max_restarts < 0:
             raise ValueError(f"search.patience {self.patience} must be >= 1 and search.max_restarts {self.max_restarts} >= 0")
 
