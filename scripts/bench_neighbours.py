@@ -58,12 +58,14 @@ def extract(store: Path, population: int, radius: int = 1) -> list[dict[str, obj
                "start_ms": r.info.start_time, "end_ms": r.info.end_time, "group": "population" if genome in members else "climb",
                "parent": "", "parent_val_accuracy": "", "moves": ""}  # fmt: skip
         if rung == top and genome not in members:
-            g = parse_genome(genome, space)
-            near = {str(n) for n in neighbours(g, space, radius)}
+            g, near = parse_genome(genome, space), {}  # genome -> moves away, nearest first
+            for k in range(1, radius + 1):
+                for n in neighbours(g, space, k):
+                    near.setdefault(str(n), k)
             parents = [t for t in tops if t[0] <= r.info.start_time and t[1] in near]
             if parents:
                 _, row["parent"], row["parent_val_accuracy"] = max(parents)
-                row["moves"] = next(k for k in range(1, radius + 1) if row["parent"] in {str(n) for n in neighbours(g, space, k)})
+                row["moves"] = near[row["parent"]]
         rows.append(row)
     return rows
 
