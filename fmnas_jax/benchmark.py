@@ -146,6 +146,36 @@ def paired_difference(rows: Iterable[Row], strategy: str, baseline: str = BASELI
     return mean_interval(list(paired_differences(rows, strategy, baseline, key).values()))
 
 
+def pairs_needed(differences: Sequence[float], power: float = 0.8, level: float = 0.95, most: int = 100_000) -> int | None:
+    """Paired seeds a `level` interval of the mean difference needs to lie above 0 with probability `power`.
+
+    The true mean and standard deviation taken to be those of `differences` (a paired t-test's power, from the
+    noncentral t distribution, e.g. 34 pairs for an effect of half a standard deviation at 80 % power). None when the
+    measured mean is not above 0 (no number of seeds makes such a strategy win) or more than `most` would be needed.
+    """
+    if len(differences) < 2:
+        raise ValueError(f"pairs_needed: {len(differences)} differences; the noise needs at least 2")
+    if not 0 < power < 1 or not 0 < level < 1:
+        raise ValueError(f"pairs_needed: power {power} and level {level} must lie in (0, 1)")
+    mean, sd = statistics.fmean(differences), statistics.stdev(differences)
+    if mean <= 0:
+        return None
+    if sd == 0:
+        return 2
+    effect = mean / sd
+
+    def reached(n: int) -> bool:
+        return bool(stats.nct.sf(stats.t.ppf(0.5 + level / 2, n - 1), n - 1, effect * math.sqrt(n)) >= power)
+
+    if not reached(most):
+        return None
+    low, high = 1, most  # reached(high), not reached(low): power grows with n
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if reached(mid) else (mid, high)
+    return high
+
+
 def anytime_means(
     curves: Mapping[str, Mapping[int, Sequence[tuple[float, float]]]], grid: np.ndarray
 ) -> tuple[list[int], dict[str, np.ndarray]]:

@@ -49,6 +49,7 @@ from fmnas_jax.benchmark import (
     mean_interval,
     objective_on_test,
     paired_differences,
+    pairs_needed,
     read_rows,
     rows_of_cpu,
     summary_table,
@@ -273,6 +274,10 @@ def main() -> None:
             d = mean_interval(list(per_seed.values()))
             seeds = ", ".join(f"seed {s}: {100 * v:+.2f}" for (s, _), v in per_seed.items())
             print(f"{a} minus {b}, {what}, paired, in points: {d.points()} ({seeds})" if d.n else f"{a} minus {b}: no paired seeds")
+            if d.n >= 2:
+                n = pairs_needed(list(per_seed.values()))
+                print(f"  paired seeds for its 95 % interval to lie above 0 (80 % power, were the mean and sd as measured): "
+                      f"{n if n is not None else 'none would (mean not above 0, or over 100,000)'}")  # fmt: skip
     if Path(args.anytime_csv).exists():
         drawn = [n for n in args.anytime_strategies.split(",") if n] or None
         if drawn is not None and (unknown := sorted(set(drawn) - set(names))):

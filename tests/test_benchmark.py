@@ -14,6 +14,7 @@ from fmnas_jax.benchmark import (
     objective_on_test,
     paired_difference,
     paired_differences,
+    pairs_needed,
     read_rows,
     rows_of_cpu,
     summary_table,
@@ -61,6 +62,27 @@ def test_paired_difference_by_hand():
     assert tpe.n == 2 and tpe.mean == pytest.approx(((0.92 - 0.90) + (0.90 - 0.91)) / 2)
     per_seed = paired_differences(_rows(), "tpe+asha", "hillclimb+asha")  # any two strategies, per (seed, CPU)
     assert list(per_seed) == [(0, ""), (1, "")] and list(per_seed.values()) == pytest.approx([0.01, -0.03])
+
+
+def _differences(mean: float, sd: float) -> list[float]:
+    return [mean - sd / math.sqrt(2), mean + sd / math.sqrt(2)]  # two values: this mean, this sample standard deviation
+
+
+@pytest.mark.parametrize(("effect", "pairs"), [(0.8, 15), (0.5, 34), (0.2, 199)])
+def test_pairs_needed_matches_the_paired_t_test_tables(effect, pairs):
+    # the standard sample sizes of a two-sided paired t-test at alpha 0.05 and 80 % power (Cohen's d = effect)
+    assert pairs_needed(_differences(effect * 0.01, 0.01)) == pairs
+    assert pairs_needed(_differences(effect * 0.01, 0.01), power=0.9) > pairs  # more power, more seeds
+
+
+def test_pairs_needed_refuses_what_cannot_win_and_bad_input():
+    assert pairs_needed(_differences(-0.002, 0.01)) is None and pairs_needed([0.0, 0.0]) is None  # not ahead: never
+    assert pairs_needed(_differences(0.0001, 0.01), most=1000) is None  # ahead by too little to show in 1,000 seeds
+    assert pairs_needed([0.01, 0.01]) == 2  # no noise
+    with pytest.raises(ValueError, match="1 differences"):
+        pairs_needed([0.01])
+    with pytest.raises(ValueError, match="power 1.5"):
+        pairs_needed([0.01, 0.02], power=1.5)
 
 
 def test_summary_table_names_the_main_job_and_the_paired_differences():
