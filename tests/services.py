@@ -25,6 +25,11 @@ PG_BIN = (
 HAVE_POSTGRES = PG_BIN is not None and shutil.which("runuser") is not None
 
 
+# A tracking server only: MLflow 3's server also starts job-runner processes (GenAI features) unless told not to; each
+# imports MLflow again (several CPU-seconds a server start) and none of them serves tracking.
+TRACKING_ONLY = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,7 +61,7 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [str(mlflow_bin), "server", "--backend-store-uri", self.backend_uri, "--artifacts-destination", str(self.artifacts),
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=TRACKING_ONLY,
         )  # fmt: skip
         try:
             wait_until(self.healthy, timeout, f"mlflow server on {self.url}", every=0.5)

@@ -42,7 +42,7 @@ def test_in_process_streams_epochs_and_is_deterministic(solo):
 
 
 def test_worker_processes_match_in_process(solo, tmp_path):
-    with opened(Workers(2, str(tmp_path / "cache"), synthetic_load)) as backend:
+    with opened(Workers(2, os.path.expanduser("~/.cache/fmnas_jax/jax"), synthetic_load)) as backend:  # the CLI's cache
         assert backend.parallelism == 2 and not backend.streams_epochs
         got = dict(backend.evaluate(_genomes(), SPEC))
     _check(got, solo, rel=1e-5)
@@ -119,6 +119,7 @@ print(json.dumps({"same": split == one, "devices": used}))
 """
 
 
+@pytest.mark.slow  # a fresh process with two CPU devices
 def test_population_split_across_two_devices_matches_one_device():
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, timeout=600)

@@ -85,6 +85,7 @@ needs_tensorflow = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 @needs_real_data
 @needs_tensorflow
 def test_tfds_source_reads_what_tfds_wrote_and_equals_the_idx_source(tmp_path, monkeypatch):

@@ -1,4 +1,8 @@
-"""End to end through the real CLI: real Hydra, real data, a real SQLite MLflow store."""
+"""End to end through the real CLI: real Hydra, real data, a real SQLite MLflow store.
+
+The shared smoke search (conftest's `smoke`) is a fresh `python -m fmnas_jax` process; the other jobs call the same
+entry point in this process (`helpers.job`), except where the process is the subject (its exit status).
+"""
 
 import itertools
 import json
@@ -13,30 +17,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import PAPER, needs_real_data
+from conftest import HALVING, PAPER, needs_real_data
+from helpers import cli, copy_store, job, runs
 from mlflow import MlflowClient
 
 from fmnas_jax.genome import Genome
 
 pytestmark = [pytest.mark.slow, needs_real_data]
-
-
-def cli(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "fmnas_jax", *args, "progress=false"], cwd=cwd, capture_output=True, text=True, timeout=900
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def runs(cwd: Path, role: str | None = None, status: str | None = None) -> list:
-    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("fmnas_jax")
-    if exp is None:  # a job that has just created the store has not made its experiment yet
-        return []
-    found = client.search_runs([exp.experiment_id], max_results=1000)
-    return [r for r in found if (role is None or r.data.tags.get("fmnas.role") == role) and (status is None or r.info.status == status)]
 
 
 def _check_the_ui_views(tmp_path: Path, search, evals: list) -> None:
@@ -61,16 +48,10 @@ def _check_the_ui_views(tmp_path: Path, search, evals: list) -> None:
     assert selected == [{r.info.run_id for r in evals}, {search.data.tags["winner_run_id"]}]  # MLflow's own search accepts them
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """One real smoke search (its folder, the finished process), shared by the tests that read its store."""
-    tmp_path = tmp_path_factory.mktemp("smoke")
-    return tmp_path, cli(tmp_path, "+experiment=smoke", "tracking.system_metrics_seconds=1")
-
-
-def test_smoke_end_to_end_then_rerun_trains_nothing(smoke):
-    tmp_path, first = smoke
-    out = "\n".join((first.stdout, first.stderr))
+def test_smoke_end_to_end_then_rerun_trains_nothing(smoke, tmp_path):
+    rerun_dir = tmp_path
+    tmp_path, first = smoke  # read only: the rerun below works on a copy
+    out = first.text
     assert f"sqlite:///{tmp_path / 'mlflow.db'}" in out and "result card" in out
     assert "malloc: glibc.malloc.hugetlb=1" in out  # the CLI restarted itself with glibc's huge pages
     evals = runs(tmp_path, "evaluation")
@@ -83,7 +64,7 @@ def test_smoke_end_to_end_then_rerun_trains_nothing(smoke):
         assert r.data.tags["mlflow.source.name"].endswith("__main__.py") and r.data.tags["mlflow.source.type"] == "LOCAL"
         assert r.data.tags["mlflow.user"]
     assert 0 <= search.data.metrics["system/cpu_utilization_percentage"] <= 100  # MLflow's system metrics on the search run
-    run_dir = Path(next(line.split("Files: ")[1] for line in first.stdout.splitlines() if line.startswith("Files: ")))
+    run_dir = first.files
     for name in ("results.csv", "params_vs_accuracy.png", "winner_curves.png", "result_card.md", "result_card.json", "climb_path.json"):
         assert (run_dir / name).stat().st_size > 0, name
     header = (run_dir / "results.csv").read_text().splitlines()[0]
@@ -105,10 +86,11 @@ def test_smoke_end_to_end_then_rerun_trains_nothing(smoke):
     assert "report/params_vs_accuracy.png" in artifacts and "report/results.csv" in artifacts
     _check_the_ui_views(tmp_path, search, evals)
 
-    second = cli(tmp_path, "+experiment=smoke")
-    assert len(runs(tmp_path, "evaluation")) == len(evals) and len(runs(tmp_path, "final")) == 1  # nothing retrained
-    assert "0 trained" in second.stderr + second.stdout
-    assert json.loads((run_dir / "result_card.json").read_text())["genome"] == card["genome"]
+    copy = copy_store(tmp_path, rerun_dir / "copy")
+    second = job(copy, "+experiment=smoke", "backend=inprocess")  # the backend is not part of the search
+    assert len(runs(copy, "evaluation")) == len(evals) and len(runs(copy, "final")) == 1  # nothing retrained
+    assert "0 trained" in second.text
+    assert second.card()["genome"] == card["genome"] and second.card()["run_id"] == card["run_id"]
 
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright drives it (no browser download)
@@ -120,18 +102,18 @@ def test_the_printed_link_opens_the_runs_in_model_training_mode_in_a_real_browse
     Model-training mode (not GenAI's welcome page), the search by name, and its final run under it."""
     playwright = pytest.importorskip("playwright.sync_api")
     sync_playwright, expect = playwright.sync_playwright, playwright.expect
-    from services import free_port, wait_until
+    from services import TRACKING_ONLY, free_port, wait_until
 
     tmp_path, first = smoke
     (link,) = re.findall(r"MLflow UI: (http://127\.0\.0\.1:5000/\S+)", first.stdout)
     assert "workflowType=machine_learning" in link
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    search = runs(tmp_path, "search")[-1]  # the first search (a rerun may have added another, with the same winner)
+    (search,) = runs(tmp_path, "search")
     winner = MlflowClient(uri).get_run(search.data.tags["winner_run_id"])
     port, log = free_port(), (tmp_path / "ui.log").open("w")
     mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
     ui = subprocess.Popen([mlflow_cli, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)],
-                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=TRACKING_ONLY)  # fmt: skip
     try:
 
         def up() -> bool:
@@ -163,8 +145,8 @@ def test_the_printed_link_opens_the_runs_in_model_training_mode_in_a_real_browse
         ui.wait(timeout=30)
 
 
-def test_train_experiment_with_the_readme_genome(tmp_path):
-    proc = cli(tmp_path, "+experiment=train", f"genome={PAPER}", "trainer.epochs=1", "data.train_size=2000", "data.val_size=1000")
+def test_train_experiment_with_the_readme_genome(trained):
+    tmp_path, proc = trained
     assert PAPER in proc.stdout and "16,598" in proc.stdout
     (run,) = runs(tmp_path, "evaluation", "FINISHED")
     assert run.data.tags["genome"] == PAPER and run.info.run_name == f"eval {Genome.parse(PAPER).short}"
@@ -190,7 +172,7 @@ def test_train_experiment_with_the_readme_genome(tmp_path):
 
 
 def test_table_strategy_trains_only_the_population(tmp_path):
-    cli(tmp_path, "+experiment=smoke", "search=table", "search.population_size=4")
+    job(tmp_path, "+experiment=smoke", "search=table", "search.population_size=4", "backend=inprocess")
     searches = runs(tmp_path, "search", "FINISHED")
     evals = runs(tmp_path, "evaluation", "FINISHED")
     assert len(searches) == 1 and len(evals) == 4 and len(runs(tmp_path, "final", "FINISHED")) == 1  # population, then the winner
@@ -220,32 +202,11 @@ BAD_INPUT = [
 ]
 
 
-# The real entry point, called once per case in one Python process (a process per case costs ~5 s of start-up each).
-ENTRY_LOOP = """
-import contextlib, io, json, sys
-from fmnas_jax.__main__ import entry
-results = []
-for args in json.loads(sys.argv[1]):
-    sys.argv = ["fmnas_jax", *args, "progress=false"]
-    text = io.StringIO()
-    with contextlib.redirect_stderr(text), contextlib.redirect_stdout(text):
-        try:
-            entry()
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    results.append([code, text.getvalue()])
-print(json.dumps(results))
-"""
-
-
 def test_bad_input_exits_nonzero_and_writes_no_run(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", ENTRY_LOOP, json.dumps([args for args, _ in BAD_INPUT])], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    for (args, fragment), (code, text) in zip(BAD_INPUT, results, strict=True):
-        assert code not in (0, None) and fragment in text, (args, code, text[-2000:])
+    """The CLI's entry point (Hydra's main) called once per case in this process; a fresh process shows one case below."""
+    for args, fragment in BAD_INPUT:
+        done = job(tmp_path, *args, check=False)
+        assert done.returncode not in (0, None) and fragment in done.text, (args, done.returncode, done.text[-2000:])
     assert not (tmp_path / "mlflow.db").exists() or runs(tmp_path) == []
 
 
@@ -266,14 +227,13 @@ def test_corrupt_data_file_exits_nonzero_and_writes_no_run(tmp_path):
     shutil.copytree(REAL_DATA, data)
     raw = gzip.decompress((data / "t10k-labels-idx1-ubyte.gz").read_bytes())
     (data / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(raw)[:-40])  # truncated gzip stream
-    proc = cli(tmp_path, "+experiment=smoke", f"data.dir={data}", check=False)
+    proc = job(tmp_path, "+experiment=smoke", f"data.dir={data}", check=False)
     assert proc.returncode != 0 and "t10k-labels-idx1-ubyte.gz is truncated or corrupt" in proc.stderr
     assert not (tmp_path / "mlflow.db").exists() or runs(tmp_path) == []
 
 
 def test_help_lists_the_experiments_and_groups(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fmnas_jax", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0
+    proc = job(tmp_path, "--help")
     for text in (
         "+experiment=hillclimb",
         "experiment: hillclimb, long, paper, predict, smoke, train",
@@ -284,29 +244,27 @@ def test_help_lists_the_experiments_and_groups(tmp_path):
         assert text in proc.stdout, text
 
 
-HALVING = ["+experiment=smoke", "search/fidelity=halving", "search.fidelity.rungs=[{epochs: 1, train_size: 300}]",
-           "search.population_size=6", "search.budget=6", "search.seed=3"]  # fmt: skip
-
-
-def test_multi_fidelity_search_tags_rungs_and_a_rerun_trains_nothing(tmp_path):
-    first = cli(tmp_path, *HALVING)
-    evals = runs(tmp_path, "evaluation", "FINISHED")
+def test_multi_fidelity_search_tags_rungs_and_a_rerun_trains_nothing(halving, tmp_path):
+    folder, first = halving  # read only: the rerun below works on a copy
+    evals = runs(folder, "evaluation", "FINISHED")
     by_rung = Counter(r.data.tags.get("fmnas.rung") for r in evals)
     assert by_rung["0"] >= 6 and 1 <= by_rung["1"] < by_rung["0"]  # the population halved: a third promoted
-    assert None not in by_rung and len(runs(tmp_path, "final", "FINISHED")) == 1  # the retrained winner has its own role
+    assert None not in by_rung and len(runs(folder, "final", "FINISHED")) == 1  # the retrained winner has its own role
     assert len({r.data.tags["budget_key"] for r in evals if r.data.tags.get("fmnas.rung") == "0"}) == 1
     promoted = {r.data.tags["genome"] for r in evals if r.data.tags.get("fmnas.rung") == "1"}
     assert promoted <= {r.data.tags["genome"] for r in evals if r.data.tags.get("fmnas.rung") == "0"}  # every rung-1 genome passed rung 0
-    winner = json.loads(next(Path(line.split("Files: ")[1]) for line in first.stdout.splitlines() if line.startswith("Files: "))
-                        .joinpath("result_card.json").read_text())["genome"]  # fmt: skip
-    assert winner in promoted  # selected at the full budget only
-    cli(tmp_path, *HALVING)
-    assert len(runs(tmp_path, "evaluation")) == len(evals) and len(runs(tmp_path, "final")) == 1  # every (genome, rung) reused
+    assert first.card()["genome"] in promoted  # selected at the full budget only
+    copy = copy_store(folder, tmp_path / "copy")
+    job(copy, *HALVING)
+    assert len(runs(copy, "evaluation")) == len(evals) and len(runs(copy, "final")) == 1  # every (genome, rung) reused
 
 
-def test_confirm_evaluates_the_top_rungs_best_again_and_picks_the_best_mean(tmp_path):
-    first = cli(tmp_path, *HALVING, "search.confirm=2")
-    evals = runs(tmp_path, "evaluation", "FINISHED")
+def test_confirm_evaluates_the_top_rungs_best_again_and_picks_the_best_mean(halving, tmp_path):
+    """On a copy of the `halving` search's store: the same search with search.confirm=2 reuses its path (another
+    search's results are free) and trains the confirmations."""
+    copy = copy_store(halving[0], tmp_path / "copy")
+    first = job(copy, *HALVING, "search.confirm=2")
+    evals = runs(copy, "evaluation", "FINISHED")
     top = {r.data.tags["genome"]: r.data.metrics["fitness"] for r in evals if r.data.tags.get("fmnas.rung") == "1"}
     again = [r for r in evals if "fmnas.confirm" in r.data.tags]
     assert [r.data.tags["fmnas.confirm"] for r in again] == ["1", "1"] and all("fmnas.rung" not in r.data.tags for r in again)
@@ -314,12 +272,11 @@ def test_confirm_evaluates_the_top_rungs_best_again_and_picks_the_best_mean(tmp_
     best_two = sorted(top, key=lambda g: -top[g])[:2]
     assert sorted(r.data.tags["genome"] for r in again) == sorted(best_two)
     mean = {r.data.tags["genome"]: (top[r.data.tags["genome"]] + r.data.metrics["fitness"]) / 2 for r in again}
-    winner = json.loads(next(Path(line.split("Files: ")[1]) for line in first.stdout.splitlines() if line.startswith("Files: "))
-                        .joinpath("result_card.json").read_text())["genome"]  # fmt: skip
-    assert winner == max(mean, key=lambda g: mean[g])
+    assert first.card()["genome"] == max(mean, key=lambda g: mean[g])
     assert all(r.info.run_name.startswith("c1 ") for r in again)
-    cli(tmp_path, *HALVING, "search.confirm=2")
-    assert len(runs(tmp_path, "evaluation")) == len(evals) and len(runs(tmp_path, "final")) == 1  # the confirmations reused too
+    finals = len(runs(copy, "final"))
+    job(copy, *HALVING, "search.confirm=2")
+    assert len(runs(copy, "evaluation")) == len(evals) and len(runs(copy, "final")) == finals  # the confirmations reused too
 
 
 def test_table_climber_ignores_evaluations_outside_its_space(tmp_path):
@@ -340,7 +297,7 @@ def test_table_climber_ignores_evaluations_outside_its_space(tmp_path):
     rid = store.start_evaluation(big, "outside-the-small-space", budget_key(EvalSpec(app.trainer, app.data, app.seed)), None, {})
     store.log(rid, metrics={"val_accuracy": 0.99, "test_accuracy": 0.99, "train_accuracy": 0.99, "param_count": 113_994})
     store.end_run(rid)
-    cli(tmp_path, *table)
+    job(tmp_path, *table, "backend=inprocess")
     (search,) = runs(tmp_path, "search", "FINISHED")
     assert search.data.tags["winner"] != big
     assert any(r.info.run_id == rid for r in runs(tmp_path, "evaluation", "FINISHED"))  # it was there to be read

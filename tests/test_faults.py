@@ -82,6 +82,7 @@ OPEN = "import sys; from fmnas_jax.store import Store; print('opened', Store(sys
 RAW = "import sys; from mlflow import MlflowClient; print('opened', len(MlflowClient(sys.argv[1]).search_experiments()))"
 
 
+@pytest.mark.slow
 def test_a_fresh_sqlite_store_opened_by_many_processes_at_once(tmp_path):
     for trial in range(2):
         db = tmp_path / f"trial{trial}.db"

@@ -1,14 +1,13 @@
 """Saved weights: round trip, the predict command, the per-class report, and the bad cases."""
 
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from conftest import PAPER, needs_real_data
+from helpers import job, runs
 from mlflow import MlflowClient
-from test_e2e import cli, runs
 
 from fmnas_jax import Genome
 from fmnas_jax.checkpoint import CheckpointError, checkpoint_bytes, read_checkpoint
@@ -22,14 +21,14 @@ SMALL = Genome.parse("NC 8 3 relu;RC 16 3 relu;NC 8 3 relu;RC 16 3 relu;FL relu;
 
 
 @pytest.fixture(scope="module")
-def trained():
+def small():
     data = synthetic_dataset(256, 100, 200, seed=1)
     r = train_and_evaluate(SMALL, to_device(data, 100), TrainConfig(batch_size=64, epochs=2), seed=0, keep_variables=True)
     return r, data
 
 
-def test_save_load_gives_identical_logits(trained, tmp_path):
-    r, data = trained
+def test_save_load_gives_identical_logits(small, tmp_path):
+    r, data = small
     path = tmp_path / "checkpoint.msgpack"
     path.write_bytes(checkpoint_bytes(SMALL, r.variables, r.normalisation))
     model = load_checkpoint(path)
@@ -43,8 +42,8 @@ def test_save_load_gives_identical_logits(trained, tmp_path):
     assert np.array_equal(model.predict_fn()(data.x_test[:, :, :, 0]), pred)  # (N, 28, 28) works too
 
 
-def test_checkpoint_that_does_not_fit_its_genome(trained, tmp_path):
-    r, _ = trained
+def test_checkpoint_that_does_not_fit_its_genome(small, tmp_path):
+    r, _ = small
     other = Genome.parse("NC 8 3 relu;RC 32 3 relu;NC 8 3 relu;RC 16 3 relu;FL relu;")  # layer 2 wider
     blob = checkpoint_bytes(other, jax.tree_util.tree_map(np.asarray, r.variables), r.normalisation)
     with pytest.raises(CheckpointError, match="do not match genome"):
@@ -81,28 +80,30 @@ def test_missing_run_and_run_without_weights(tracking_uri):
 
 @pytest.mark.slow
 @needs_real_data
-def test_train_save_predict_matches_logged_accuracy(tmp_path):
-    proc = cli(tmp_path, "+experiment=train", "trainer.epochs=1", "data.train_size=3000", "data.val_size=700")
-    run_dir = Path(next(ln.split("Files: ")[1] for ln in proc.stdout.splitlines() if ln.startswith("Files: ")))
+def test_train_save_predict_matches_logged_accuracy(trained, tmp_path):
+    folder, proc = trained
+    run_dir = proc.files
     card = json.loads((run_dir / "result_card.json").read_text())
     cm = np.loadtxt(run_dir / "confusion_matrix.csv", delimiter=",", dtype=int)
     assert cm.shape == (10, 10) and cm.sum() == 10000  # the whole test set
     assert np.trace(cm) / cm.sum() == pytest.approx(card["test_accuracy"], abs=1e-6)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
     arts = {a.path for a in client.list_artifacts(card["run_id"], "report")}
     assert {"report/confusion_matrix.png", "report/per_class.md"} <= arts
     assert client.get_run(card["run_id"]).data.tags["fmnas.checkpoint"].endswith("/artifacts/checkpoint.msgpack")  # in its logged model
 
     np.save(tmp_path / "few.npy", read_images("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")[:5])  # IDX reader too
-    pred = cli(tmp_path, "+experiment=predict", f"run_id={card['run_id']}", f"images={tmp_path / 'few.npy'}")
+    store = f"tracking.uri=sqlite:///{folder / 'mlflow.db'}"  # the shared run's store, read from this test's folder
+    pred = job(tmp_path, store, "+experiment=predict", f"run_id={card['run_id']}", f"images={tmp_path / 'few.npy'}")
     assert "matches the logged value" in pred.stdout and "5 images classified" in pred.stdout
     assert f"{100 * card['test_accuracy']:.2f}%" in pred.stdout
-    assert len(runs(tmp_path, "evaluation")) == 1  # predicting logs nothing
+    assert len(runs(folder, "evaluation")) == 1  # predicting logs nothing
 
-    bad = cli(tmp_path, "+experiment=predict", "run_id=0123456789abcdef", check=False)
+    bad = job(tmp_path, store, "+experiment=predict", "run_id=0123456789abcdef", check=False)
     assert bad.returncode != 0 and "not found" in bad.stderr
-    wrong = cli(
+    wrong = job(
         tmp_path,
+        store,
         "+experiment=predict",
         f"run_id={card['run_id']}",
         "genome=NC 4 5 relu;RC 64 3 relu;NC 4 5 sigmoid;RC 64 3 relu;FL gelu;",

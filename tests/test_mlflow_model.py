@@ -19,23 +19,22 @@ import pytest
 from conftest import PAPER, REAL_DATA, needs_real_data
 from mlflow import MlflowClient
 from services import free_port, wait_until
-from test_e2e import cli
 
 from fmnas_jax.data import load_arrays
 
 pytestmark = [pytest.mark.slow, needs_real_data]
 
 
-def test_a_trained_genome_is_a_registered_mlflow_model_that_pyfunc_and_serve_run(tmp_path):
-    cli(tmp_path, "+experiment=train", f"genome={PAPER}", "trainer.epochs=1", "data.train_size=3000", "registry.model_name=fmnas-test")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_a_trained_genome_is_a_registered_mlflow_model_that_pyfunc_and_serve_run(trained, tmp_path):
+    folder = trained[0]  # conftest's +experiment=train run of the paper's genome (read only)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
     client = MlflowClient(uri)
-    (version,) = client.search_model_versions("name = 'fmnas-test'")
+    (version,) = client.search_model_versions("name = 'fmnas-winner'")
     run = client.get_run(version.run_id)
     assert version.tags["genome"] == PAPER and version.tags["param_count"] == str(int(run.data.metrics["param_count"]))
     assert float(version.tags["test_accuracy"]) == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-4)
-    assert run.data.tags["fmnas.registered_model"] == "fmnas-test/1"
-    assert str(client.get_model_version_by_alias("fmnas-test", "champion").version) == "1"  # the first version is the best so far
+    assert run.data.tags["fmnas.registered_model"] == "fmnas-winner/1"
+    assert str(client.get_model_version_by_alias("fmnas-winner", "champion").version) == "1"  # the first version is the best so far
 
     # A logged model (the Models tab, the run's Logged models), linked to its run and holding the only copy of the weights.
     (output,) = run.outputs.model_outputs
@@ -57,7 +56,7 @@ def test_a_trained_genome_is_a_registered_mlflow_model_that_pyfunc_and_serve_run
     arrays, _ = load_arrays("auto", str(REAL_DATA), verify=False)
     x_test, y_test = arrays[2][..., 0] if arrays[2].ndim == 4 else arrays[2], arrays[3]
     mlflow.set_tracking_uri(uri)
-    predicted = mlflow.pyfunc.load_model("models:/fmnas-test/1").predict(np.asarray(x_test, np.uint8))
+    predicted = mlflow.pyfunc.load_model("models:/fmnas-winner/1").predict(np.asarray(x_test, np.uint8))
     assert predicted.shape == (10000,)
     assert float(np.mean(predicted == y_test)) == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-4)
 
@@ -65,7 +64,7 @@ def test_a_trained_genome_is_a_registered_mlflow_model_that_pyfunc_and_serve_run
     port = free_port()
     env = os.environ | {"MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     log = (tmp_path / "serve.log").open("w")
-    serve = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", "models:/fmnas-test/1",
+    serve = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", "models:/fmnas-winner/1",
                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:

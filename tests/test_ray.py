@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_real_data
-from test_e2e import cli, runs
+from helpers import cli, runs
 
 from fmnas_jax.backends import BackendError, EvalSpec, InProcess, opened
 from fmnas_jax.data import DataConfig, synthetic_load
@@ -30,7 +30,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from fmnas_jax.backends.ray_tasks import Ray  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one cluster, on one pytest-xdist worker
 RAY_NODE = "fmnas.ray_node"
 SPEC = EvalSpec(TrainConfig(epochs=2, batch_size=64), DataConfig(train_size=512, val_size=256), 0)
 GENOMES = [Genome.parse(g) for g in ("NC 4 3 relu;RC 8 3 relu;NC 4 3 relu;RC 8 3 relu;FL relu;",

@@ -1,4 +1,7 @@
-"""Crash safety and shared stores, through the real CLI on the real data (see docs/reliability.md)."""
+"""Crash safety and shared stores, through the real CLI on the real data (see docs/reliability.md).
+
+What is killed or interrupted is a real `python -m fmnas_jax` process; the reruns and references call the same entry
+point in this process (`helpers.job`)."""
 
 import json
 import os
@@ -11,12 +14,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import needs_real_data
+from conftest import HALVING, needs_real_data
+from helpers import cli, job, runs
 from mlflow import MlflowClient
-from test_e2e import cli, runs
 
 pytestmark = [pytest.mark.slow, needs_real_data]
-SEARCH = ["+experiment=smoke", "search.population_size=4", "search.budget=4", "search.seed=5"]
+SEARCH = ["+experiment=smoke"]  # conftest's shared smoke search: the uninterrupted reference
 
 
 def _evals(db: Path, status: str) -> int:
@@ -51,17 +54,15 @@ def _kill_9_when(cwd: Path, args: list[str], ready, what: str) -> None:
     proc.wait()
 
 
-def test_kill_9_then_rerun_finishes_without_retraining(tmp_path):
-    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
-    reference.mkdir(), crashed.mkdir()
-    cli(reference, *SEARCH)
+def test_kill_9_then_rerun_finishes_without_retraining(tmp_path, smoke):
+    reference, crashed = smoke[0], tmp_path
 
     _kill_9_when(crashed, SEARCH, lambda: _evals(crashed / "mlflow.db", "FINISHED") >= 2, "it could be killed")
     before = {r.info.run_id for r in runs(crashed, "evaluation", "FINISHED")}
     left_running = {r.info.run_id for r in runs(crashed) if r.info.status == "RUNNING"}
     assert before and left_running  # killed mid-search: some results, some runs in flight
 
-    cli(crashed, *SEARCH)
+    job(crashed, *SEARCH)
     after = runs(crashed, "evaluation", "FINISHED")
     keys = Counter(r.data.tags["eval_key"] for r in after)
     assert max(keys.values()) == 1  # exactly one FINISHED run per eval_key
@@ -141,7 +142,8 @@ def test_parallel_joblib_sweep_on_one_fresh_sqlite_store(tmp_path):
 
 
 def test_divergence_is_a_failed_run_and_the_search_goes_on(tmp_path):
-    cli(tmp_path, "+experiment=smoke", "trainer.learning_rate=1e4", "trainer.schedule=constant", "final.learning_rate=0.003")
+    job(tmp_path, "+experiment=smoke", "trainer.learning_rate=1e4", "trainer.schedule=constant", "final.learning_rate=0.003",
+        "backend=inprocess")  # fmt: skip
     failed = runs(tmp_path, "evaluation", "FAILED")
     assert failed and all("diverged" in r.data.tags["fmnas.reason"] for r in failed)
     (search,) = runs(tmp_path, "search", "FINISHED")
@@ -153,8 +155,7 @@ def test_same_seed_same_search(tmp_path):
     a.mkdir(), b.mkdir()
     cards = []
     for d in (a, b):
-        proc = cli(d, "+experiment=smoke", "backend=inprocess")
-        run_dir = Path(next(ln.split("Files: ")[1] for ln in proc.stdout.splitlines() if ln.startswith("Files: ")))
+        run_dir = job(d, "+experiment=smoke", "backend=inprocess").files
         cards.append((json.loads((run_dir / "climb_path.json").read_text()), json.loads((run_dir / "result_card.json").read_text())))
     (path_a, card_a), (path_b, card_b) = cards
     assert path_a == path_b
@@ -175,20 +176,15 @@ def _rung_runs(db: Path, rung: str, status: str) -> int:
         return 0
 
 
-def test_kill_9_during_rung_1_then_rerun_reuses_rung_0(tmp_path):
+def test_kill_9_during_rung_1_then_rerun_reuses_rung_0(tmp_path, halving):
     """A multi-fidelity search killed while its first promoted genomes train at rung 1: the rerun
     retrains no rung-0 (or any finished) evaluation and ends on the uninterrupted search's winner."""
-    halving = ["+experiment=smoke", "search/fidelity=halving", "search.fidelity.rungs=[{epochs: 1, train_size: 300}]",
-               "search.population_size=6", "search.budget=4", "search.seed=7", "trainer.epochs=2", "backend=inprocess"]  # fmt: skip
-    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
-    reference.mkdir(), crashed.mkdir()
-    cli(reference, *halving)
-
-    _kill_9_when(crashed, halving, lambda: _rung_runs(crashed / "mlflow.db", "1", "RUNNING") >= 1, "it reached rung 1")
+    reference, crashed = halving[0], tmp_path
+    _kill_9_when(crashed, HALVING, lambda: _rung_runs(crashed / "mlflow.db", "1", "RUNNING") >= 1, "it reached rung 1")
     rung0 = {r.info.run_id for r in runs(crashed, "evaluation", "FINISHED") if r.data.tags.get("fmnas.rung") == "0"}
     assert len(rung0) == 6  # the whole population had been screened at rung 0
 
-    cli(crashed, *halving)
+    job(crashed, *HALVING)
     after = runs(crashed, "evaluation", "FINISHED")
     assert {r.info.run_id for r in after if r.data.tags.get("fmnas.rung") == "0"} >= rung0
     assert max(Counter(r.data.tags["eval_key"] for r in after).values()) == 1  # no (genome, rung) trained twice
@@ -206,30 +202,32 @@ def _trained_seconds(cwd: Path) -> float:
     return sum(r.data.metrics.get("perf/wall_seconds", 0.0) for r in runs(cwd) if r.data.tags.get("fmnas.role") in ("evaluation", "final"))
 
 
+@pytest.mark.alone
 def test_a_finished_time_budgeted_search_run_again_trains_nothing(tmp_path):
     """A 50-second budget for search and retrain is kept (startup excluded). A stored result costs no training
     time, but the rerun of a finished search must not get the whole budget again: it replays what it stored,
     reuses the retrained winner, and keeps the winner."""
-    cli(tmp_path, *TIMED)
+    job(tmp_path, *TIMED)
     evals, first = runs(tmp_path, "evaluation", "FINISHED"), _winner(tmp_path)
     assert len(evals) > 6  # it used the time: it climbed beyond the population
     (search,) = runs(tmp_path, "search", "FINISHED")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     ends = [client.get_run(r.info.run_id).info.end_time for r in [*evals, *runs(tmp_path, "final", "FINISHED")]]
     assert (max(ends) - search.info.start_time) / 1000 <= 50 * 1.15  # search and retrain within the budget
-    second = cli(tmp_path, *TIMED)
+    second = job(tmp_path, *TIMED)
     assert len(runs(tmp_path, "evaluation")) == len(evals) and len(runs(tmp_path, "final")) == 1
     searches = sorted(runs(tmp_path, "search", "FINISHED"), key=lambda r: r.info.start_time)
     assert searches[1].data.metrics["new_evaluations"] == 0 and searches[1].data.tags["winner"] == first
     assert "replaying it" in second.stderr + second.stdout
 
 
+@pytest.mark.alone
 def test_kill_9_mid_search_then_rerun_keeps_the_time_budget(tmp_path):
     """The resumed attempt is charged what the killed one spent: both together stay within the budget."""
     # Killed mid-population (3 of its 6), so that the rerun has time left beyond what any attempt spends anyway
     # (start, store, retrain, report: ~15 s, more on a busy machine), which no budget can make shorter.
     _kill_9_when(tmp_path, TIMED, lambda: _evals(tmp_path / "mlflow.db", "FINISHED") >= 3, "it could be killed")
-    cli(tmp_path, *TIMED)
+    job(tmp_path, *TIMED)
     searches = runs(tmp_path, "search")
     assert len(searches) == 2 and sum(r.info.status == "FINISHED" for r in searches) == 1
     assert max(Counter(r.data.tags["eval_key"] for r in runs(tmp_path, "evaluation", "FINISHED")).values()) == 1

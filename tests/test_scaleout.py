@@ -5,9 +5,9 @@ Starts its own services on 127.0.0.1 (free ports), and stops them whatever happe
 
 import pytest
 from conftest import needs_real_data
+from helpers import cli
 from mlflow import MlflowClient
 from services import HAVE_POSTGRES, MlflowServer, Postgres
-from test_e2e import cli
 
 pytestmark = [pytest.mark.slow, needs_real_data]
 

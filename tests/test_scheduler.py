@@ -135,6 +135,7 @@ def test_an_interrupted_search_resumes_from_the_store_and_trains_each_evaluation
     assert again.trained == [] and [s.genome for s in rerun.path] == [s.genome for s in result.path]
 
 
+@pytest.mark.slow  # 480 evaluations through a real SQLite store
 def test_the_asynchronous_climber_moves_and_beats_random_search_on_a_smooth_landscape(tracking_uri, tmp_path):
     climbs, randoms, moves = [], [], []
     for seed in range(4):

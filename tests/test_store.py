@@ -67,6 +67,7 @@ def test_failed_runs_are_not_results_and_earliest_finished_wins(tracking_uri):
     assert store.finished_evaluations("other") == []
 
 
+@pytest.mark.slow
 def test_finished_evaluations_pages_past_1000_runs(tracking_uri):
     store = Store(tracking_uri, "exp")
     exp = store.experiment_id

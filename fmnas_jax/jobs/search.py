@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from fmnas_jax.backends import Backend, EvalSpec, InProcess, choose_backend, cpu_workers, opened
+from fmnas_jax.budget import TimeBudget
 from fmnas_jax.config import AppConfig
 from fmnas_jax.cost import WORKERS_OVER_ONE_PROCESS, CostModel, Sample
 from fmnas_jax.data import DataConfig
@@ -31,11 +31,6 @@ from fmnas_jax.search.base import ClimbResult, Proposals, SearchConfig, Step, Ta
 from fmnas_jax.store import Store, flatten, host_name
 
 log = logging.getLogger("fmnas_jax")
-# Measured on the 2-core AMD EPYC (main job, 2026-11-28): the retrain's epochs ran ~5 % slower than the
-# cost model predicted (each also validates), and the per-class report, the figures and the MLflow Model's
-# logging and registration took ~30 s after the last epoch; with neither margin the job overran by ~60 s.
-RETRAIN_EPOCH_MARGIN = 1.05
-AFTER_RETRAIN_SECONDS = 30.0
 
 
 def search_key(cfg: AppConfig) -> str:
@@ -66,8 +61,8 @@ def rung_specs(cfg: AppConfig) -> list[EvalSpec]:
 
 def run_search(cfg: AppConfig, config_yaml: str, out_dir: Path) -> Card:
     """Population -> strategy -> retrain the winner -> report; everything logged under one parent run."""
-    started = time.monotonic()
     sc = cfg.search
+    budget = TimeBudget(sc.time_budget_seconds)  # start-up excluded: the budget starts here
     store = open_store(cfg)
     specs = rung_specs(cfg)
     budgets = " | ".join(f"rung {i}: {describe_budget(s.trainer, s.data)}" for i, s in enumerate(specs)) if len(specs) > 1 else \
@@ -95,7 +90,7 @@ def run_search(cfg: AppConfig, config_yaml: str, out_dir: Path) -> Card:
             opened(choose_backend(cfg.backend, cfg.cache_dir)) as backend,
         ):
             log.info("evaluation path: %s", backend.description)
-            card = _search(cfg, store, parent, OwnSearches(store, key, own | {parent}), backend, specs, started, out_dir)
+            card = _search(cfg, store, parent, OwnSearches(store, key, own | {parent}), backend, specs, budget, out_dir)
     except BaseException as e:
         store.end_run_on_the_way_out(parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", f"{type(e).__name__}: {e}")
         raise
@@ -126,13 +121,12 @@ class OwnSearches:
 
 
 def _search(
-    cfg: AppConfig, store: Store, parent: str, own: OwnSearches, backend: Backend, specs: list[EvalSpec], started: float, out_dir: Path
+    cfg: AppConfig, store: Store, parent: str, own: OwnSearches, backend: Backend, specs: list[EvalSpec], budget: TimeBudget, out_dir: Path
 ) -> Card:
     sc = cfg.search
     rng = np.random.default_rng(sc.seed)
     final_spec = EvalSpec(cfg.final.trainer(cfg.trainer), cfg.final.data(cfg.data), cfg.seed, keep_variables=True)
     cost = CostModel(_samples(store))
-    time_left = None if sc.time_budget_seconds is None else sc.time_budget_seconds - (time.monotonic() - started)
     final_images = images_per_evaluation(final_spec.trainer, n_train(final_spec.data))
     rungs: list[SearchObjective] = []
     # The final retrain runs in-process on every core: on a worker pool, faster than one worker's evaluation.
@@ -140,16 +134,17 @@ def _search(
     # the retrain then trains the epochs that fit (see _fit_final).
     # (this machine's cores: a Ray cluster's other nodes do not speed up the retrain here)
     speedup = min(backend.parallelism, cpu_workers()) / WORKERS_OVER_ONE_PROCESS if backend.separate_processes else 1.0
-    cap = sc.final_share * (sc.time_budget_seconds or 0)
+    cap = budget.retrain_cap(sc.final_share)
     # A time budget holds across attempts: what earlier attempts of this search spent is charged, and a rerun of a
     # finished search only replays what it stored (trains nothing, so it ends where it ended).
     spent, finished = _earlier_attempts(store, own, parent)
     if spent or finished:
         log.info("earlier attempts of this search spent %.0f s of its time budget%s", spent, "; it finished: replaying it" * finished)
-    if time_left is not None:
-        time_left -= spent
-    allowance = Allowance(None, time_left, cost, backend.parallelism, replay_only=finished)
-    progress = _Progress(cfg, store, parent, started)
+    budget.charge(spent)
+    allowance = Allowance(
+        None, budget.left() if budget.timed else None, cost, backend.parallelism, clock=budget.clock, replay_only=finished
+    )
+    progress = _Progress(cfg, store, parent, budget)
     epochs = EpochBar(cfg.trainer.epochs, cfg.progress and backend.streams_epochs)
     for r, spec in enumerate(specs):
         ev = Evaluator(store, spec, backend, parent, epochs.update, rung=r if len(specs) > 1 else None)
@@ -202,21 +197,19 @@ def _search(
         log.warning("the budget ran out before a genome reached the top rung: the winner was chosen on a cheaper rung")
     counts = [r.evaluator.counts() for r in [*rungs, *checks]]
     metrics = {"new_evaluations": sum(c["trained"] + c["failed"] for c in counts), "reused_evaluations": sum(c["reused"] for c in counts),
-               "failed_evaluations": sum(c["failed"] for c in counts), "search_seconds": time.monotonic() - started}  # fmt: skip
+               "failed_evaluations": sum(c["failed"] for c in counts), "search_seconds": budget.elapsed()}  # fmt: skip
     store.log(parent, metrics=metrics)
 
     # RETRAIN the winner with the final budget and recipe, then REPORT.
-    deadline = None
-    if sc.time_budget_seconds is not None:
-        budget_end = started + sc.time_budget_seconds - spent  # on time.monotonic()'s clock, earlier attempts' time deducted
+    if budget.timed:
         earlier_epochs = _earlier_final_epochs(store, own, result.best)
         if earlier_epochs is not None:  # an earlier attempt retrained it already: the same run, reused
             final_spec = replace(final_spec, trainer=replace(final_spec.trainer, epochs=earlier_epochs))
         else:
-            final_spec = _fit_final(final_spec, result.best, cost, speedup, budget_end - time.monotonic())
-        # The plan above is the cost model's; the trainer holds it to the budget's end from its own measured epochs
-        # (fewer epochs, the schedule re-planned to them, when the retrain runs slower than predicted).
-        deadline = budget_end - AFTER_RETRAIN_SECONDS
+            final_spec = _fit_final(final_spec, result.best, cost, speedup, budget)
+    # The plan above is the cost model's; the trainer holds it to the budget's end from its own measured epochs
+    # (fewer epochs, the schedule re-planned to them, when the retrain runs slower than predicted).
+    deadline = budget.retrain_deadline()
     log.info("retraining the winner %s: %s", result.best, describe_budget(final_spec.trainer, final_spec.data))
     with EpochBar(final_spec.trainer.epochs, cfg.progress) as final_bar:
 
@@ -288,16 +281,14 @@ def _confirm(
     return ClimbResult(best, full[best], (*result.path, Step(last.restart, last.step + 1, best, full[best], "confirm"))), checks
 
 
-def _fit_final(spec: EvalSpec, genome: Genome, cost: CostModel, speedup: float, seconds_left: float) -> EvalSpec:
-    """The final spec with as many of its epochs as the time budget has left (at least one)."""
+def _fit_final(spec: EvalSpec, genome: Genome, cost: CostModel, speedup: float, budget: TimeBudget) -> EvalSpec:
+    """The final spec with as many of its epochs as the time budget has left (at least one), as the cost model predicts them."""
     per_epoch = images_per_evaluation(replace(spec.trainer, epochs=1), n_train(spec.data))
     overhead = cost.seconds(genome, 0)
-    seconds = (seconds_left - AFTER_RETRAIN_SECONDS) * speedup - overhead
-    fit = int(seconds // max(RETRAIN_EPOCH_MARGIN * (cost.seconds(genome, per_epoch) - overhead), 1e-9))
-    epochs = max(1, min(spec.trainer.epochs, fit))
+    epochs = budget.retrain_epochs(spec.trainer.epochs, cost.seconds(genome, per_epoch) - overhead, overhead, speedup)
     if epochs < spec.trainer.epochs:
         log.warning("the retrain gets %d of final.epochs=%d epochs: that is what fits the %.0f s left of search.time_budget",
-                    epochs, spec.trainer.epochs, seconds_left)  # fmt: skip
+                    epochs, spec.trainer.epochs, budget.left())  # fmt: skip
     return replace(spec, trainer=replace(spec.trainer, epochs=epochs))
 
 
@@ -378,8 +369,8 @@ class _Progress:
     resumed attempt charges against the time budget), `evaluations_r<rung>`, and the anytime curve,
     `best_fitness` and `best_val_accuracy` of the top rung so far."""
 
-    def __init__(self, cfg: AppConfig, store: Store, parent: str, started: float) -> None:
-        sc, self.started, self.store, self.parent, self.count = cfg.search, started, store, parent, 0
+    def __init__(self, cfg: AppConfig, store: Store, parent: str, budget: TimeBudget) -> None:
+        sc, self.budget, self.store, self.parent, self.count = cfg.search, budget, store, parent, 0
         self.seconds = sc.time_budget_seconds
         self.rungs: list[SearchObjective] = []
         self.per_rung: dict[int, int] = {}
@@ -398,7 +389,7 @@ class _Progress:
         if self.seconds is None:
             self.bar.update()
         else:
-            self.bar.update(min(int(time.monotonic() - self.started), int(self.seconds)) - self.bar.n)
+            self.bar.update(min(int(self.budget.elapsed()), int(self.seconds)) - self.bar.n)
         self.per_rung[rung] = self.per_rung.get(rung, 0) + 1
         metrics = {f"evaluations_r{rung}": float(self.per_rung[rung])}
         if rung == len(self.rungs) - 1 and o.status == "FINISHED":
@@ -409,7 +400,7 @@ class _Progress:
 
     def log_elapsed(self, metrics: dict[str, float] | None = None) -> None:
         self.count += 1
-        self.store.log(self.parent, metrics={"elapsed_seconds": time.monotonic() - self.started} | (metrics or {}), step=self.count)
+        self.store.log(self.parent, metrics={"elapsed_seconds": self.budget.elapsed()} | (metrics or {}), step=self.count)
 
     def close(self) -> None:
         self.bar.close()
