@@ -1,7 +1,7 @@
 """Same-shape genomes: one vmapped program (fmnas_jax.batched) vs one genome after another.
 
-    .venv/bin/python scripts/bench_batched.py --models 8 --train-size 5000 --epochs 1
-    python3 scripts/bench_batched.py --data-dir .data/fashion-mnist --models 16 --train-size 55000   # on a GPU
+    .venv/bin/python bench/bench_batched.py --models 8 --train-size 5000 --epochs 1
+    python3 bench/bench_batched.py --data-dir .data/fashion-mnist --models 16 --train-size 55000   # on a GPU
 
 Takes the activation-only neighbours of a genome (they share its shapes), trains them both ways on the
 same data and prints wall times, genomes/hour and the largest difference in final validation accuracy.

@@ -1,7 +1,7 @@
 """What a new genome costs before its first step, and how fast its step then runs, as a search sees it.
 
-    taskset -c 0 .venv/bin/python scripts/bench_compile.py                  # one pinned single-threaded worker
-    PYTHONPATH=/path/to/older/checkout taskset -c 0 .venv/bin/python scripts/bench_compile.py   # the same for older code
+    taskset -c 0 .venv/bin/python bench/bench_compile.py                  # one pinned single-threaded worker
+    PYTHONPATH=/path/to/older/checkout taskset -c 0 .venv/bin/python bench/bench_compile.py   # the same for older code
 
 A worker of the main job evaluates a random population and then a climb's neighbours, one after the
 other in one process. This replays that: `--population` random genomes of the main job's space, then

@@ -1,9 +1,9 @@
 """How well the main job's rungs rank genomes: each rung's validation accuracy against a long retrain's test accuracy.
 
-    .venv/bin/python scripts/bench_fidelity.py                      # 30 genomes, the main job's rungs, 30-epoch retrains
-    .venv/bin/python scripts/bench_fidelity.py --genomes 12 --retrain-epochs 10 --noise-genomes 4   # a quick look
-    .venv/bin/python scripts/bench_fidelity.py --report             # the table from docs/bench_fidelity.csv only
-    .venv/bin/python scripts/bench_fidelity.py --candidates 1x4000,2x4000,3x4000   # also rank budgets that are not rungs
+    .venv/bin/python bench/bench_fidelity.py                      # 30 genomes, the main job's rungs, 30-epoch retrains
+    .venv/bin/python bench/bench_fidelity.py --genomes 12 --retrain-epochs 10 --noise-genomes 4   # a quick look
+    .venv/bin/python bench/bench_fidelity.py --report             # the table from bench/results/bench_fidelity.csv only
+    .venv/bin/python bench/bench_fidelity.py --candidates 1x4000,2x4000,3x4000   # also rank budgets that are not rungs
 
 Genomes are drawn uniformly from the main job's space (`+experiment=hillclimb`: at most 16,598 parameters),
 so good and bad ones both appear. Each is evaluated at every rung of the main job (read from its config;
@@ -16,8 +16,8 @@ retrain's top third (the promotion ASHA makes) and its seed noise is small again
 Everything goes through the package's evaluator into one MLflow store (--tracking-uri), so a stopped
 study resumes where it stopped; the CSVs are the study's memory too (the store need not survive), matched
 by budget, so after the main job's rungs change an earlier rung's column is kept by naming its budget in
---candidates. Writes docs/bench_fidelity.csv (one row per genome: each rung's
-validation accuracy, the retrain's validation and test accuracy) and docs/bench_fidelity_noise.csv, and
+--candidates. Writes bench/results/bench_fidelity.csv (one row per genome: each rung's
+validation accuracy, the retrain's validation and test accuracy) and bench/results/bench_fidelity_noise.csv, and
 prints Spearman and Kendall rank correlations of each rung with the retrain and each rung's seed noise.
 """
 
@@ -140,8 +140,8 @@ def main() -> None:
     ap.add_argument("--retrain-epochs", type=int, default=30)
     ap.add_argument("--noise-genomes", type=int, default=8, help="genomes whose rungs are repeated with 2 more seeds")
     ap.add_argument("--tracking-uri", default="sqlite:///bench_fidelity.db")
-    ap.add_argument("--csv", default="docs/bench_fidelity.csv")
-    ap.add_argument("--noise-csv", default="docs/bench_fidelity_noise.csv")
+    ap.add_argument("--csv", default="bench/results/bench_fidelity.csv")
+    ap.add_argument("--noise-csv", default="bench/results/bench_fidelity_noise.csv")
     ap.add_argument("--candidates", default="", help="extra budgets EPOCHSxIMAGES,... ranked like the rungs")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()

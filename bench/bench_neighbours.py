@@ -1,10 +1,11 @@
 """What the climb's rungs and steps can tell apart: one-gene neighbours against their parent, from bench_search's stores.
 
-    .venv/bin/python scripts/bench_neighbours.py --stores /tmp/bench_acc_c*/hillclimb*.db --csv docs/bench_neighbours.csv
-    .venv/bin/python scripts/bench_neighbours.py --report --csv docs/bench_neighbours.csv   # the numbers from the CSV alone
-    .venv/bin/python scripts/bench_neighbours.py --radius 2 --stores /tmp/bench_acc_d*/hillclimb*.db --csv docs/bench_neighbours_radius2.csv
+    .venv/bin/python bench/bench_neighbours.py --stores /tmp/bench_acc_c*/hillclimb*.db --csv bench/results/bench_neighbours.csv
+    .venv/bin/python bench/bench_neighbours.py --report --csv bench/results/bench_neighbours.csv   # the numbers from the CSV alone
+    .venv/bin/python bench/bench_neighbours.py --radius 2 --stores /tmp/bench_acc_d*/hillclimb*.db \
+        --csv bench/results/bench_neighbours_radius2.csv
 
-Reads every finished evaluation of the climbs that scripts/bench_search.py ran (one MLflow store per search, experiment
+Reads every finished evaluation of the climbs that bench/bench_search.py ran (one MLflow store per search, experiment
 `bench_search`) and writes one CSV row per (climb, genome, rung): its validation accuracy, when it ran, and whether it is
 a population member (the first --population genomes trained at rung 0) or a genome the climb asked later; for a later
 genome at the top rung, its parent: the neighbour within --radius one-gene moves (fmnas_jax.genome.neighbours; the
@@ -37,7 +38,7 @@ def extract(store: Path, population: int, radius: int = 1) -> list[dict[str, obj
     client = MlflowClient(f"sqlite:///{store}")
     exp = client.get_experiment_by_name("bench_search")
     if exp is None:
-        raise SystemExit(f"{store}: no experiment 'bench_search' (not a store of scripts/bench_search.py)")
+        raise SystemExit(f"{store}: no experiment 'bench_search' (not a store of bench/bench_search.py)")
     runs = client.search_runs([exp.experiment_id], "tags.`fmnas.role` = 'evaluation' AND attributes.status = 'FINISHED'",
                               max_results=50000, order_by=["attributes.start_time ASC"])  # fmt: skip
     evals = [r for r in runs if r.data.tags.get("fmnas.rung") is not None and "val_accuracy" in r.data.metrics]
@@ -106,7 +107,7 @@ def main() -> None:
     ap.add_argument("--stores", nargs="*", default=[], help="the climbs' sqlite stores (bench_search's --workdir/<strategy>.db)")
     ap.add_argument("--population", type=int, default=18, help="the searches' search.population_size (the main job's: 18)")
     ap.add_argument("--radius", type=int, default=1, help="the climbs' search.radius: a parent is this many one-gene moves away at most")
-    ap.add_argument("--csv", default="docs/bench_neighbours.csv")
+    ap.add_argument("--csv", default="bench/results/bench_neighbours.csv")
     ap.add_argument("--report", action="store_true", help="read nothing: the numbers from --csv alone")
     args = ap.parse_args()
     if not args.report:

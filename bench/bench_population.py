@@ -1,8 +1,8 @@
 """A population of genomes: one process (all cores) vs pinned worker processes, genomes/hour and compile share.
 
-    .venv/bin/python scripts/bench_population.py --genomes 24 --train-size 4000 --epochs 1
-    .venv/bin/python scripts/bench_population.py --genomes 120 --train-size 2000 --epochs 1 --modes pool
-    .venv/bin/python scripts/bench_population.py --genomes 24 --train-size 4000 --epochs 1 --modes pool,ray   # backend=ray
+    .venv/bin/python bench/bench_population.py --genomes 24 --train-size 4000 --epochs 1
+    .venv/bin/python bench/bench_population.py --genomes 120 --train-size 2000 --epochs 1 --modes pool
+    .venv/bin/python bench/bench_population.py --genomes 24 --train-size 4000 --epochs 1 --modes pool,ray   # backend=ray
 
 Each mode runs in fresh processes with its own empty persistent compilation cache, then runs the
 same population again on that cache (the 'warm' rows: a second run compiles almost nothing).

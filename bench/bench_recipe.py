@@ -1,7 +1,7 @@
 """What each part of the training recipe adds on one genome (default: the paper's), real data.
 
-    .venv/bin/python scripts/bench_recipe.py --epochs 15
-    .venv/bin/python scripts/bench_recipe.py --epochs 20 --recipes base,crop+flip+ls --genome 'NC 4 5 sigmoid;...'
+    .venv/bin/python bench/bench_recipe.py --epochs 15
+    .venv/bin/python bench/bench_recipe.py --epochs 20 --recipes base,crop+flip+ls --genome 'NC 4 5 sigmoid;...'
 
 Each recipe trains the genome from the same seed on all 55,000 training images and reports
 validation and test accuracy and images/s, as a markdown table for docs/benchmarks.md.

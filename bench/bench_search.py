@@ -1,8 +1,8 @@
 """Search quality at the main job's budget: strategies x paired seeds, every winner retrained alike.
 
-    .venv/bin/python scripts/bench_search.py --seeds 0,1,2,3,4               # runs what docs/bench_search.csv lacks
-    .venv/bin/python scripts/bench_search.py --report                         # tables and figure from the CSVs only
-    .venv/bin/python scripts/bench_search.py --seeds 0 --strategies random --search-seconds 120   # a quick look
+    .venv/bin/python bench/bench_search.py --seeds 0,1,2,3,4               # runs what bench/results/bench_search.csv lacks
+    .venv/bin/python bench/bench_search.py --report                         # tables and figure from the CSVs only
+    .venv/bin/python bench/bench_search.py --seeds 0 --strategies random --search-seconds 120   # a quick look
 
 Every search is the main job (`+experiment=hillclimb`: the size cap, the rungs, asynchronous halving) with
 its strategy swapped, through the CLI. Seeds are paired: seed s sets `search.seed=s` and `seed=s` for
@@ -13,14 +13,14 @@ another strategy's results: they spend equal compute. Each search gets the main 
 outside the budgets, all alike (the main job's final recipe, --retrain-epochs on all 55,000 images, one
 seed) into one shared store, so a winner two searches share trains once.
 
-Each finished (strategy, seed) appends a row to --csv (docs/bench_search.csv) and its anytime curve
+Each finished (strategy, seed) appends a row to --csv (bench/results/bench_search.csv) and its anytime curve
 (best top-rung validation accuracy against the search's wall-clock seconds) to --anytime-csv, so a
 stopped benchmark continues where it stopped. The table and the figure come from the CSVs alone.
 
 --replay: the searches finished already in --workdir's stores; run them again with the code of now (a finished
 search resumed from its store retraces its path and trains nothing), e.g. after a change to how a strategy picks
 its winner, which leaves every search's path as it was. A row's evaluations and seconds are the first attempt's.
-Statistics: fmnas_jax.benchmark (Student-t 95 % intervals; differences paired by seed).
+Statistics: bench/benchstats.py (Student-t 95 % intervals; differences paired by seed).
 """
 
 from __future__ import annotations
@@ -39,9 +39,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from bench_recipe import cpu_name  # the same lscpu model name, family and model the other benchmarks print
-from mlflow import MlflowClient
-
-from fmnas_jax.benchmark import (
+from benchstats import (  # bench/benchstats.py: this folder is sys.path[0] when the script runs
     BASELINE,
     Row,
     anytime_means,
@@ -54,6 +52,7 @@ from fmnas_jax.benchmark import (
     rows_of_cpu,
     summary_table,
 )
+from mlflow import MlflowClient
 
 MAIN = "hillclimb+asha+mingain"  # what +experiment=hillclimb runs (since 2026-12-05; hillclimb+asha before)
 STRATEGIES = {
@@ -81,7 +80,7 @@ STRATEGIES = {
     # charge on, a climb may trade 2 points of accuracy for a fifth of the FLOPs that only a deadline retrain repays).
     "hillclimb+asha+mingain+accuracy": ["search=hillclimb_mingain", "fitness.size_weight=0", "fitness.compute_weight=0"],
     # The same with candidates up to two genes away (search.radius=2): a one-gene neighbourhood is flat within the top
-    # rung's seed noise (scripts/bench_neighbours.py); whether a wider one is, this row measures.
+    # rung's seed noise (bench/bench_neighbours.py); whether a wider one is, this row measures.
     "hillclimb+asha+mingain+accuracy+radius2": [
         "search=hillclimb_mingain",
         "search.radius=2",
@@ -223,7 +222,7 @@ def main() -> None:
     ap.add_argument("--search-seconds", type=int, default=600, help="each search's wall-clock seconds (the main job's search phase)")
     ap.add_argument("--retrain-epochs", type=int, default=30, help="every winner retrained alike for this many epochs")
     ap.add_argument("--retrain-seed", type=int, default=0)
-    ap.add_argument("--csv", default="docs/bench_search.csv")
+    ap.add_argument("--csv", default="bench/results/bench_search.csv")
     ap.add_argument("--anytime-csv", default=None, help="the anytime curves (default: beside --csv, as <stem>_anytime.csv)")
     ap.add_argument("--out", default=None, help="the figure (default: beside --csv, as <stem>.png)")
     ap.add_argument("--workdir", default="bench_search_work", help="the stores and compilation caches")

@@ -1,9 +1,9 @@
 """One genome's training throughput: the fmnas_jax jitted step vs an equivalent PyTorch eager loop.
 
-    .venv/bin/python scripts/bench_trainer.py                       # paper's genome, batch 128, float32
-    .venv/bin/python scripts/bench_trainer.py --genome 'NC 64 7 relu;RC 32 3 relu;NC 32 3 relu;RC 64 3 relu;FL relu;'
+    .venv/bin/python bench/bench_trainer.py                       # paper's genome, batch 128, float32
+    .venv/bin/python bench/bench_trainer.py --genome 'NC 64 7 relu;RC 32 3 relu;NC 32 3 relu;RC 64 3 relu;FL relu;'
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 ...                        # as the package's own processes run (fmnas_jax.runtime)
-    .venv/bin/python scripts/bench_trainer.py --torch-python /opt/torchvenv/bin/python --rounds 3
+    .venv/bin/python bench/bench_trainer.py --torch-python /opt/torchvenv/bin/python --rounds 3
 
 The JAX side runs the package's step both ways: fused (one program per step, the final retrain's) and
 composed of shared pieces (a search's evaluations'), in this process with XLA's default threads. Both

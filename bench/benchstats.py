@@ -1,4 +1,4 @@
-"""What the strategy benchmark (scripts/bench_search.py) computes from its CSV: intervals and paired differences.
+"""What the strategy benchmark (bench/bench_search.py) computes from its CSV: intervals and paired differences.
 
 One row per (strategy, seed): the search's winner and its test accuracy after a retrain done alike for
 every winner. Seeds are paired across strategies (every strategy ran each seed's population), so a

@@ -18,7 +18,7 @@ results equal solo training up to float rounding (tests/test_batched.py). Genome
 special case with all-ones masks (a hill climber's neighbourhood is mostly such genomes: 20 of ~32).
 
 On XLA:CPU vmapped convolutions ran 2.5-5x slower than one model after another (docs/benchmarks.md), so CPU
-searches do not use this; on a GPU it is unmeasured so far (scripts/bench_gpu.sh measures it).
+searches do not use this; on a GPU it is unmeasured so far (bench/bench_gpu.sh measures it).
 Imports jax/flax/optax/numpy only.
 """
 

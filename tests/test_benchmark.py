@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from fmnas_jax.benchmark import (
+from bench.benchstats import (
     Row,
     anytime_means,
     append_row,

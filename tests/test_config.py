@@ -252,8 +252,8 @@ def test_a_count_and_a_time_budget_together_both_hold():
 
 
 def test_the_benchmarks_objective_is_the_main_jobs():
-    """fmnas_jax.benchmark scores winners with the main job's fitness and search space, which its searches run under."""
-    from fmnas_jax.benchmark import MAIN_FITNESS
+    """bench/benchstats.py scores winners with the main job's fitness and search space, which its searches run under."""
+    from bench.benchstats import MAIN_FITNESS
 
     app = to_app_config(_compose("+experiment=hillclimb"))
     assert app.fitness == MAIN_FITNESS
