@@ -8,8 +8,8 @@
 Reads every finished evaluation of the climbs that bench/bench_search.py ran (one MLflow store per search, experiment
 `bench_search`) and writes one CSV row per (climb, genome, rung): its validation accuracy, when it ran, and whether it is
 a population member (the first --population genomes trained at rung 0) or a genome the climb asked later; for a later
-genome at the top rung, its parent: the neighbour within --radius one-gene moves (fmnas_jax.genome.neighbours; the
-climbs' search.radius) whose top-rung result ended last before it started, and how many moves apart they are. The
+genome at the top rung, its parent: the genome within --radius one-gene moves (fmnas_jax.genome.neighbours, repeated;
+the radius the climbs used) whose top-rung result ended last before it started, and how many moves apart they are. The
 report gives
 - neighbour minus parent at the top rung, by moves apart: is a step a real gain, and how often is it beyond `min_gain`;
 - the rank correlation (Spearman, values centred per climb) of each lower rung with the top rung, among population
@@ -28,9 +28,19 @@ import numpy as np
 from mlflow import MlflowClient
 from scipy.stats import spearmanr
 
-from fmnas_jax.genome import SearchSpace, neighbours, parse_genome
+from fmnas_jax.genome import Genome, SearchSpace, neighbours, parse_genome
 
 FIELDS = ["climb", "genome", "rung", "val_accuracy", "start_ms", "end_ms", "group", "parent", "parent_val_accuracy", "moves"]
+
+
+def within(genome: Genome, space: SearchSpace, radius: int) -> dict[str, int]:
+    """Every genome within `radius` one-gene moves of `genome` -> the fewest moves to it."""
+    near, ring = {str(genome): 0}, [genome]
+    for k in range(1, radius + 1):
+        ring = [n for g in ring for n in neighbours(g, space) if str(n) not in near]
+        near.update({str(n): k for n in ring if str(n) not in near})
+    del near[str(genome)]
+    return near
 
 
 def extract(store: Path, population: int, radius: int = 1) -> list[dict[str, object]]:
@@ -59,10 +69,7 @@ def extract(store: Path, population: int, radius: int = 1) -> list[dict[str, obj
                "start_ms": r.info.start_time, "end_ms": r.info.end_time, "group": "population" if genome in members else "climb",
                "parent": "", "parent_val_accuracy": "", "moves": ""}  # fmt: skip
         if rung == top and genome not in members:
-            g, near = parse_genome(genome, space), {}  # genome -> moves away, nearest first
-            for k in range(1, radius + 1):
-                for n in neighbours(g, space, k):
-                    near.setdefault(str(n), k)
+            near = within(parse_genome(genome, space), space, radius)  # genome -> moves away
             parents = [t for t in tops if t[0] <= r.info.start_time and t[1] in near]
             if parents:
                 _, row["parent"], row["parent_val_accuracy"] = max(parents)

@@ -19,18 +19,11 @@ from typing import Any
 from fmnas_jax.batched import check_bucket_limits
 from fmnas_jax.data import TRAIN_IMAGES, DataConfig
 from fmnas_jax.genome import SearchSpace
-from fmnas_jax.search.base import STRATEGY_CONFIGS, HillClimbConfig, SearchConfig
-from fmnas_jax.search.fitness import FitnessConfig
+from fmnas_jax.search import STRATEGY_CONFIGS, FitnessConfig, HillClimbConfig, SearchConfig
 from fmnas_jax.train import TrainConfig
 
 MODES = ("search", "train", "predict")
 BACKENDS = ("auto", "inprocess", "workers", "devices", "buckets", "ray")
-MOVED = {  # top-level keys that moved into the backend group, and what replaces each
-    "workers": "backend=inprocess (was workers=1) or backend=workers backend.workers=N",
-    "batching": "backend=buckets (was batching=buckets)",
-    "bucket_size": "backend=buckets backend.bucket_size=N",
-    "bucket_waste": "backend=buckets backend.bucket_waste=X",
-}
 
 
 @dataclass(frozen=True)
@@ -177,19 +170,12 @@ class AppConfig:
     final: FinalConfig = field(default_factory=FinalConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
-    workers: int | None = None  # moved to backend (refused when set)
-    batching: str | None = None
-    bucket_size: int | None = None
-    bucket_waste: float | None = None
     cache_dir: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {list(MODES)}")
-        moved = [f"{k}={getattr(self, k)}: use {v}" for k, v in MOVED.items() if getattr(self, k) is not None]
-        if moved:
-            raise ValueError("settings moved into the backend group (conf/backend/): " + "; ".join(moved))
         if self.mode == "search":
             self.final.trainer(self.trainer)  # a bad final.* value fails now, named as final.*
             self._check_rungs()

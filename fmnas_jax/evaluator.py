@@ -90,11 +90,9 @@ class Evaluator:
         rung: int | None = None,
         role: str = "evaluation",
         register_as: str | None = None,
-        confirm: int | None = None,
     ) -> None:
         self.store, self.spec, self.backend, self.parent_run_id = store, spec, backend, parent_run_id
         self.on_epoch, self.rung, self.role = on_epoch, rung, role  # role 'final': a search's retrained winner
-        self.confirm = confirm  # a search's confirmation at seed + confirm of its top rung's best genomes (search.confirm)
         self.register_as = register_as  # runs that keep their weights: registered model name (None: log the model only)
         check_model_name(register_as, "register_as")  # the CLI's check of registry.model_name, for library callers too
         self.budget = budget_key(spec)
@@ -241,16 +239,14 @@ class Evaluator:
         rung = f" (rung {self.rung})" if self.rung is not None else ""
         # What tells runs apart first (the UI's name column shows ~20 characters): role or rung, then the genome.
         prefix = "eval" if self.rung is None else f"r{self.rung}"
-        prefix = "final" if self.role == "final" else f"c{self.confirm}" if self.confirm else prefix
+        prefix = "final" if self.role == "final" else prefix
         name = f"{prefix} {genome.short}"
         what = "The search's winner, retrained with the final recipe" if self.role == "final" else f"An evaluation{rung}"
-        if self.confirm:
-            what = f"A confirmation: one of the top rung's best genomes evaluated again at seed + {self.confirm}"
         description = (f"{what}.\n\n`{genome}`\n\nBudget: {describe_budget(self.spec.trainer, self.spec.data)}; seed {self.spec.seed}. "
                        f"eval_key `{key}`: a later search with the same genome and budget reuses this run.")  # fmt: skip
         datasets = split_records(self.spec.data, self.spec.seed, self.spec.test)
         return self.store.start_evaluation(str(genome), key, self.budget, self.parent_run_id, self._params(genome), self.rung, self.role,
-                                           name, description, datasets, self.confirm)  # fmt: skip
+                                           name, description, datasets)  # fmt: skip
 
     def _params(self, genome: Genome) -> dict[str, Any]:
         genes: dict[str, Any] = {}

@@ -293,27 +293,8 @@ def _steps(values: Sequence, current) -> Iterator:
         yield values[i + 1]
 
 
-def neighbours(genome: Genome, space: SearchSpace, radius: int = 1) -> list[Genome]:
-    """All genomes one gene away: kernel +-1, filters one step, another activation (convs or head).
-
-    `radius` > 1: every genome of the space within that many such moves (changing up to `radius` genes, or one gene
-    by up to `radius` steps), nearer ones first."""
-    if radius < 1:
-        raise ValueError(f"radius {radius} must be >= 1 (the most one-gene moves between a genome and its neighbours)")
-    seen, ring, out = {genome}, [genome], []
-    for _ in range(radius):
-        nxt = []
-        for g in ring:
-            for n in _one_gene_moves(g, space):
-                if n not in seen:
-                    seen.add(n)
-                    nxt.append(n)
-        out += nxt
-        ring = nxt
-    return [g for g in out if space.fits(g)]
-
-
-def _one_gene_moves(genome: Genome, space: SearchSpace) -> list[Genome]:
+def neighbours(genome: Genome, space: SearchSpace) -> list[Genome]:
+    """All genomes of the space one gene away: kernel +-1, filters one step, another activation (convs or head)."""
     out: list[Genome] = []
     for i, c in enumerate(genome.convs):
         variants = [replace(c, kernel=k) for k in _steps(space.kernel_sizes, c.kernel)]
@@ -322,7 +303,7 @@ def _one_gene_moves(genome: Genome, space: SearchSpace) -> list[Genome]:
         for v in variants:
             out.append(Genome((*genome.convs[:i], v, *genome.convs[i + 1 :]), genome.head_activation))
     out += [Genome(genome.convs, a) for a in space.activations if a != genome.head_activation]
-    return out
+    return [g for g in out if space.fits(g)]
 
 
 def mutate(genome: Genome, space: SearchSpace, rng: np.random.Generator) -> Genome:

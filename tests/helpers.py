@@ -18,6 +18,8 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from fmnas_jax.genome import Genome, SearchSpace
+
 EXPERIMENT = "fmnas_jax"
 
 
@@ -162,3 +164,26 @@ def cpu_share(root: Path, alone: bool) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# -- genomes ---------------------------------------------------------------------------------------------------------
+
+
+def moves(a: Genome, b: Genome, space: SearchSpace) -> int:
+    """One-gene moves between two genomes: kernel +-1, filters one step, another activation, one move each."""
+    d = int(a.head_activation != b.head_activation)
+    for x, y in zip(a.convs, b.convs, strict=True):
+        d += abs(x.kernel - y.kernel) + abs(space.filters.index(x.filters) - space.filters.index(y.filters))
+        d += x.activation != y.activation
+    return d
+
+
+def every_genome(space: SearchSpace) -> list[Genome]:
+    """Every genome of the space's layout and values, inside its size constraint or not."""
+    import itertools
+
+    from fmnas_jax.genome import ConvGene
+
+    genes = [ConvGene(t, f, k, a) for f in space.filters for k in space.kernel_sizes for a in space.activations for t in ("NC", "RC")]
+    by_type = {t: [c for c in genes if c.kind == t] for t in ("NC", "RC")}
+    return [Genome(cs, h) for cs in itertools.product(*(by_type[t] for t in space.layout)) for h in space.activations]

@@ -144,3 +144,15 @@ def test_anytime_means_average_step_curves_over_the_seeds_every_strategy_ran():
     np.testing.assert_allclose(means["b"], [np.nan, (0.70 + 0.80) / 2, (0.70 + 0.80) / 2, (0.70 + 0.90) / 2])
     seeds, means = anytime_means({"a": curves["a"], "c": {3: [(1.0, 0.5)]}}, np.array([0.0]))
     assert seeds == [] and np.isnan(means["a"]).all()  # nothing paired: nothing drawn as if it were
+
+
+def test_within_a_radius_is_every_genome_that_many_moves_away():
+    from helpers import every_genome, moves
+
+    from bench.bench_neighbours import within
+    from fmnas_jax.genome import Genome, SearchSpace
+
+    space = SearchSpace(kernel_sizes=(1, 2, 3), filters=(4, 8), activations=("relu", "gelu"), max_params=None)
+    g = Genome.parse("NC 4 2 relu;RC 4 2 gelu;NC 4 1 relu;RC 4 2 relu;FL relu;", space)
+    near = within(g, space, 2)
+    assert near == {str(h): moves(g, h, space) for h in every_genome(space) if 1 <= moves(g, h, space) <= 2}

@@ -259,26 +259,6 @@ def test_multi_fidelity_search_tags_rungs_and_a_rerun_trains_nothing(halving, tm
     assert len(runs(copy, "evaluation")) == len(evals) and len(runs(copy, "final")) == 1  # every (genome, rung) reused
 
 
-def test_confirm_evaluates_the_top_rungs_best_again_and_picks_the_best_mean(halving, tmp_path):
-    """On a copy of the `halving` search's store: the same search with search.confirm=2 reuses its path (another
-    search's results are free) and trains the confirmations."""
-    copy = copy_store(halving[0], tmp_path / "copy")
-    first = job(copy, *HALVING, "search.confirm=2")
-    evals = runs(copy, "evaluation", "FINISHED")
-    top = {r.data.tags["genome"]: r.data.metrics["fitness"] for r in evals if r.data.tags.get("fmnas.rung") == "1"}
-    again = [r for r in evals if "fmnas.confirm" in r.data.tags]
-    assert [r.data.tags["fmnas.confirm"] for r in again] == ["1", "1"] and all("fmnas.rung" not in r.data.tags for r in again)
-    assert {r.data.params["seed"] for r in again} == {"1"}  # the top rung's seed (0) plus one: another initialisation and split
-    best_two = sorted(top, key=lambda g: -top[g])[:2]
-    assert sorted(r.data.tags["genome"] for r in again) == sorted(best_two)
-    mean = {r.data.tags["genome"]: (top[r.data.tags["genome"]] + r.data.metrics["fitness"]) / 2 for r in again}
-    assert first.card()["genome"] == max(mean, key=lambda g: mean[g])
-    assert all(r.info.run_name.startswith("c1 ") for r in again)
-    finals = len(runs(copy, "final"))
-    job(copy, *HALVING, "search.confirm=2")
-    assert len(runs(copy, "evaluation")) == len(evals) and len(runs(copy, "final")) == finals  # the confirmations reused too
-
-
 def test_table_climber_ignores_evaluations_outside_its_space(tmp_path):
     """The table climber reads every stored evaluation of its budget. One stored by a search over another
     space (64 filters, outside search_space=small), with the best accuracy of all, must not win."""

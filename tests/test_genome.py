@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from helpers import every_genome, moves
 
 from fmnas_jax import Genome, SearchSpace, count_params
 from fmnas_jax.genome import fresh_genome, neighbours, output_sizes, random_genome, sample_population, train_flops_per_image
@@ -147,28 +148,10 @@ def test_activation_elements_of_the_paper_genome():
     assert activation_elements(Genome.parse(PAPER)) == 3136 + 10816 + 676 + 2304
 
 
-def test_neighbours_within_a_radius_are_every_genome_that_many_moves_away():
-    import itertools
-
-    from fmnas_jax.genome import ConvGene
-
+def test_neighbours_are_every_genome_of_the_space_one_move_away():
     space = SearchSpace(kernel_sizes=(1, 2, 3), filters=(4, 8), activations=("relu", "gelu"), max_params=1300)
-
-    def moves(a: Genome, b: Genome) -> int:  # kernel +-1, filters one step, another activation: one move each
-        d = int(a.head_activation != b.head_activation)
-        for x, y in zip(a.convs, b.convs, strict=True):
-            d += abs(x.kernel - y.kernel) + abs(space.filters.index(x.filters) - space.filters.index(y.filters))
-            d += x.activation != y.activation
-        return d
-
     g = Genome.parse("NC 4 2 relu;RC 4 2 gelu;NC 4 1 relu;RC 4 2 relu;FL relu;", space)
     assert space.fits(g)
-    genes = [ConvGene(t, f, k, a) for f in space.filters for k in space.kernel_sizes for a in space.activations for t in ("NC", "RC")]
-    by_type = {t: [c for c in genes if c.kind == t] for t in ("NC", "RC")}
-    every = [Genome(cs, h) for cs in itertools.product(*(by_type[t] for t in space.layout)) for h in space.activations]
-    one, two = neighbours(g, space), neighbours(g, space, radius=2)
-    assert set(one) == {h for h in every if moves(g, h) == 1 and space.fits(h)}
-    assert set(two) == {h for h in every if 1 <= moves(g, h) <= 2 and space.fits(h)}
-    assert len(two) == len(set(two)) and two[: len(one)] == one  # nearer genomes first, the one-gene ones as before
-    with pytest.raises(ValueError, match="radius 0 must be >= 1"):
-        neighbours(g, space, radius=0)
+    one = neighbours(g, space)
+    assert set(one) == {h for h in every_genome(space) if moves(g, h, space) == 1 and space.fits(h)}
+    assert len(one) == len(set(one)) and g not in one

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fmnas_jax import Genome, SearchSpace
-from fmnas_jax.genome import neighbours, random_genome
+from fmnas_jax.genome import random_genome
 from fmnas_jax.search import (
     FitnessConfig,
     HillClimbConfig,
@@ -15,7 +15,6 @@ from fmnas_jax.search import (
     regularized_evolution,
     table_climb,
 )
-from fmnas_jax.search.base import FidelityConfig, Rung
 
 SPACE = SearchSpace()
 TARGET = Genome.parse("NC 16 3 relu;RC 32 5 gelu;NC 8 2 tanh;RC 64 7 swish;FL sigmoid;")
@@ -87,34 +86,6 @@ def test_hill_climb_restarts_until_patience():
     assert restarts == [0, 1, 2, 3]  # the first climb sets the best, then 3 restarts without improvement
 
 
-def test_explore_asks_random_genomes_and_jumps_to_a_better_one():
-    from fmnas_jax.genome import neighbours
-    from fmnas_jax.search.hillclimb import HillClimber
-
-    start = random_genome(SPACE, np.random.default_rng(3))
-    climber = HillClimber(SPACE, np.random.default_rng(4), HillClimbConfig(explore=0.95), population=[start])
-    assert climber.ask() == start
-    climber.tell(start, 0.0)
-    asked = [climber.ask() for _ in range(10)]  # all asked before any result: the climb stays at `start`
-    near = set(neighbours(start, SPACE))
-    far = [g for g in asked if g not in near]
-    assert len(far) >= 7 and len(set(asked)) == 10  # about 95 % of the asks are fresh random genomes
-    for g in asked:
-        climber.tell(g, 1.0 if g == far[0] else -1.0)
-    jump = [s for s in climber.path if s.move == "jump"]
-    assert [s.genome for s in jump] == [far[0]] and jump[0].fitness == 1.0  # only the better random genome moves it
-
-
-def test_explore_still_climbs_to_the_optimum():
-    res = hill_climb(SPACE, TableObjective(5000), np.random.default_rng(0), HillClimbConfig(explore=0.3, patience=1, max_restarts=0))
-    assert res.best == TARGET
-
-
-def test_explore_outside_its_range_is_refused():
-    with pytest.raises(ValueError, match=r"search.explore 1.0 must be >= 0 and < 1"):
-        HillClimbConfig(explore=1.0)
-
-
 def test_min_gain_moves_only_beyond_the_threshold():
     from fmnas_jax.search.hillclimb import HillClimber
 
@@ -133,61 +104,6 @@ def test_min_gain_moves_only_beyond_the_threshold():
     assert moved == [asked[0]]  # without a threshold a 0.4-point gain moves the climb
     asked, moved = moves(0.008)
     assert moved == [asked[1]]  # with 0.8 points, only the 1.2-point gain does
-
-
-def test_min_gain_rungs_scale_the_threshold_with_the_current_points_rung():
-    from fmnas_jax.search.fitness import RUNG_PENALTY
-    from fmnas_jax.search.hillclimb import HillClimber
-
-    start = random_genome(SPACE, np.random.default_rng(3))
-    cfg = HillClimbConfig(min_gain=0.008, min_gain_rungs=(0.02, 0.017), fidelity=FidelityConfig("asha", 3, (Rung(), Rung(2))))
-
-    def moved(base: float, gains: list[float]) -> list[float]:
-        """The gains that moved a climb whose start was told `base` (one gain at a time, from the point it moved to)."""
-        climber = HillClimber(SPACE, np.random.default_rng(4), cfg, population=[start])
-        assert climber.ask() == start
-        climber.tell(start, base)
-        taken, f = [], base
-        for gain in gains:
-            g = climber.ask()
-            climber.tell(g, f + gain)
-            if climber.path[-1].genome == g:
-                taken, f = [*taken, gain], f + gain
-        return taken
-
-    assert moved(0.85, [0.012, 0.009]) == [0.012, 0.009]  # the top rung: min_gain, 0.8 points
-    assert moved(0.85 - RUNG_PENALTY, [0.012, 0.018]) == [0.018]  # one rung below the top: 1.7 points
-    assert moved(0.85 - 2 * RUNG_PENALTY, [0.012, 0.018, 0.021]) == [0.021]  # rung 0: 2 points
-    assert moved(0.85 - 2 * RUNG_PENALTY, [RUNG_PENALTY - 0.05]) == [RUNG_PENALTY - 0.05]  # promoted a rung: moves
-    without = HillClimbConfig(min_gain=0.008)
-    climber = HillClimber(SPACE, np.random.default_rng(4), without, population=[start])
-    assert climber.min_gain_at(0.85 - 2 * RUNG_PENALTY) == climber.min_gain_at(0.85) == 0.008  # empty: min_gain at every rung
-
-
-def test_rungs_below_top_reads_the_penalty_bands():
-    from fmnas_jax.search.fitness import RUNG_PENALTY, rungs_below_top
-
-    assert [rungs_below_top(v) for v in (0.9, -0.4, 0.7 - RUNG_PENALTY, 0.1 - 2 * RUNG_PENALTY, -math.inf)] == [0, 0, 1, 2, 0]
-
-
-class CentiObjective(TableObjective):
-    """TableObjective in hundredths: each one-gene step gains 0.01, a point of accuracy."""
-
-    def __call__(self, genomes):
-        return [f / 100 for f in super().__call__(genomes)]
-
-
-@pytest.mark.parametrize("move", ["first", "steepest"])
-def test_min_gain_ends_a_climb_of_small_gains_where_it_starts(move):
-    cfg = HillClimbConfig(move=move, min_gain=0.015, patience=1, max_restarts=0)
-    res = hill_climb(SPACE, CentiObjective(5000), np.random.default_rng(0), cfg)
-    assert [s.move for s in res.path] == ["start", "optimum", "best"]  # no step gains 1.5 points: the climb stays put
-    start, best = res.path[0], res.path[-1]
-    assert res.best == best.genome != TARGET and res.best in neighbours(start.genome, SPACE)
-    assert res.best_fitness == best.fitness == pytest.approx(start.fitness + 0.01)  # yet the winner is the best neighbour told
-    cfg = HillClimbConfig(move=move, min_gain=0.005, patience=1, max_restarts=0)
-    res = hill_climb(SPACE, CentiObjective(5000), np.random.default_rng(0), cfg)
-    assert res.best == TARGET  # a threshold below the steps' gain leaves the climb as it was
 
 
 def test_min_gain_outside_its_range_is_refused():
@@ -378,23 +294,3 @@ def test_tpe_beats_random_sampling_at_equal_budget_on_a_smooth_landscape():
     tpe = [_optuna(s, budget)[0].best_fitness for s in seeds]
     rand = [random_search(SPACE, TableObjective(budget), np.random.default_rng(s), {}).best_fitness for s in seeds]
     assert np.mean(tpe) > np.mean(rand), (tpe, rand)
-
-
-def test_radius_two_climbs_where_every_one_gene_step_looks_worse():
-    """A ridge: the start's one-gene neighbours are all worse, one genome two genes away is better. The one-gene climb
-    stops at the start; with radius 2 the climb reaches it; a radius outside 1..3 is refused."""
-    start = Genome.parse("NC 16 3 relu;RC 32 5 gelu;NC 8 2 tanh;RC 64 7 swish;FL sigmoid;")
-    peak = Genome.parse("NC 16 3 gelu;RC 32 5 gelu;NC 8 2 tanh;RC 64 7 swish;FL relu;")  # two genes changed
-
-    class Ridge(TableObjective):
-        def __call__(self, genomes):
-            return [1.0 if g == peak else 0.0 if g == start else -1.0 for g in genomes]
-
-    def climb(radius: int):
-        return hill_climb(SPACE, Ridge(5000), np.random.default_rng(0), HillClimbConfig(radius=radius, patience=1, max_restarts=0), start)
-
-    one, two = climb(1), climb(2)
-    assert one.best == start and [s.move for s in one.path] == ["start", "optimum"]
-    assert two.best == peak and [(s.genome, s.move) for s in two.path][:2] == [(start, "start"), (peak, "improve")]
-    with pytest.raises(ValueError, match=r"search.radius 4 must be 1, 2 or 3"):
-        HillClimbConfig(radius=4)

@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import math
-import statistics
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -19,15 +18,14 @@ from fmnas_jax.budget import TimeBudget
 from fmnas_jax.config import AppConfig
 from fmnas_jax.cost import WORKERS_OVER_ONE_PROCESS, CostModel, Sample
 from fmnas_jax.data import DataConfig
-from fmnas_jax.evaluator import Evaluator, OnEpoch, Outcome, budget_key, describe_budget
+from fmnas_jax.evaluator import Evaluator, Outcome, budget_key, describe_budget
 from fmnas_jax.genome import Genome, SearchSpace, sample_population
 from fmnas_jax.jobs.common import card_of, class_report, open_store, print_card
 from fmnas_jax.objective import Allowance, HalvingObjective, SearchObjective, images_per_evaluation
 from fmnas_jax.progress import EpochBar, count_bar
 from fmnas_jax.report import Card, Row, plot_curves, plot_search, write_card, write_csv
 from fmnas_jax.scheduler import AsyncHalving
-from fmnas_jax.search import table_climb
-from fmnas_jax.search.base import ClimbResult, Proposals, SearchConfig, Step, TableConfig, drive
+from fmnas_jax.search.base import ClimbResult, Proposals, drive
 from fmnas_jax.store import Store, flatten, host_name
 
 log = logging.getLogger("fmnas_jax")
@@ -36,8 +34,6 @@ log = logging.getLogger("fmnas_jax")
 def search_key(cfg: AppConfig) -> str:
     """Hash of what determines a search's path: space, strategy, fitness, budget and seeds."""
     blob: dict[str, Any] = {k: asdict(getattr(cfg, k)) for k in ("search_space", "search", "fitness")}
-    if not cfg.search.confirm:  # off: the key of the searches stored before the setting existed
-        del blob["search"]["confirm"], blob["search"]["confirm_seeds"]
     blob["budget"] = budget_key(EvalSpec(cfg.trainer, cfg.data, cfg.seed))
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -68,9 +64,11 @@ def run_search(cfg: AppConfig, config_yaml: str, out_dir: Path) -> Card:
     budgets = " | ".join(f"rung {i}: {describe_budget(s.trainer, s.data)}" for i, s in enumerate(specs)) if len(specs) > 1 else \
         describe_budget(cfg.trainer, cfg.data)  # fmt: skip
     limits = [f"time budget {sc.time_budget} (search and final retrain)"] * bool(sc.time_budget)
-    limits += [f"{sc.budget} new evaluations after the population"] * (sc.budget is not None and sc.strategy != "table")
-    limit = " and ".join(limits) + (", whichever ends first" if len(limits) > 1 else "")
-    log.info("search: %s, population %d, %s; each evaluation: %s", sc.strategy, sc.population_size, limit, budgets)
+    limits += [f"{sc.budget} new evaluations after the population"] * bool(sc.budget)
+    limit = f"population {sc.population_size}"
+    if limits:
+        limit += ", " + " and ".join(limits) + (", whichever ends first" if len(limits) > 1 else "")
+    log.info("search: %s, %s; each evaluation: %s", sc.strategy, limit, budgets)
     log.info("change it with e.g. search.time_budget=30m search.population_size=40 trainer.epochs=5 data.train_size=null")
     key = search_key(cfg)
     own = store.run_ids("search", "search_key", key)
@@ -82,7 +80,7 @@ def run_search(cfg: AppConfig, config_yaml: str, out_dir: Path) -> Card:
         params=flatten("", {k: asdict(getattr(cfg, k)) for k in ("search", "fitness", "trainer", "data", "final")}) | {"seed": cfg.seed},
     )
     store.log_text(parent, config_yaml, "config.yaml")
-    store.describe(parent, f"A {sc.strategy} search, seed {sc.seed}, population {sc.population_size}, {limit}.\n\n"
+    store.describe(parent, f"A {sc.strategy} search, seed {sc.seed}, {limit}.\n\n"
                            f"Evaluations: {budgets}.\n\nRunning; the winner and its result card appear here when it ends.")  # fmt: skip
     try:
         with (
@@ -151,51 +149,36 @@ def _search(
         rungs.append(SearchObjective(ev, cfg.fitness, own, allowance, n_train(spec.data), on_counted=progress.counted(r)))
     progress.rungs = rungs
 
-    confirming = False
-
-    def reserve() -> float:  # the leader's predicted retrain (at most final_share of the budget) and, while searching, the confirmations
+    def reserve() -> float:  # the leader's predicted retrain, at most final_share of the budget
         leader = _leader(rungs)
-        if leader is None:
-            return 0.0
-        retrain = min(cost.seconds(leader, final_images) / speedup, cap)
-        return retrain if confirming else retrain + _confirm_seconds(sc, rungs[-1], leader, cost, backend.parallelism)
+        return 0.0 if leader is None else min(cost.seconds(leader, final_images) / speedup, cap)
 
     allowance.reserve = reserve
     population = sample_population(cfg.search_space, sc.population_size, rng)
 
+    table = _table(cfg, rungs[-1])
     if sc.fidelity.mode == "asha":
         # POPULATION and STRATEGY through one asynchronous scheduler: the population is asked first.
         # Both limits hold, whichever ends first; with asynchronous rounds the population's evaluations count too.
-        count = sc.population_size + (0 if sc.strategy == "table" else sc.budget) if sc.budget is not None else None
-        allowance.allow(count if count is not None else 10**9)
-        scheduler = AsyncHalving(rungs, sc.fidelity.eta, backend)
-        given = Proposals(population=population, eager=True, foreign=_foreign(cfg, store, rungs[-1], own))
-        result = scheduler.run(sc.make(cfg.search_space, rng, given))
-        if sc.strategy == "table":
-            result = _table_climb(cfg, rungs[-1], rng)
+        allowance.allow(sc.population_size + sc.budget if sc.budget is not None else 10**9)
+        given = Proposals(population=population, eager=True, foreign=_foreign(cfg, store, rungs[-1], own), table=table)
+        result = AsyncHalving(rungs, sc.fidelity.eta, backend).run(sc.make(cfg.search_space, rng, given))
     else:
         objective = HalvingObjective(rungs, sc.fidelity.eta) if len(rungs) > 1 else rungs[0]
         # POPULATION: the paper's random models (halved through the rungs with fidelity); stored ones are reused.
         scores = dict(zip(population, objective(population), strict=True))
         _log_counts("population", rungs)
         # STRATEGY
-        allowance.allow(0 if sc.strategy == "table" else sc.budget if sc.budget is not None else 10**9)  # and the clock, if timed
-        if sc.strategy == "table":
-            result = _table_climb(cfg, rungs[-1], rng)
-        else:
-            start = max(scores, key=lambda g: scores[g])
-            given = Proposals(known=scores, start=start, foreign=_foreign(cfg, store, rungs[-1], own))
-            result = drive(sc.make(cfg.search_space, rng, given), objective)
-    checks: list[SearchObjective] = []
-    if sc.confirm:
-        confirming = True
-        result, checks = _confirm(cfg, rungs[-1], specs[-1], result, allowance, progress, epochs.update)
+        allowance.allow(sc.budget if sc.budget is not None else 10**9)  # and the clock, if timed
+        start = max(scores, key=lambda g: scores[g])
+        given = Proposals(known=scores, start=start, foreign=_foreign(cfg, store, rungs[-1], own), table=table)
+        result = drive(sc.make(cfg.search_space, rng, given), objective)
     progress.close()
     epochs.close()
     _log_counts(f"search done ({result.best}, fitness {result.best_fitness:.4f})", rungs)
     if len(rungs) > 1 and result.best not in rungs[-1].outcomes:
         log.warning("the budget ran out before a genome reached the top rung: the winner was chosen on a cheaper rung")
-    counts = [r.evaluator.counts() for r in [*rungs, *checks]]
+    counts = [r.evaluator.counts() for r in rungs]
     metrics = {"new_evaluations": sum(c["trained"] + c["failed"] for c in counts), "reused_evaluations": sum(c["reused"] for c in counts),
                "failed_evaluations": sum(c["failed"] for c in counts), "search_seconds": budget.elapsed()}  # fmt: skip
     store.log(parent, metrics=metrics)
@@ -227,58 +210,6 @@ def _search(
                     "learning-rate schedule was re-planned to them)", trained, final_spec.trainer.epochs)  # fmt: skip
         final_spec = replace(final_spec, trainer=replace(final_spec.trainer, epochs=int(trained)))  # what the report states
     return _report(cfg, store, parent, rungs, result, final, final_spec, out_dir)
-
-
-def _confirm_candidates(sc: SearchConfig, top: SearchObjective) -> list[Outcome]:
-    """The top rung's best `search.confirm` finished outcomes, best first."""
-    finished = [o for o in top.outcomes.values() if o.status == "FINISHED"]
-    return sorted(finished, key=top.fitness_of, reverse=True)[: sc.confirm]
-
-
-def _confirm_seconds(sc: SearchConfig, top: SearchObjective, leader: Genome, cost: CostModel, parallelism: int) -> float:
-    """Predicted wall seconds of the confirmations (search.confirm), kept back while the search runs: today's best
-    candidates, and the leader for each one the top rung does not have yet."""
-    if not sc.confirm:
-        return 0.0
-    genomes = [o.genome for o in _confirm_candidates(sc, top)]
-    genomes += [leader] * (sc.confirm - len(genomes))
-    return sc.confirm_seeds * sum(cost.seconds(g, top.images) for g in genomes) / max(parallelism, 1)
-
-
-def _confirm(
-    cfg: AppConfig, top: SearchObjective, spec: EvalSpec, result: ClimbResult, allowance: Allowance, progress: _Progress, on_epoch: OnEpoch
-) -> tuple[ClimbResult, list[SearchObjective]]:
-    """search.confirm: the top rung's best genomes evaluated again at search.confirm_seeds more seeds; the winner is the
-    best mean fitness over the top rung's seed and those (genomes a seed could not afford are not compared). The
-    evaluations are ordinary ones (stored, reused, resumed; the time budget kept them back while the search ran)."""
-    sc = cfg.search
-    candidates = _confirm_candidates(sc, top)
-    if len(candidates) < 2:
-        log.info("search.confirm=%d: the top rung has %d finished genome(s); nothing to compare again", sc.confirm, len(candidates))
-        return result, []
-    genomes = [o.genome for o in candidates]
-    scores = {g: [top.fitness_of(o)] for g, o in zip(genomes, candidates, strict=True)}
-    allowance.allow(len(genomes) * sc.confirm_seeds)  # beyond search.budget: the time budget kept them back
-    checks = []
-    for k in range(1, sc.confirm_seeds + 1):
-        ev = Evaluator(top.evaluator.store, replace(spec, seed=spec.seed + k), top.evaluator.backend, top.evaluator.parent_run_id,
-                       on_epoch, confirm=k)  # fmt: skip
-        check = SearchObjective(ev, cfg.fitness, top.own_searches, allowance, n_train(spec.data), lambda o: progress.log_elapsed())
-        for g, f in zip(genomes, check(genomes), strict=True):
-            scores[g].append(f)
-        checks.append(check)
-    full = {g: statistics.fmean(v) for g, v in scores.items() if len(v) == sc.confirm_seeds + 1 and all(map(math.isfinite, v))}
-    for g in genomes:
-        log.info("confirm: %s fitness %s%s", g, " / ".join(f"{f:.4f}" for f in scores[g]),
-                 f", mean {full[g]:.4f}" if g in full else " (not compared: a seed did not fit or failed)")  # fmt: skip
-    if len(full) < 2:
-        log.warning("search.confirm: fewer than two genomes were evaluated at every seed; the winner stays the top rung's best")
-        return result, checks
-    best = max(full, key=lambda g: full[g])
-    log.info("confirm: the winner is %s (mean fitness %.4f over %d seeds)%s", best, full[best], sc.confirm_seeds + 1,
-             "" if best == result.best else f", not the top rung's best {result.best}")  # fmt: skip
-    last = result.path[-1] if result.path else Step(0, 0, best, full[best], "start")
-    return ClimbResult(best, full[best], (*result.path, Step(last.restart, last.step + 1, best, full[best], "confirm"))), checks
 
 
 def _fit_final(spec: EvalSpec, genome: Genome, cost: CostModel, speedup: float, budget: TimeBudget) -> EvalSpec:
@@ -345,14 +276,18 @@ def _earlier_final_epochs(store: Store, own: OwnSearches, genome: Genome) -> int
     return None
 
 
-def _table_climb(cfg: AppConfig, top: SearchObjective, rng: np.random.Generator) -> ClimbResult:
-    """The paper's climber over every recorded evaluation of the full budget whose genome is in this search's space."""
-    rows = []
-    for o in top.evaluator.finished(lambda text: _parsed(text, cfg.search_space)):  # outside this search's space: skipped
-        top.record(o)
-        rows.append((o.genome, int(o.metric("param_count")), o.metric(cfg.fitness.metric), top.fitness_of(o)))
-    assert isinstance(cfg.search, TableConfig)
-    return table_climb(rows, rng, cfg.search.patience, cfg.search.max_restarts)
+def _table(cfg: AppConfig, top: SearchObjective) -> Callable[[], list[tuple[Genome, int, float, float]]]:
+    """The table climber's table: every recorded evaluation of the search's own budget whose genome is in its space (each
+    one recorded in the top rung's outcomes, so that the report shows it), as (genome, params, accuracy, fitness)."""
+
+    def rows() -> list[tuple[Genome, int, float, float]]:
+        out = []
+        for o in top.evaluator.finished(lambda text: _parsed(text, cfg.search_space)):  # outside this search's space: skipped
+            top.record(o)
+            out.append((o.genome, int(o.metric("param_count")), o.metric(cfg.fitness.metric), top.fitness_of(o)))
+        return out
+
+    return rows
 
 
 def _parsed(text: str, space: SearchSpace) -> Genome | None:
@@ -375,7 +310,7 @@ class _Progress:
         self.rungs: list[SearchObjective] = []
         self.per_rung: dict[int, int] = {}
         self.best: dict[str, float] = {}
-        planned = sc.population_size + (sc.budget or 0 if sc.strategy != "table" else 0)
+        planned = sc.population_size + (sc.budget or 0)
         if self.seconds is not None:
             self.bar = count_bar(int(self.seconds), "time budget", "s", cfg.progress)
         else:

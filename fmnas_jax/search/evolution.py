@@ -8,13 +8,30 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 
 from fmnas_jax.genome import Genome, SearchSpace, mutate
-from fmnas_jax.search.base import ClimbResult, Objective, Step, drive
+from fmnas_jax.search.base import ClimbResult, Objective, Proposals, SearchConfig, Step, Strategy, drive
 
 MAX_DRAWS = 1000  # tournaments for one child not seen yet
+
+
+@dataclass(frozen=True)
+class EvolutionConfig(SearchConfig):
+    """search=evolution: regularized (aging) evolution with tournaments of `tournament_size`."""
+
+    strategy: str = "evolution"
+    tournament_size: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tournament_size < 1:
+            raise ValueError(f"search.tournament_size {self.tournament_size} must be >= 1")
+
+    def make(self, space: SearchSpace, rng: np.random.Generator, given: Proposals) -> Strategy:
+        return RegularizedEvolution(space, rng, self.tournament_size, given.known, given.population)
 
 
 class RegularizedEvolution:

@@ -21,12 +21,6 @@ METRICS = ("val_accuracy", "test_accuracy", "train_accuracy")
 RUNG_PENALTY = 10.0
 
 
-def rungs_below_top(value: float) -> int:
-    """How many rungs below the top a multi-fidelity search's fitness `value` was measured at (0: the top rung, or a
-    search without rungs; -inf, a failed evaluation: 0)."""
-    return max(0, round(-value / RUNG_PENALTY)) if math.isfinite(value) else 0
-
-
 @dataclass(frozen=True)
 class FitnessConfig:
     """What the search maximises; see the module docstring for the formula."""

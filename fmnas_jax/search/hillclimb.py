@@ -13,28 +13,46 @@ known, so a free worker always gets a genome, and the climb moves to any genome 
 (the population's too, in the first) whose result beats the current point's, whenever it arrives: with
 rungs, results come back rung by rung, and the one that reaches the top rung first is where to climb on.
 
-`explore` > 0: that share of the climb's asks is a fresh random genome (a candidate of the current point like
-its neighbours); the climb jumps to one told better than the current point, so a climb caught in one basin still
-samples the rest of the space as random search does.
-
 `min_gain` > 0: a candidate moves the climb only when it beats the current point by more than that (in fitness, e.g.
 0.008 = the top rung's 0.8 points of seed noise); gains inside it end the climb at a local optimum, and it restarts.
-`radius` > 1: a point's candidates are every genome within that many one-gene moves (up to `radius` genes changed),
-asked in a random order like the one-gene neighbours.
-
-`min_gain_rungs`: with rungs, the threshold for a current point measured below the top rung (a climb that restarted
-at a genome screened out at rung 0 compares its neighbours at rung 0, where seed noise is larger).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from fmnas_jax.genome import Genome, SearchSpace, fresh_genome, neighbours, random_genome
-from fmnas_jax.search.base import ClimbResult, HillClimbConfig, Objective, Step, drive
-from fmnas_jax.search.fitness import rungs_below_top
+from fmnas_jax.genome import Genome, SearchSpace, neighbours, random_genome
+from fmnas_jax.search.base import ClimbResult, Objective, Proposals, SearchConfig, Step, Strategy, drive
+
+MOVES = ("first", "steepest")
+
+
+@dataclass(frozen=True)
+class HillClimbConfig(SearchConfig):
+    """search=hillclimb: one-gene moves, first or steepest improvement, random restarts, a least gain that moves it."""
+
+    strategy: str = "hillclimb"
+    move: str = "first"  # first | steepest improvement
+    patience: int = 2  # stop after this many restarts in a row without improvement
+    max_restarts: int = 10
+    # The least fitness gain that moves the climb (0: any gain). A gain inside the top rung's seed noise is luck as
+    # often as progress; with a threshold the climb stops at such a point and restarts instead of chasing noise.
+    min_gain: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.move not in MOVES:
+            raise ValueError(f"search.move {self.move!r} is not one of {list(MOVES)}")
+        if not 0.0 <= self.min_gain < 1.0:
+            raise ValueError(f"search.min_gain {self.min_gain} must be >= 0 and < 1 (a gain in fitness, accuracy as a fraction)")
+        if self.patience < 1 or self.max_restarts < 0:
+            raise ValueError(f"search.patience {self.patience} must be >= 1 and search.max_restarts {self.max_restarts} >= 0")
+
+    def make(self, space: SearchSpace, rng: np.random.Generator, given: Proposals) -> Strategy:
+        return HillClimber(space, rng, self, start=given.start, population=given.population, eager=given.eager)
 
 
 class HillClimber:
@@ -64,7 +82,6 @@ class HillClimber:
         self._asked: set[Genome] = set()  # candidates of the current point not told yet
         self._climb_asked: set[Genome] = set()  # every genome this climb asked (eager: any of them may move it)
         self._scores: dict[Genome, float] = {}  # candidates of the current point told (steepest)
-        self._explored: set[Genome] = set()  # random genomes asked by `explore` (a move to one is a "jump")
 
     @property
     def done(self) -> bool:
@@ -104,19 +121,12 @@ class HillClimber:
         self._climb_asked = set(self._members) if self._restart == 0 else set()
         if self._f is not None:
             self._record(origin, self._f, "start")
-        nbrs = neighbours(origin, self.space, self.cfg.radius)
+        nbrs = neighbours(origin, self.space)
         self._queue = [nbrs[i] for i in self.rng.permutation(len(nbrs))]
         self._asked, self._scores = set(), {}
         return True
 
     def _candidate(self) -> Genome | None:
-        if self.cfg.explore and self.rng.random() < self.cfg.explore:
-            g = fresh_genome(self.space, self.rng, self.known, self._climb_asked, (self._current,), draws=20)
-            if g is not None:
-                self._asked.add(g)
-                self._climb_asked.add(g)
-                self._explored.add(g)
-                return g
         while self._queue:
             g = self._queue.pop(0)
             if g in self.known:  # told before (the population, an earlier climb): no need to ask
@@ -162,19 +172,13 @@ class HillClimber:
             self._move(genome, fitness)
 
     def _beats(self, fitness: float) -> bool:
-        """Whether a candidate's fitness moves the climb: above the current point's by more than the least gain at the
-        current point's rung (`min_gain` at the top, `min_gain_rungs` below it)."""
-        return fitness > self._f + self.min_gain_at(self._f)
-
-    def min_gain_at(self, current: float) -> float:
-        """The least gain over fitness `current` that moves the climb (its rung's, when min_gain_rungs is set)."""
-        gains, below = self.cfg.min_gain_rungs, rungs_below_top(current)
-        return gains[max(0, len(gains) - below)] if gains and below else self.cfg.min_gain
+        """Whether a candidate's fitness moves the climb: above the current point's by more than `min_gain`."""
+        return fitness > self._f + self.cfg.min_gain
 
     def _move(self, genome: Genome, fitness: float) -> None:
         self._current, self._f = genome, fitness
-        self._record(genome, fitness, "jump" if genome in self._explored else "improve")
-        nbrs = neighbours(genome, self.space, self.cfg.radius)
+        self._record(genome, fitness, "improve")
+        nbrs = neighbours(genome, self.space)
         self._queue = [nbrs[i] for i in self.rng.permutation(len(nbrs))]
         self._asked, self._scores = set(), {}
 

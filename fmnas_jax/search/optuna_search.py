@@ -15,13 +15,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from fmnas_jax.genome import ConvGene, Genome, SearchSpace, count_params
-from fmnas_jax.search.base import ClimbResult, Step, best_of
+from fmnas_jax.search.base import ClimbResult, Proposals, SearchConfig, Step, Strategy, best_of
 
 SAMPLERS = ("tpe", "nsga2", "random")
 MAX_ASKS = 200  # trials asked in a row for one genome inside the size cap
+
+
+@dataclass(frozen=True)
+class OptunaConfig(SearchConfig):
+    """search=optuna: one of Optuna's samplers through ask-and-tell (the optuna extra)."""
+
+    strategy: str = "optuna"
+    sampler: str = "tpe"  # tpe | nsga2 | random
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"search.sampler {self.sampler!r} is not one of {list(SAMPLERS)}")
+
+    def make(self, space: SearchSpace, rng: np.random.Generator, given: Proposals) -> Strategy:
+        return OptunaSearch(space, self.seed, self.sampler, {**(given.foreign or {}), **(given.known or {})}, given.population)
 
 
 def _import_optuna() -> Any:

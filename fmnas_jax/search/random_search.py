@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from fmnas_jax.genome import Genome, SearchSpace, fresh_genome
-from fmnas_jax.search.base import ClimbResult, Objective, Step, best_of, drive
+from fmnas_jax.search.base import ClimbResult, Objective, Proposals, SearchConfig, Step, Strategy, best_of, drive
 
 MAX_DRAWS = 1000  # draws for one genome not seen yet (a nearly exhausted small space gives up)
+
+
+@dataclass(frozen=True)
+class RandomConfig(SearchConfig):
+    """search=random: uniform random genomes of the space (the baseline); no settings of its own."""
+
+    strategy: str = "random"
+
+    def make(self, space: SearchSpace, rng: np.random.Generator, given: Proposals) -> Strategy:
+        return RandomSearch(space, rng, given.known, given.population)
 
 
 class RandomSearch:

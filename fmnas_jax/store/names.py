@@ -23,7 +23,6 @@ IMAGE = 28
 
 
 RUNG = "fmnas.rung"  # multi-fidelity searches: the rung (0 = cheapest budget) an evaluation belongs to
-CONFIRM = "fmnas.confirm"  # search.confirm: the extra seed (1, 2, ...) at which a top-rung genome was evaluated again
 
 
 HEARTBEAT = "fmnas.heartbeat"  # unix seconds, refreshed by the process that owns a RUNNING run
@@ -74,8 +73,7 @@ EXPERIMENT_NOTE = """Neural architecture search for Fashion-MNIST CNNs (fmnas_ja
 
 Runs by role (`tags.fmnas.role`): **search** (one per search: strategy, budget, the winner and its
 result card in its description and `report/` artifacts), **evaluation** (one genome at one budget,
-nested under the search that trained it; `tags.fmnas.rung` in multi-fidelity searches, `tags.fmnas.confirm`
-on a top-rung genome evaluated again at another seed before the winner was chosen) and **final**
+nested under the search that trained it; `tags.fmnas.rung` in multi-fidelity searches) and **final**
 (a search's winner retrained; its MLflow Model is registered).
 
 Compare within one search: each search run's description links its filtered views (its evaluations, each

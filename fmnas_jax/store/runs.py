@@ -19,7 +19,6 @@ from mlflow.exceptions import MlflowException
 from fmnas_jax.store.connection import _first_line, host_name
 from fmnas_jax.store.names import (
     BUDGET_KEY,
-    CONFIRM,
     DUPLICATE_OF,
     EVAL_KEY,
     GENOME,
@@ -138,13 +137,11 @@ class _Runs:
         name: str | None = None,
         description: str | None = None,
         datasets: Sequence[Any] = (),
-        confirm: int | None = None,
     ) -> str:
         """A RUNNING run of `genome` (an evaluation, or a search's retrained winner: role 'final') with its keys,
-        params, fidelity rung (or `confirm`: the extra seed of a confirmation), a markdown description and the data
+        params, fidelity rung, a markdown description and the data
         splits it uses (`data.SplitRecord`s); returns its id."""
         tags = {GENOME: genome, EVAL_KEY: eval_key, BUDGET_KEY: budget_key} | ({RUNG: str(rung)} if rung is not None else {})
-        tags |= {CONFIRM: str(confirm)} if confirm else {}
         if description:
             tags[NOTE] = description
         run_id = self.start_run(name or genome, role, tags, parent_run_id)
