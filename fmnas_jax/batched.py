@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fmnas_jax.config import check_bucket_limits
 from fmnas_jax.genome import ACTIVATIONS, HEAD_UNITS, IMAGE_SIZE, NUM_CLASSES, ConvGene, Genome, count_params
 from fmnas_jax.model import ACTIVATION_FNS, BN_MOMENTUM, init_variables, variable_shapes
 from fmnas_jax.train import (
@@ -90,12 +91,6 @@ def bucket_cost(bucket: Bucket) -> int:
         macs += h * h * k * k * c_in * f
         c_in = f
     return macs + c_in * HEAD_UNITS + HEAD_UNITS * NUM_CLASSES
-
-
-def check_bucket_limits(max_models: int, max_waste: float) -> None:
-    """ValueError unless a bucket may hold >= 1 genome and spend >= 1x their own compute (bucket_size, bucket_waste)."""
-    if max_models < 1 or not max_waste >= 1:
-        raise ValueError(f"bucket_size {max_models} must be >= 1 and bucket_waste {max_waste} >= 1")
 
 
 def plan_buckets(genomes: Sequence[Genome], max_models: int = 16, max_waste: float = 2.0) -> list[list[Genome]]:

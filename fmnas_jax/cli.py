@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from fmnas_jax.config import AppConfig, ConfigError, realize, schema, search_schema
+from fmnas_jax.config import BACKEND_CONFIGS, AppConfig, ConfigError, InProcessBackend, backend_schema, realize, schema, search_schema
 from fmnas_jax.search import STRATEGY_CONFIGS
 
 log = logging.getLogger("fmnas_jax")
@@ -30,11 +30,14 @@ log = logging.getLogger("fmnas_jax")
 
 def register_schemas() -> None:
     """Hydra's ConfigStore gets the schemas conf/ is composed against: `schema/app` under config.yaml,
-    `schema/search/<strategy>` under each conf/search/<strategy>.yaml (a wrong key or type fails at composition)."""
+    `schema/search/<strategy>` under each conf/search/<strategy>.yaml, `schema/backend/<kind>` under each
+    conf/backend/<kind>.yaml (a wrong key or type fails at composition)."""
     store = ConfigStore.instance()
     store.store(group="schema", name="app", node=schema(AppConfig))
     for name in STRATEGY_CONFIGS:
         store.store(group="schema/search", name=name, node=search_schema(name))
+    for kind in BACKEND_CONFIGS:
+        store.store(group="schema/backend", name=kind, node=backend_schema(kind))
 
 
 register_schemas()
@@ -45,12 +48,16 @@ def to_app_config(cfg: DictConfig) -> AppConfig:
     ConfigError names the bad key and value."""
     ours = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # Hydra's own node may not resolve here
     strategy = OmegaConf.select(ours, "search.strategy", default="hillclimb")
-    composed_as = OmegaConf.get_type(ours, "search") if "search" in ours else None
-    if composed_as in (search_schema(s) for s in STRATEGY_CONFIGS) and composed_as is not search_schema(strategy):
-        raise ConfigError(f"search.strategy={strategy} was set on the settings of another strategy "
-                          f"({composed_as.__name__}): choose the strategy with search={strategy}")  # fmt: skip
+    kind = OmegaConf.select(ours, "backend.kind", default="auto")
+    for group, key, name, schemas in (("search", "strategy", strategy, {s: search_schema(s) for s in STRATEGY_CONFIGS}),
+                                      ("backend", "kind", kind, {k: backend_schema(k) for k in BACKEND_CONFIGS})):  # fmt: skip
+        composed_as = OmegaConf.get_type(ours, group) if group in ours else None
+        if composed_as in schemas.values() and composed_as is not schemas.get(name):
+            what = "strategy" if group == "search" else "backend"
+            raise ConfigError(f"{group}.{key}={name} was set on the settings of another {what} "
+                              f"({composed_as.__name__}): choose the {what} with {group}={name}")  # fmt: skip
     try:
-        typed = OmegaConf.merge(schema(AppConfig), {"search": search_schema(strategy)}, ours)
+        typed = OmegaConf.merge(schema(AppConfig), {"search": search_schema(strategy), "backend": backend_schema(kind)}, ours)
         app = realize(OmegaConf.to_object(typed))
     except OmegaConfBaseException as e:
         lines = [ln.strip() for ln in str(e).splitlines() if not ln.strip().startswith(("reference_type", "object_type"))]
@@ -109,7 +116,7 @@ def main(cfg: DictConfig) -> float:
     if app.backend.kind == "auto" and "BasicLauncher" not in launcher:
         # A parallel launcher (joblib, submitit) already runs jobs side by side; no pools inside its workers.
         log.info("backend=auto under %s: evaluating in-process", launcher.rsplit(".", 1)[-1])
-        app = replace(app, backend=replace(app.backend, kind="inprocess"))
+        app = replace(app, backend=InProcessBackend())
     enable_compilation_cache(app.cache_dir)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     log.info("platform: %s; malloc: %s; run directory: %s", platform_summary(), malloc_summary(), out_dir)

@@ -16,11 +16,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from fmnas_jax.batched import check_bucket_limits
 from fmnas_jax.data import TRAIN_IMAGES, DataConfig
 from fmnas_jax.genome import SearchSpace
+from fmnas_jax.recipe import TrainConfig
 from fmnas_jax.search import STRATEGY_CONFIGS, FitnessConfig, HillClimbConfig, SearchConfig
-from fmnas_jax.train import TrainConfig
 
 MODES = ("search", "train", "predict")
 BACKENDS = ("auto", "inprocess", "workers", "devices", "buckets", "ray")
@@ -90,30 +89,108 @@ class FinalConfig:
         return dataclasses.replace(base, train_size=self.train_size)
 
 
+def check_bucket_limits(max_models: int, max_waste: float) -> None:
+    """ValueError unless a bucket may hold >= 1 genome and spend >= 1x their own compute (bucket_size, bucket_waste)."""
+    if max_models < 1 or not max_waste >= 1:
+        raise ValueError(f"bucket_size {max_models} must be >= 1 and bucket_waste {max_waste} >= 1")
+
+
 @dataclass(frozen=True)
 class BackendConfig:
-    """Where genomes train (conf/backend/*.yaml); each kind reads its own settings."""
+    """Where genomes train: `kind` (conf/backend/<kind>.yaml); each kind's own settings are its subclass below."""
 
-    kind: str = "auto"  # auto | inprocess | workers | devices | buckets | ray
-    workers: int = 0  # auto, workers: CPU worker processes (0 = one per core)
-    per_device: int = 4  # auto (accelerators), devices: evaluations in flight per device
-    bucket_size: int = 16  # buckets: most genomes per bucket
-    bucket_waste: float = 2.0  # buckets: most compute a bucket may spend, relative to its genomes alone
-    address: str | None = None  # ray: `auto`, host:port of a running cluster, or null to start one on this machine
-    num_cpus: float = 1.0  # ray: CPUs per evaluation
-    num_gpus: float = 0.0  # ray: GPUs per evaluation (0.25: four evaluations share a GPU)
-    max_in_flight: int = 0  # ray: most evaluations in flight (0 = as many as the cluster's resources hold)
-    max_retries: int = 3  # ray: retries of an evaluation whose node or worker died (Ray's own)
+    kind: str = "auto"
 
     def __post_init__(self) -> None:
         if self.kind not in BACKENDS:
             raise ValueError(f"backend {self.kind!r} is not one of {list(BACKENDS)}")
-        if self.workers < 0:
-            raise ValueError(f"backend.workers {self.workers} must be >= 0 (0 = one pinned process per CPU core)")
-        if self.per_device < 1:
-            raise ValueError(f"backend.per_device {self.per_device} must be >= 1")
-        if self.kind == "buckets":
-            check_bucket_limits(self.bucket_size, self.bucket_waste)
+        own = type(self).__dataclass_fields__["kind"].default
+        if type(self) is not BackendConfig and self.kind != own:
+            raise ValueError(f"backend.kind {self.kind!r} on {type(self).__name__}, the settings of {own!r}: "
+                             f"choose the backend with backend={self.kind}")  # fmt: skip
+
+
+def _check_workers(n: int) -> None:
+    if n < 0:
+        raise ValueError(f"backend.workers {n} must be >= 0 (0 = one pinned process per CPU core)")
+
+
+def _check_per_device(n: int) -> None:
+    if n < 1:
+        raise ValueError(f"backend.per_device {n} must be >= 1")
+
+
+@dataclass(frozen=True)
+class AutoBackend(BackendConfig):
+    """backend=auto: the fastest path for the platform (fmnas_jax.backends.choose_backend)."""
+
+    kind: str = "auto"
+    workers: int = 0  # CPU worker processes (0 = one per core)
+    per_device: int = 4  # evaluations in flight per accelerator
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_workers(self.workers)
+        _check_per_device(self.per_device)
+
+
+@dataclass(frozen=True)
+class InProcessBackend(BackendConfig):
+    """backend=inprocess: one evaluation at a time in this process."""
+
+    kind: str = "inprocess"
+
+
+@dataclass(frozen=True)
+class WorkersBackend(BackendConfig):
+    """backend=workers: single-threaded worker processes, each pinned to one core."""
+
+    kind: str = "workers"
+    workers: int = 0  # 0 = one per core
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_workers(self.workers)
+
+
+@dataclass(frozen=True)
+class DevicesBackend(BackendConfig):
+    """backend=devices: `per_device` evaluations in flight on each device JAX sees."""
+
+    kind: str = "devices"
+    per_device: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_per_device(self.per_device)
+
+
+@dataclass(frozen=True)
+class BucketsBackend(BackendConfig):
+    """backend=buckets: the genomes asked for together train in masked, vmapped buckets (fmnas_jax.batched)."""
+
+    kind: str = "buckets"
+    bucket_size: int = 16  # most genomes per bucket
+    bucket_waste: float = 2.0  # most compute a bucket may spend, relative to its genomes alone
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bucket_limits(self.bucket_size, self.bucket_waste)
+
+
+@dataclass(frozen=True)
+class RayBackend(BackendConfig):
+    """backend=ray: evaluations as Ray tasks over a Ray cluster (docs/scaling.md)."""
+
+    kind: str = "ray"
+    address: str | None = None  # `auto`, host:port of a running cluster, or null to start one on this machine
+    num_cpus: float = 1.0  # CPUs per evaluation
+    num_gpus: float = 0.0  # GPUs per evaluation (0.25: four evaluations share a GPU)
+    max_in_flight: int = 0  # most evaluations in flight (0 = as many as the cluster's resources hold)
+    max_retries: int = 3  # retries of an evaluation whose node or worker died (Ray's own)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_cpus < 0 or self.num_gpus < 0 or self.num_cpus + self.num_gpus <= 0:
             raise ValueError(
                 f"backend.num_cpus {self.num_cpus:g} and backend.num_gpus {self.num_gpus:g} must be >= 0, and not both 0 "
@@ -121,6 +198,16 @@ class BackendConfig:
             )
         if self.max_in_flight < 0 or self.max_retries < 0:
             raise ValueError(f"backend.max_in_flight {self.max_in_flight} and backend.max_retries {self.max_retries} must be >= 0")
+
+
+BACKEND_CONFIGS: dict[str, type[BackendConfig]] = {
+    "auto": AutoBackend,
+    "inprocess": InProcessBackend,
+    "workers": WorkersBackend,
+    "devices": DevicesBackend,
+    "buckets": BucketsBackend,
+    "ray": RayBackend,
+}
 
 
 def check_model_name(name: str | None, key: str = "registry.model_name") -> None:
@@ -169,7 +256,7 @@ class AppConfig:
     fitness: FitnessConfig = field(default_factory=FitnessConfig)
     final: FinalConfig = field(default_factory=FinalConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
-    backend: BackendConfig = field(default_factory=BackendConfig)
+    backend: BackendConfig = field(default_factory=AutoBackend)
     cache_dir: str | None = None
     progress: bool = True
 
@@ -270,6 +357,13 @@ def realize(obj: Any, name: str = "") -> Any:
     return obj
 
 
+def backend_schema(kind: str) -> type:
+    """The schema of backend `kind`'s settings (backend=<kind> in conf/backend/)."""
+    if kind not in BACKEND_CONFIGS:
+        raise ConfigError(f"backend {kind!r} is not one of {list(BACKEND_CONFIGS)}")
+    return schema(BACKEND_CONFIGS[kind])
+
+
 def search_schema(strategy: str) -> type:
     """The schema of `strategy`'s settings (search=<strategy> in conf/search/)."""
     if strategy not in STRATEGY_CONFIGS:
@@ -277,5 +371,5 @@ def search_schema(strategy: str) -> type:
     return schema(STRATEGY_CONFIGS[strategy])
 
 
-for _cls in (AppConfig, *STRATEGY_CONFIGS.values()):  # every schema exists at import (pickled configs find them)
+for _cls in (AppConfig, *STRATEGY_CONFIGS.values(), *BACKEND_CONFIGS.values()):  # every schema exists at import (pickled configs find them)
     schema(_cls)

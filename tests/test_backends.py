@@ -85,14 +85,14 @@ def test_the_data_cache_loads_once_per_split():
 
 
 def test_choose_backend_follows_the_settings(tmp_path):
-    from fmnas_jax.config import BackendConfig
+    from fmnas_jax.config import AutoBackend, BucketsBackend, DevicesBackend, InProcessBackend
 
-    assert isinstance(choose_backend(BackendConfig("inprocess"), loader=synthetic_load), InProcess)
-    assert isinstance(choose_backend(BackendConfig("buckets"), loader=synthetic_load), Buckets)
-    devices = choose_backend(BackendConfig("devices", per_device=3), loader=synthetic_load)
+    assert isinstance(choose_backend(InProcessBackend(), loader=synthetic_load), InProcess)
+    assert isinstance(choose_backend(BucketsBackend(), loader=synthetic_load), Buckets)
+    devices = choose_backend(DevicesBackend(per_device=3), loader=synthetic_load)
     assert isinstance(devices, Devices) and devices.parallelism == 3 * len(jax.devices())
     devices.close()
-    auto = choose_backend(BackendConfig("auto"), cache_dir=str(tmp_path), loader=synthetic_load)
+    auto = choose_backend(AutoBackend(), cache_dir=str(tmp_path), loader=synthetic_load)
     try:
         expected = Workers if (os.cpu_count() or 1) > 1 and len(jax.devices()) == 1 else (Devices, InProcess)
         assert isinstance(auto, expected)

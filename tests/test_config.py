@@ -141,6 +141,21 @@ def test_the_main_job_climbs_beyond_noise_and_its_strategy_swaps_cleanly():
         assert swapped.search.fidelity.mode == "asha" and swapped.search.population_size == 18
 
 
+def test_each_backend_takes_its_own_settings_only():
+    from hydra.errors import ConfigCompositionException
+
+    from fmnas_jax.config import BACKEND_CONFIGS
+
+    for kind, cls in BACKEND_CONFIGS.items():  # every conf/backend/<kind>.yaml holds exactly its class's settings
+        backend = OmegaConf.to_container(_compose(f"backend={kind}"), resolve=True)["backend"]
+        assert set(backend) == {f.name for f in dataclasses.fields(cls)}, kind
+        assert type(to_app_config(_compose(f"backend={kind}")).backend) is cls
+    with pytest.raises(ConfigCompositionException, match="bucket_size"):  # another backend's setting: Hydra says so at once
+        _compose("backend=workers", "backend.bucket_size=8")
+    with pytest.raises(ConfigError, match="choose the backend with backend=ray"):  # a kind set on another kind's settings
+        to_app_config(_compose("backend.kind=ray"))
+
+
 def test_the_ray_backend_settings_land_in_the_typed_config():
     app = to_app_config(_compose("+experiment=hillclimb", "backend=ray", "backend.address=auto", "backend.num_gpus=0.25"))
     b = app.backend
@@ -259,3 +274,12 @@ def test_the_benchmarks_objective_is_the_main_jobs():
     app = to_app_config(_compose("+experiment=hillclimb"))
     assert app.fitness == MAIN_FITNESS
     assert dataclasses.replace(app.search_space, max_params=None) == SearchSpace()  # parsing a winner needs no cap
+
+
+def test_the_settings_import_no_jax():
+    """The config layer (and so a bad setting's error) needs no JAX: a fresh interpreter imports it without."""
+    import subprocess
+    import sys
+
+    code = "import sys, fmnas_jax.config; assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)"
+    subprocess.run([sys.executable, "-c", code], check=True)

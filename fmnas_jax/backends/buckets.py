@@ -29,7 +29,7 @@ class Buckets(_Batches):
     streams_epochs, separate_processes = False, False
 
     def __init__(self, device: Any, max_models: int = 16, max_waste: float = 2.0, loader: Loader = data_mod.load) -> None:
-        from fmnas_jax.batched import check_bucket_limits
+        from fmnas_jax.config import check_bucket_limits
 
         check_bucket_limits(max_models, max_waste)
         self.device, self.parallelism, self.max_waste = device, max_models, max_waste
