@@ -236,17 +236,25 @@ class Evaluator:
 
     def _start(self, genome: Genome) -> str:
         key = eval_key(genome, self.budget)
-        rung = f" (rung {self.rung})" if self.rung is not None else ""
         # What tells runs apart first (the UI's name column shows ~20 characters): role or rung, then the genome.
         prefix = "eval" if self.rung is None else f"r{self.rung}"
         prefix = "final" if self.role == "final" else prefix
         name = f"{prefix} {genome.short}"
-        what = "The search's winner, retrained with the final recipe" if self.role == "final" else f"An evaluation{rung}"
-        description = (f"{what}.\n\n`{genome}`\n\nBudget: {describe_budget(self.spec.trainer, self.spec.data)}; seed {self.spec.seed}. "
-                       f"eval_key `{key}`: a later search with the same genome and budget reuses this run.")  # fmt: skip
+        description = self._description(genome, key)
         datasets = split_records(self.spec.data, self.spec.seed, self.spec.test)
         return self.store.start_evaluation(str(genome), key, self.budget, self.parent_run_id, self._params(genome), self.rung, self.role,
                                            name, description, datasets)  # fmt: skip
+
+    def _description(self, genome: Genome, key: str, trained: int | None = None) -> str:
+        """The run's description; `trained`: the epochs it trained when a deadline cut its budget short."""
+        rung = f" (rung {self.rung})" if self.rung is not None else ""
+        what = "The search's winner, retrained with the final recipe" if self.role == "final" else f"An evaluation{rung}"
+        budget = describe_budget(self.spec.trainer, self.spec.data)
+        if trained is not None:
+            budget = (f"{budget} planned; **trained {trained} epoch{'s' * (trained != 1)}**: the rest would have run past "
+                      "search.time_budget, and the learning-rate schedule was re-planned to them (metric `epochs_trained`)")  # fmt: skip
+        return (f"{what}.\n\n`{genome}`\n\nBudget: {budget}; seed {self.spec.seed}. "
+                f"eval_key `{key}`: a later search with the same genome and budget reuses this run.")  # fmt: skip
 
     def _params(self, genome: Genome) -> dict[str, Any]:
         genes: dict[str, Any] = {}
@@ -274,6 +282,8 @@ class Evaluator:
         where = {RAY_NODE: result.node} if result.node else None
         one_off = {k: v for k, v in summary.items() if k not in per_epoch} | budget | done
         self.store.log(run_id, metrics=one_off, tags=where, step=0)
+        if result.status == "FINISHED" and trained < self.spec.trainer.epochs:  # what it did, beside what it planned
+            self.store.describe(run_id, self._description(genome, key, trained))
         if result.status == "FINISHED":
             earlier = self.store.find_finished(key, self.role)  # another process may have finished it meanwhile
             if earlier is not None and earlier.run_id != run_id:

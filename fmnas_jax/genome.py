@@ -138,6 +138,14 @@ def _layer_error(subject: str, index: int, kind: str, problem: str) -> ValueErro
     return ValueError(f"{subject} in layer {index} ({kind}) {problem}")
 
 
+def genome_in(text: str, space: SearchSpace) -> Genome | None:
+    """The genome `text` names if `space` contains it, else None (a stored row of another space or layout)."""
+    try:
+        return parse_genome(text, space)
+    except ValueError:
+        return None
+
+
 def parse_genome(text: str, space: SearchSpace) -> Genome:
     """Parse `NC 4 5 sigmoid;RC 64 3 relu;...;FL gelu;` into a validated Genome."""
     if not isinstance(text, str):

@@ -17,9 +17,9 @@ an expensive one.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Container, Sequence
 
+from fmnas_jax.budget import TimeBudget
 from fmnas_jax.cost import CostModel, Sample
 from fmnas_jax.evaluator import Evaluator, Outcome
 from fmnas_jax.genome import Genome, train_flops_per_image
@@ -45,16 +45,15 @@ class Allowance:
     def __init__(
         self,
         count: int | None = None,
-        seconds: float | None = None,
+        budget: TimeBudget | None = None,
         cost: CostModel | None = None,
         parallelism: int = 1,
         reserve: Callable[[], float] = lambda: 0.0,
-        clock: Callable[[], float] = time.monotonic,
         replay_only: bool = False,
     ) -> None:
-        self.count, self.cost, self.parallelism, self.reserve, self.clock = count, cost or CostModel(), parallelism, reserve, clock
+        self.count, self.cost, self.parallelism, self.reserve = count, cost or CostModel(), parallelism, reserve
+        self.budget = budget if budget is not None else TimeBudget(None)  # the job's clock: what is left of search.time_budget
         self.replay_only = replay_only  # a finished search run again: only stored results, nothing trained
-        self.deadline = None if seconds is None else clock() + seconds
         self.spent = 0  # new evaluations admitted
         self.pending = 0.0  # predicted seconds of the batch being admitted
         self.exhausted = False
@@ -64,14 +63,14 @@ class Allowance:
         self.count, self.exhausted = self.spent + more, False
 
     def remaining_seconds(self) -> float:
-        return math.inf if self.deadline is None else self.deadline - self.clock()
+        return self.budget.left()
 
     def admit(self, genome: Genome, images: int) -> bool:
         """Whether one more new evaluation of `genome` on `images` images fits; counts it if so."""
         if (self.count is not None and self.spent >= self.count) or (self.replay_only and images > 0):
             self.exhausted = True
             return False
-        if self.deadline is not None and images > 0:  # a stored result costs no training time
+        if self.budget.timed and images > 0:  # a stored result costs no training time
             wall = self.cost.seconds(genome, images) / self.parallelism
             if self.pending + wall + self.reserve() > self.remaining_seconds():
                 self.exhausted = True
@@ -82,7 +81,7 @@ class Allowance:
 
     def round_limit(self) -> int | None:
         """New trainings one synchronous round may admit: the slots while the time check rests on priors, else no limit."""
-        return self.parallelism if self.deadline is not None and not self.cost.calibrated else None
+        return self.parallelism if self.budget.timed and not self.cost.calibrated else None
 
     def batch_done(self) -> None:
         """The admitted batch has run: its time is now on the clock."""
@@ -166,6 +165,16 @@ class SearchObjective:
         return [self.fitness_of(self.outcomes[g]) if g in self.outcomes else -math.inf for g in genomes]
 
 
+def rung_score(rungs: Sequence[SearchObjective], genome: Genome) -> float:
+    """A genome's fitness at the highest rung it reached, pushed RUNG_PENALTY below each rung above it (-inf: none):
+    the one score both halving schedulers (HalvingObjective, scheduler.AsyncHalving) tell strategies."""
+    for r in range(len(rungs) - 1, -1, -1):
+        o = rungs[r].outcomes.get(genome)
+        if o is not None:
+            return rungs[r].fitness_of(o) - RUNG_PENALTY * (len(rungs) - 1 - r)
+    return -math.inf
+
+
 class HalvingObjective:
     """Successive halving over rungs of growing budget (one SearchObjective per rung, the last the full budget)."""
 
@@ -188,12 +197,7 @@ class HalvingObjective:
         return self.top.parallelism * self.eta ** (len(self.rungs) - 1)
 
     def score(self, genome: Genome) -> float:
-        """Fitness at the highest rung the genome reached, pushed below every higher rung."""
-        for r in range(len(self.rungs) - 1, -1, -1):
-            o = self.rungs[r].outcomes.get(genome)
-            if o is not None:
-                return self.rungs[r].fitness_of(o) - RUNG_PENALTY * (len(self.rungs) - 1 - r)
-        return -math.inf
+        return rung_score(self.rungs, genome)
 
     def __call__(self, genomes: Sequence[Genome]) -> list[float]:
         alive = list(dict.fromkeys(genomes))

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from fmnas_jax.budget import TimeBudget
+    from fmnas_jax.config import AppConfig
+    from fmnas_jax.evaluator import Outcome
+    from fmnas_jax.objective import SearchObjective
+    from fmnas_jax.store import Store
 
 
 class EpochBar:
@@ -43,3 +52,45 @@ class EpochBar:
 def count_bar(total: int | None, desc: str, unit: str, enabled: bool = True) -> tqdm:
     """A bar over a count of things (new evaluations, seconds of budget), with ETA."""
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
+
+
+class SearchProgress:
+    """The search's progress: a bar of new evaluations (count budget) or of the time budget, with ETA, and the
+    search run's metrics at each counted evaluation (step = evaluations counted): `elapsed_seconds` (what a
+    resumed attempt charges against the time budget), `evaluations_r<rung>`, and the anytime curve,
+    `best_fitness` and `best_val_accuracy` of the top rung so far."""
+
+    def __init__(self, cfg: AppConfig, store: Store, parent: str, budget: TimeBudget) -> None:
+        sc, self.budget, self.store, self.parent, self.count = cfg.search, budget, store, parent, 0
+        self.rungs: list[SearchObjective] = []  # the search's objectives, cheapest rung first (filled by the job)
+        self.per_rung: dict[int, int] = {}
+        self.best: dict[str, float] = {}
+        planned = sc.population_size + (sc.budget or 0)
+        if self.budget.seconds is not None:
+            self.bar = count_bar(int(self.budget.seconds), "time budget", "s", cfg.progress)
+        else:
+            self.bar = count_bar(planned if sc.fidelity.mode == "none" else None, "new evaluations", "eval", cfg.progress)
+
+    def counted(self, rung: int) -> Callable[[Outcome], None]:
+        """The callback of rung `rung`'s objective: one counted evaluation arrived."""
+        return lambda o: self.tick(rung, o)
+
+    def tick(self, rung: int, o: Outcome) -> None:
+        if self.budget.seconds is None:
+            self.bar.update()
+        else:
+            self.bar.update(min(int(self.budget.elapsed()), int(self.budget.seconds)) - self.bar.n)
+        self.per_rung[rung] = self.per_rung.get(rung, 0) + 1
+        metrics = {f"evaluations_r{rung}": float(self.per_rung[rung])}
+        if rung == len(self.rungs) - 1 and o.status == "FINISHED":
+            for name, value in (("best_fitness", self.rungs[rung].fitness_of(o)), ("best_val_accuracy", o.metric("val_accuracy"))):
+                if math.isfinite(value) and value > self.best.get(name, -math.inf):
+                    self.best[name] = value
+        self.log_elapsed(metrics | self.best)
+
+    def log_elapsed(self, metrics: dict[str, float] | None = None) -> None:
+        self.count += 1
+        self.store.log(self.parent, metrics={"elapsed_seconds": self.budget.elapsed()} | (metrics or {}), step=self.count)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 from fmnas_jax.backends import Backend
 from fmnas_jax.evaluator import Outcome, eval_key
 from fmnas_jax.genome import Genome
-from fmnas_jax.objective import SearchObjective
+from fmnas_jax.objective import SearchObjective, rung_score
 from fmnas_jax.search.base import ClimbResult, Strategy
-from fmnas_jax.search.fitness import RUNG_PENALTY
 
 log = logging.getLogger("fmnas_jax")
 
@@ -71,12 +70,7 @@ class AsyncHalving:
         return self._closed
 
     def score(self, genome: Genome) -> float:
-        """Fitness at the highest rung the genome reached, pushed below every higher rung."""
-        for r in range(len(self.rungs) - 1, -1, -1):
-            o = self.rungs[r].outcomes.get(genome)
-            if o is not None:
-                return self.rungs[r].fitness_of(o) - RUNG_PENALTY * (len(self.rungs) - 1 - r)
-        return -math.inf
+        return rung_score(self.rungs, genome)
 
     def utilisation(self) -> float:
         """Live evaluations' slot-seconds over the slots' wall-clock seconds since the scheduler started."""

@@ -62,6 +62,19 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
         return (yield)
 
 
+# Under pytest-xdist, each worker first makes its share of the shared results, so that they are made side by side
+# rather than one worker waiting for another's (only those some selected test reads).
+MADE_BY = {"gw0": ("smoke",), "gw1": ("halving", "trained")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_results_made_side_by_side(request: pytest.FixtureRequest) -> None:
+    wanted = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
+    for name in MADE_BY.get(os.environ.get("PYTEST_XDIST_WORKER", ""), ()):
+        if name in wanted:
+            request.getfixturevalue(name)
+
+
 @pytest.fixture(scope="session")
 def smoke(shared: Path):
     """One real smoke search (`python -m fmnas_jax +experiment=smoke` in a fresh process): its folder and what it printed.

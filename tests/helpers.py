@@ -21,6 +21,10 @@ from mlflow import MlflowClient
 from fmnas_jax.genome import Genome, SearchSpace
 
 EXPERIMENT = "fmnas_jax"
+# A test-sized real search, for the tests whose subject is a process, a launcher, a server or a cluster rather than
+# what a search finds: 2 random genomes and 1 climb step, each 1 epoch on 300 real images, the winner retrained on 300.
+TINY = ["+experiment=smoke", "search.population_size=2", "search.budget=1", "data.train_size=300", "data.val_size=200",
+        "final.train_size=300"]  # fmt: skip
 
 
 @dataclass

@@ -64,7 +64,7 @@ def test_the_search_admits_what_fits_what_is_left_after_earlier_attempts_and_the
     budget = TimeBudget(100, clock=clock)
     clock.now += 10
     budget.charge(40)  # 50 s left
-    allow = Allowance(None, budget.left(), COST, parallelism=1, reserve=lambda: 5.0, clock=budget.clock)
+    allow = Allowance(None, budget, COST, parallelism=1, reserve=lambda: 5.0)
     assert allow.remaining_seconds() == budget.left() == 50
     admitted = [allow.admit(GENOME, 1000) for _ in range(5)]  # 10 s each: four fit before the 5-s reserve
     assert admitted == [True, True, True, True, False] and allow.exhausted
@@ -72,7 +72,7 @@ def test_the_search_admits_what_fits_what_is_left_after_earlier_attempts_and_the
     clock.now += 40  # the batch ran: 10 s left, 5 reserved
     allow.allow(10)
     assert not allow.admit(GENOME, 1000) and allow.admit(GENOME, 0)  # a stored result costs no time
-    replay = Allowance(None, 1e9, COST, clock=clock, replay_only=True)  # a finished search run again: replays, trains nothing
+    replay = Allowance(None, TimeBudget(1e9, clock=clock), COST, replay_only=True)  # a finished search run again: replays, trains nothing
     assert not replay.admit(GENOME, 1000) and replay.admit(GENOME, 0)
 
 

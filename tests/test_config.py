@@ -260,9 +260,10 @@ def test_a_count_and_a_time_budget_together_both_hold():
 
     app = to_app_config(_compose("+experiment=hillclimb", "search.budget=6"))
     assert app.search.budget == 6 and app.search.time_budget == "14m"  # both kept, not one silently dropped
+    from fmnas_jax.budget import TimeBudget
     from fmnas_jax.genome import PAPER_GENOME, Genome
 
-    allowance = Allowance(count=2, seconds=1000)
+    allowance = Allowance(count=2, budget=TimeBudget(1000))
     g = Genome.parse(PAPER_GENOME)
     assert [allowance.admit(g, 100) for _ in range(3)] == [True, True, False] and allowance.exhausted  # the count ended first
 

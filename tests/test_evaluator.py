@@ -8,7 +8,7 @@ from conftest import PAPER
 
 from fmnas_jax import Genome
 from fmnas_jax.backends import EvalSpec, InProcess
-from fmnas_jax.config import AppConfig
+from fmnas_jax.config import AppConfig, InProcessBackend
 from fmnas_jax.data import DataConfig, synthetic_load
 from fmnas_jax.evaluator import Evaluator, budget_key, eval_key
 from fmnas_jax.jobs.search import search_key
@@ -49,7 +49,7 @@ def test_search_key_changes_with_what_shapes_the_path():
     assert search_key(replace(app, fitness=FitnessConfig(size_weight=0.05))) != search_key(app)
     assert search_key(replace(app, trainer=TrainConfig(epochs=2))) != search_key(app)
     assert search_key(replace(app, search=HillClimbConfig(time_budget="10m"))) != search_key(app)
-    in_process = replace(app, progress=False, backend=replace(app.backend, kind="inprocess"))
+    in_process = replace(app, progress=False, backend=InProcessBackend())
     assert search_key(in_process) == search_key(app)  # how it runs, not what it finds
 
 
@@ -82,11 +82,13 @@ def test_a_deadline_cut_is_recorded_and_reused_as_it_is(store):
     assert cut.status == "FINISHED" and cut.metrics["epochs_trained"] == 1
     record = store.get_run(cut.run_id)
     assert record.metric("epochs_trained") == 1 and record.metric("budget_epochs") == 3 and record.metric("epochs_planned") == 1
+    assert "3 epochs" in record.tags["mlflow.note.content"] and "planned; **trained 1 epoch**" in record.tags["mlflow.note.content"]
     again = Evaluator(store, three, InProcess(synthetic_load, fused=True), role="final").evaluate(G1)
     assert again.reused and again.run_id == cut.run_id and again.metric("epochs_trained") == 1
     far = InProcess(synthetic_load, fused=True, deadline=time.monotonic() + 3600)
     whole = Evaluator(store, replace(three, seed=1), far, role="final").evaluate(G1)  # a deadline not reached: all 3
     assert not whole.reused and whole.metrics["epochs_trained"] == 3 and store.get_run(whole.run_id).metric("epochs_planned") == 3
+    assert "trained" not in store.get_run(whole.run_id).tags["mlflow.note.content"].split("Budget:")[1].split(";")[0]
 
 
 def test_another_budget_is_a_miss(store):

@@ -120,7 +120,7 @@ def test_tracking_server_restart_is_waited_for_and_a_longer_outage_resumes(tmp_p
     proc, log = _launch(tmp_path, "second", *track, "tracking.retry_seconds=120")
     wait_until(lambda: _finished_evals(server.url, exp) > len(finished_before) or proc.poll() is not None, 300, "a new evaluation")
     server.stop()
-    time.sleep(20)
+    time.sleep(5)  # down for a while (with its restart, longer): the job keeps calling and waits it out
     server.start()
     text = _finish(proc, log)
     assert proc.returncode == 0, text[-4000:]
@@ -147,7 +147,7 @@ def test_postgresql_restart_under_the_server_is_waited_for(tmp_path):
         proc, log = _launch(tmp_path, "search", "tracking=server", f"tracking.uri={srv.url}", "tracking.retry_seconds=120")
         wait_until(lambda: _finished_evals(srv.url, "fmnas_jax") >= 1 or proc.poll() is not None, 300, "a first finished evaluation")
         pg.stop()
-        time.sleep(15)
+        time.sleep(5)  # the database down under the server: the job's calls fail until it is back
         pg.start()
         text = _finish(proc, log)
         assert proc.returncode == 0, text[-4000:]

@@ -7,6 +7,7 @@ import pytest
 
 from fmnas_jax import Genome, SearchSpace
 from fmnas_jax.backends import EvalSpec, InProcess
+from fmnas_jax.budget import TimeBudget
 from fmnas_jax.cost import CostModel, Sample, parse_duration
 from fmnas_jax.data import DataConfig, synthetic_load
 from fmnas_jax.evaluator import Evaluator
@@ -53,7 +54,7 @@ def test_time_allowance_predicts_cost_and_keeps_a_reserve():
     genome = _genomes(1)[0]
     cost = CostModel([Sample(genome, 1000, 10.0, 8.0)] * 6 + [Sample(genome, 2000, 18.0, 16.0)] * 6)  # 2 s + 8 ms per image
     assert cost.seconds(genome, 1000) == pytest.approx(10.0, rel=1e-6)
-    allow = Allowance(seconds=100, cost=cost, parallelism=2, reserve=lambda: 40.0, clock=lambda: now[0])
+    allow = Allowance(budget=TimeBudget(100, clock=lambda: now[0]), cost=cost, parallelism=2, reserve=lambda: 40.0)
     admitted = [allow.admit(genome, 1000) for _ in range(20)]  # 5 s of wall each (2 slots); 60 s before the reserve
     assert admitted.count(True) == 12 and allow.exhausted
     allow.batch_done()
@@ -82,7 +83,7 @@ def test_an_uncalibrated_cost_model_admits_one_round_of_slots_at_a_time(tracking
     parent = store.start_run("timed", "search", {})
     ev = CountingEvaluator(store, SPEC, InProcess(synthetic_load), parent)
     admitted_when_done: list[int] = []
-    obj = SearchObjective(ev, FitnessConfig(), {parent}, Allowance(seconds=1e6, parallelism=2), n_train=256,
+    obj = SearchObjective(ev, FitnessConfig(), {parent}, Allowance(budget=TimeBudget(1e6), parallelism=2), n_train=256,
                           on_counted=lambda o: admitted_when_done.append(obj.allowance.spent))  # fmt: skip
     assert obj.allowance.round_limit() == 2
     scores = obj(_genomes(8, seed=3))

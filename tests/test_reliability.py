@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import HALVING, needs_real_data
-from helpers import cli, job, runs
+from helpers import TINY, cli, job, runs
 from mlflow import MlflowClient
 
 pytestmark = [pytest.mark.slow, needs_real_data]
@@ -118,7 +118,7 @@ def test_ctrl_c_stops_the_worker_pool_at_once(tmp_path):
 
 
 def test_parallel_joblib_sweep_on_one_fresh_sqlite_store(tmp_path):
-    proc = cli(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=3", "+experiment=smoke", "search.seed=0,1,2")
+    proc = cli(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=3", *TINY, "search.seed=0,1,2")
     out = proc.stdout + proc.stderr
     assert "database is locked" not in out and "duplicate column" not in out
     searches = runs(tmp_path, "search")

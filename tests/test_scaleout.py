@@ -5,7 +5,7 @@ Starts its own services on 127.0.0.1 (free ports), and stops them whatever happe
 
 import pytest
 from conftest import needs_real_data
-from helpers import cli
+from helpers import TINY, cli
 from mlflow import MlflowClient
 from services import HAVE_POSTGRES, MlflowServer, Postgres
 
@@ -31,8 +31,8 @@ def tracking_server(tmp_path):
 def test_joblib_multirun_against_mlflow_server_on_postgresql(tmp_path, tracking_server):
     work = tmp_path / "work"
     work.mkdir()
-    cli(work, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "+experiment=smoke", "tracking=server",
-        f"tracking.uri={tracking_server}", "search.seed=0,1")  # fmt: skip
+    cli(work, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY, "tracking=server", f"tracking.uri={tracking_server}",
+        "search.seed=0,1")  # fmt: skip
     assert not (work / "mlflow.db").exists()  # nothing went to a local SQLite file
     client = MlflowClient(tracking_server)
     exp = client.get_experiment_by_name("fmnas_jax")
@@ -53,7 +53,7 @@ def test_joblib_multirun_against_mlflow_server_on_postgresql(tmp_path, tracking_
 
 
 def test_submitit_local_launcher(tmp_path):
-    cli(tmp_path, "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "+experiment=smoke", "search.seed=0,1")
+    cli(tmp_path, "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", *TINY, "search.seed=0,1")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("fmnas_jax")
     searches = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("fmnas.role") == "search"]

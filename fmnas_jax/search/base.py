@@ -56,15 +56,16 @@ class FidelityConfig:
 @dataclass(frozen=True)
 class Proposals:
     """What a strategy starts from: the evaluated population (`known`, `start`) or the population to ask first,
-    `eager` (asynchronous rungs: a climb moves to any better genome it asked), `foreign`, other searches'
-    results a model-based sampler may learn from, and `table`, the stored evaluations at the search's own budget as
-    (genome, params, accuracy, fitness) rows, read when called (the table climber's)."""
+    `eager` (asynchronous rungs: a climb moves to any better genome it asked), and what the store holds, read when
+    called by the strategy that uses it: `foreign`, other searches' results a model-based sampler may learn from, and
+    `table`, the stored evaluations at the search's own budget as (genome, params, accuracy, fitness) rows (the
+    table climber's)."""
 
     known: dict[Genome, float] | None = None
     start: Genome | None = None
     population: Sequence[Genome] = ()
     eager: bool = False
-    foreign: dict[Genome, float] | None = None
+    foreign: Callable[[], dict[Genome, float]] | None = None
     table: Callable[[], Sequence[tuple[Genome, int, float, float]]] | None = None
 
 
@@ -80,6 +81,13 @@ class SearchConfig:
     time_budget: str | None = None  # the whole job (search and final retrain): 600, '12m', '1.5h'; null = no limit
     final_share: float = 0.5  # the most of time_budget the search keeps back for the winner's retrain
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
+
+    def describe_limits(self) -> str:
+        """The population and what ends the search, for the log and the search run's description."""
+        limits = [f"time budget {self.time_budget} (search and final retrain)"] * bool(self.time_budget)
+        limits += [f"{self.budget} new evaluations after the population"] * bool(self.budget)
+        first = ", whichever ends first" if len(limits) > 1 else ""
+        return ", ".join([f"population {self.population_size}", *([" and ".join(limits) + first] if limits else [])])
 
     @property
     def time_budget_seconds(self) -> float | None:

@@ -40,7 +40,9 @@ class OptunaConfig(SearchConfig):
             raise ValueError(f"search.sampler {self.sampler!r} is not one of {list(SAMPLERS)}")
 
     def make(self, space: SearchSpace, rng: np.random.Generator, given: Proposals) -> Strategy:
-        return OptunaSearch(space, self.seed, self.sampler, {**(given.foreign or {}), **(given.known or {})}, given.population)
+        return OptunaSearch(
+            space, self.seed, self.sampler, {**(given.foreign() if given.foreign else {}), **(given.known or {})}, given.population
+        )
 
 
 def _import_optuna() -> Any:
