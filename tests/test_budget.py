@@ -11,7 +11,7 @@ from fmnas_jax import SearchSpace
 from fmnas_jax.budget import AFTER_RETRAIN_SECONDS, TimeBudget
 from fmnas_jax.cost import CostModel, Sample
 from fmnas_jax.genome import sample_population
-from fmnas_jax.jobs.search import OwnSearches, _earlier_attempts
+from fmnas_jax.jobs.attempts import OwnSearches, earlier_attempts
 from fmnas_jax.objective import Allowance
 from fmnas_jax.store import Store
 
@@ -85,7 +85,7 @@ def test_what_earlier_attempts_spent_is_read_from_the_store(tracking_uri):
     store.end_run(other, "FINISHED")
     now = store.start_run("now", "search", {"search_key": "k"})
     own = OwnSearches(store, "k", {first, second, now})
-    assert _earlier_attempts(store, own, now) == (70.0, False)  # the second attempt logged nothing yet: 0 s
+    assert earlier_attempts(store, own, now) == (70.0, False)  # the second attempt logged nothing yet: 0 s
     store.log(second, metrics={"elapsed_seconds": 30.0})
     store.end_run(second, "FINISHED")
-    assert _earlier_attempts(store, own, now) == (100.0, True)  # one of them finished: the rerun only replays
+    assert earlier_attempts(store, own, now) == (100.0, True)  # one of them finished: the rerun only replays
