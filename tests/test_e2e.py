@@ -240,6 +240,8 @@ def test_help_lists_the_experiments_and_groups(tmp_path):
         "search: evolution, hillclimb, hillclimb_mingain, optuna, random, table",
         "search/fidelity: asha, halving, none",
         "127.0.0.1",
+        "README.md",
+        *(f"python -m fmnas_jax +experiment={name}" for name in ("hillclimb", "long", "paper", "predict", "smoke", "train")),
     ):
         assert text in proc.stdout, text
 

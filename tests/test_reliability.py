@@ -155,7 +155,7 @@ def test_same_seed_same_search(tmp_path):
     a.mkdir(), b.mkdir()
     cards = []
     for d in (a, b):
-        run_dir = job(d, "+experiment=smoke", "backend=inprocess").files
+        run_dir = job(d, *TINY, "backend=inprocess").files
         cards.append((json.loads((run_dir / "climb_path.json").read_text()), json.loads((run_dir / "result_card.json").read_text())))
     (path_a, card_a), (path_b, card_b) = cards
     assert path_a == path_b
