@@ -48,6 +48,7 @@ def test_worker_processes_match_in_process(solo, tmp_path):
     _check(got, solo, rel=1e-5)
 
 
+@pytest.mark.slow  # compiles vmapped buckets: 6-11 s
 def test_masked_buckets_match_in_process(solo):
     backend = Buckets(jax.devices()[0], max_models=3, max_waste=100, loader=synthetic_load)  # everything in one bucket
     _check(dict(backend.evaluate(_genomes(), SPEC)), solo, rel=2e-4)

@@ -42,11 +42,13 @@ def assert_matches_solo(genomes, batched, dd, cfg):
                 np.testing.assert_allclose(x, y, rtol=2e-3, atol=2e-4)
 
 
+@pytest.mark.slow  # compiles vmapped buckets: 6-11 s
 def test_same_shape_batch_equals_solo(dd):
     cfg = TrainConfig(batch_size=64, epochs=2)
     assert_matches_solo(SAME_SHAPE, train_batched(SAME_SHAPE, dd, cfg, seed=0), dd, cfg)
 
 
+@pytest.mark.slow  # compiles vmapped buckets: 6-11 s
 def test_masked_bucket_equals_solo(dd):
     cfg = TrainConfig(batch_size=64, epochs=2)
     bucket = bucket_of(MIXED)
