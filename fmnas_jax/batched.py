@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from fmnas_jax.config import check_bucket_limits
-from fmnas_jax.genome import ACTIVATIONS, HEAD_UNITS, IMAGE_SIZE, NUM_CLASSES, ConvGene, Genome, count_params
+from fmnas_jax.genome import ACTIVATIONS, FASHION_MNIST, HEAD_UNITS, ConvGene, Genome, count_params
 from fmnas_jax.model import ACTIVATION_FNS, BN_MOMENTUM, init_variables, variable_shapes
 from fmnas_jax.train import (
     DeviceData,
@@ -52,6 +52,9 @@ from fmnas_jax.train import (
     normalise,
     variables_of,
 )
+
+# Buckets are written for Fashion-MNIST's shape (backend=buckets refuses other data).
+IMAGE_SIZE, NUM_CLASSES = FASHION_MNIST.height, FASHION_MNIST.classes
 
 Bucket = tuple[tuple[str, int, int, int], ...]  # per conv: (type, filters, kernel, smallest kernel in the group)
 

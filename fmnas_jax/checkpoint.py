@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import numpy as np
 from flax import serialization
 
-from fmnas_jax.genome import ConvGene, Genome
+from fmnas_jax.data import CLASS_NAMES as FASHION_MNIST_CLASSES
+from fmnas_jax.genome import FASHION_MNIST, ConvGene, Genome, ImageShape
 from fmnas_jax.model import variable_shapes
 
 CHECKPOINT_FORMAT = "fmnas_jax.checkpoint/1"
@@ -16,21 +19,37 @@ class CheckpointError(ValueError):
     """A checkpoint that is not ours, or does not fit its genome."""
 
 
-def checkpoint_bytes(genome: Genome, variables: dict, normalisation: tuple[float, float]) -> bytes:
-    """Serialise trained variables with the genome and the input normalisation they expect."""
+class Checkpoint(NamedTuple):
+    genome: Genome
+    variables: dict
+    normalisation: tuple[float, float]
+    image: ImageShape  # the data it was trained on: image shape and number of classes
+    class_names: tuple[str, ...]
+
+
+def checkpoint_bytes(genome: Genome, variables: dict, normalisation: tuple[float, float], image: ImageShape = FASHION_MNIST,
+                     class_names: tuple[str, ...] = FASHION_MNIST_CLASSES) -> bytes:  # fmt: skip
+    """Serialise trained variables with the genome, the input normalisation they expect and the data's shape and classes."""
     genes = [[c.kind, c.filters, c.kernel, c.activation] for c in genome.convs]
     blob = {
         "format": CHECKPOINT_FORMAT,
         "genome": str(genome),
         "genes": {"convs": {str(i): g for i, g in enumerate(genes)}, "head": genome.head_activation},
         "normalisation": {"mean": float(normalisation[0]), "std": float(normalisation[1])},
+        "data": {
+            "height": image.height,
+            "width": image.width,
+            "channels": image.channels,
+            "classes": {str(i): n for i, n in enumerate(class_names)},
+        },
         "variables": serialization.to_state_dict(jax.tree_util.tree_map(np.asarray, variables)),
     }
     return serialization.msgpack_serialize(blob)
 
 
-def read_checkpoint(data: bytes) -> tuple[Genome, dict, tuple[float, float]]:
-    """(genome, variables, (mean, std)); CheckpointError if the file is not ours or does not fit its genome."""
+def read_checkpoint(data: bytes) -> Checkpoint:
+    """The checkpoint's contents; CheckpointError if the file is not ours or does not fit its genome.
+    One written before other data existed is Fashion-MNIST's."""
     try:
         blob = serialization.msgpack_restore(data)
     except Exception as e:  # msgpack raises several types on garbage
@@ -45,7 +64,15 @@ def read_checkpoint(data: bytes) -> tuple[Genome, dict, tuple[float, float]]:
     )
     if str(genome) != blob["genome"]:
         raise CheckpointError(f"checkpoint genes {genome} disagree with its genome string {blob['genome']!r}")
-    expected = variable_shapes(genome)
+    shape = blob.get("data") or {
+        "height": 28,
+        "width": 28,
+        "channels": 1,
+        "classes": {str(i): n for i, n in enumerate(FASHION_MNIST_CLASSES)},
+    }
+    class_names = tuple(str(shape["classes"][str(i)]) for i in range(len(shape["classes"])))
+    image = ImageShape(int(shape["height"]), int(shape["width"]), int(shape["channels"]), len(class_names))
+    expected = variable_shapes(genome, image)
     flat_exp = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
     try:
         variables = serialization.from_state_dict(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), expected), blob["variables"])
@@ -59,4 +86,4 @@ def read_checkpoint(data: bytes) -> tuple[Genome, dict, tuple[float, float]]:
     if bad:
         raise CheckpointError(f"checkpoint shapes do not match genome {genome}: " + "; ".join(bad[:5]))
     norm = blob["normalisation"]
-    return genome, variables, (float(norm["mean"]), float(norm["std"]))
+    return Checkpoint(genome, variables, (float(norm["mean"]), float(norm["std"])), image, class_names)

@@ -270,7 +270,7 @@ class AppConfig:
     def _check_rungs(self) -> None:
         """Each rung must train fewer images than the next, up to the search's own budget (trainer.* on data.*)."""
         fid = self.search.fidelity
-        if fid.mode == "none":
+        if fid.mode == "none" or not self.data.fashion:  # other data's size is known once it is read (the job checks it)
             return
         pool = TRAIN_IMAGES - self.data.val_size  # a rung with train_size null trains on all of them
         cost = [(f"search.fidelity.rungs[{i}]", r.epochs, r.train_size or pool) for i, r in enumerate(fid.rungs)]

@@ -1,6 +1,7 @@
-"""Fashion-MNIST: loading, integrity checks, and seeded stratified splits.
+"""The data: Fashion-MNIST (IDX files or tfds, checked by sha256) or the user's own (any IDX folder, a NumPy
+archive, a class-per-subfolder image tree), its checks, and seeded stratified splits.
 
-Arrays stay uint8 images (N, 28, 28, 1) and int32 labels; the trainer normalises on
+Arrays stay uint8 images (N, height, width, channels) and int32 labels; the trainer normalises on
 the device with the training split's mean and std, which travel with the Dataset.
 """
 
@@ -10,10 +11,12 @@ import functools
 import gzip
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
+from fmnas_jax.genome import ImageShape
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 CLASS_NAMES: tuple[str, ...] = (
@@ -36,12 +39,14 @@ SHA256 = {
     "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
     "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
-SOURCES = ("auto", "idx", "tfds")
+FASHION_SOURCES = ("auto", "idx", "tfds")  # Fashion-MNIST's routes (any IDX folder too: data.source=idx)
+SOURCES = (*FASHION_SOURCES, "npz", "folder")
 HOW_TO_GET = (
     "Install it with `sudo apt-get install dataset-fashion-mnist` (files land in "
     f"{DEBIAN_DIR}), point data.dir at a folder holding the four original IDX files "
     "(train-images-idx3-ubyte[.gz], ...), or use data.source=tfds on a machine with internet."
 )
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 
 class DataError(RuntimeError):
@@ -53,38 +58,89 @@ TRAIN_IMAGES = 60_000  # Fashion-MNIST's training images, the validation split c
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the data comes from and how it is split."""
+    """Where the data comes from and how it is split (conf/data/: fashion_mnist, idx, npz, folder)."""
 
     source: str = "auto"
-    dir: str = DEBIAN_DIR
+    dir: str = DEBIAN_DIR  # idx: the folder of the four IDX files; folder: the class-per-subfolder tree
     val_size: int = 5000
     train_size: int | None = None
-    verify: bool = True
+    verify: bool = True  # Fashion-MNIST's sha256 (data.source auto/idx/tfds on Fashion-MNIST's files)
     tfds_dir: str | None = None  # data.source=tfds: TFDS's data_dir (null = its default, $TFDS_DATA_DIR or ~/tensorflow_datasets)
+    path: str | None = None  # npz: the archive (x_train, y_train[, x_test, y_test][, class_names])
+    name: str | None = None  # the dataset's name in the store and reports (null: fashion_mnist, or the file's/folder's name)
+    image_size: tuple[int, ...] | None = None  # folder: resize every image to [height, width] (Pillow); null: all must agree
+    test_size: int = 10000  # npz without x_test, a folder without test/: the stratified test split carved out
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"data.source {self.source!r} is not one of {list(SOURCES)}")
         if self.val_size < 10 or self.val_size > 30000:
             raise ValueError(f"data.val_size {self.val_size} must be in [10..30000] (a multiple of 10 keeps it stratified)")
-        if self.train_size is not None and not 10 <= self.train_size <= TRAIN_IMAGES - self.val_size:
+        if self.train_size is not None and self.train_size < 10:
+            raise ValueError(f"data.train_size {self.train_size} must be null or at least 10")
+        if self.fashion and self.train_size is not None and self.train_size > TRAIN_IMAGES - self.val_size:
             raise ValueError(f"data.train_size {self.train_size} must be null or in [10..{TRAIN_IMAGES - self.val_size}]")
+        if self.source == "npz" and not self.path:
+            raise ValueError("data.source=npz needs data.path: a .npz file with x_train and y_train (and x_test, y_test)")
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
+            raise ValueError(f"data.image_size {list(self.image_size)} must be null or [height, width], both positive")
+        if self.test_size < 10:
+            raise ValueError(f"data.test_size {self.test_size} must be at least 10")
+
+    @property
+    def fashion(self) -> bool:
+        """Whether this reads Fashion-MNIST's own files (checked against their sha256)."""
+        return self.source in ("auto", "tfds") or (self.source == "idx" and self.verify)
 
     @property
     def n_train(self) -> int:
-        """Training images this config gives: train_size, or the rest of the 60,000 after validation."""
-        return self.train_size if self.train_size is not None else TRAIN_IMAGES - self.val_size
+        """Training images this config gives: train_size, or the rest of the training images after validation."""
+        if self.train_size is not None:
+            return self.train_size
+        return TRAIN_IMAGES - self.val_size if self.fashion else load_arrays(self).train_pool(self.val_size)
 
     def result_settings(self) -> dict:
-        """Settings that change an evaluation's result (for the eval key)."""
-        return {"val_size": self.val_size, "train_size": self.train_size}
+        """Settings that change an evaluation's result (for the eval key): the split's sizes and, for any data other
+        than Fashion-MNIST, the data's digest (Fashion-MNIST's keys stay what they were before other data existed)."""
+        settings: dict = {"val_size": self.val_size, "train_size": self.train_size}
+        if not self.fashion:
+            info = load_arrays(self).info
+            if info.digest != FASHION_MNIST_DIGEST:
+                settings["data"] = info.digest
+        return settings
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What the data is: its name, shape, class names and a digest of its contents."""
+
+    name: str
+    image: ImageShape
+    class_names: tuple[str, ...]
+    digest: str  # sha256 of the images and labels of both splits (16 hex digits)
+    source: str  # where it was read: a folder, a file, tfds:<name>
+    source_type: str  # local | tfds
+
+
+@dataclass(frozen=True)
+class Arrays:
+    """The raw training and test arrays and what they are."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    info: DataInfo
+
+    def train_pool(self, val_size: int) -> int:
+        return len(self.y_train) - val_size
 
 
 @dataclass(frozen=True)
 class Dataset:
     """Train/validation/test splits plus the normalisation taken from the train split."""
 
-    x_train: np.ndarray  # (N, 28, 28, 1) uint8
+    x_train: np.ndarray  # (N, height, width, channels) uint8
     y_train: np.ndarray  # (N,) int32
     x_val: np.ndarray
     y_val: np.ndarray
@@ -93,10 +149,20 @@ class Dataset:
     mean: float
     std: float
     source: str
+    class_names: tuple[str, ...] = CLASS_NAMES
+    pool: int = TRAIN_IMAGES - 5000  # training images the data has after validation (every train_size fits in it)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.class_names
+
+    @property
+    def image(self) -> ImageShape:
+        return ImageShape(*self.x_train.shape[1:], len(self.class_names))
 
     def summary(self) -> str:
         return (
-            f"{self.source}: train {len(self.y_train)}, val {len(self.y_val)}, test {len(self.y_test)} "
+            f"{self.source}: {self.image}, train {len(self.y_train)}, val {len(self.y_val)}, test {len(self.y_test)} "
             f"(mean {self.mean:.4f}, std {self.std:.4f})"
         )
 
@@ -113,19 +179,17 @@ def _read_idx_bytes(folder: Path, stem: str) -> bytes:
                 return gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
             except (OSError, EOFError) as e:
                 raise DataError(f"{path} is truncated or corrupt ({e}). {HOW_TO_GET}") from e
-    raise DataError(f"Fashion-MNIST file {stem}[.gz] not found in {folder}. {HOW_TO_GET}")
+    raise DataError(f"IDX file {stem}[.gz] not found in {folder}. {HOW_TO_GET}")
 
 
 def decode_idx(raw: bytes, name: str, images: bool) -> np.ndarray:
-    """Decoded IDX bytes: (N, 28, 28) uint8 images or (N,) labels; ValueError names what is wrong."""
+    """Decoded IDX bytes: (N, rows, columns) uint8 images or (N,) labels; ValueError names what is wrong."""
     header = 16 if images else 8
     magic = 2051 if images else 2049
     if len(raw) < header or int.from_bytes(raw[:4], "big") != magic:
         raise ValueError(f"{name} is not an IDX {'image' if images else 'label'} file (magic {magic} expected)")
     n = int.from_bytes(raw[4:8], "big")
-    if images and (int.from_bytes(raw[8:12], "big"), int.from_bytes(raw[12:16], "big")) != (28, 28):
-        raise ValueError(f"{name} holds images of another size than 28x28")
-    shape = (n, 28, 28) if images else (n,)
+    shape = (n, int.from_bytes(raw[8:12], "big"), int.from_bytes(raw[12:16], "big")) if images else (n,)
     expected = header + int(np.prod(shape))
     if len(raw) != expected:
         raise ValueError(f"{name} has {len(raw)} bytes, expected {expected}: truncated or corrupt")
@@ -133,7 +197,7 @@ def decode_idx(raw: bytes, name: str, images: bool) -> np.ndarray:
 
 
 def load_idx_dir(folder: str | os.PathLike, verify: bool = True) -> tuple[np.ndarray, ...]:
-    """Read the four IDX files: (x_train, y_train, x_test, y_test), images (N, 28, 28, 1)."""
+    """Read the four IDX files: (x_train, y_train, x_test, y_test), images (N, rows, columns, 1); `verify`: Fashion-MNIST's sha256."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"data.dir {str(folder)!r} does not exist. {HOW_TO_GET}")
@@ -219,7 +283,8 @@ def stratified_indices(labels: np.ndarray, size: int, rng: np.random.Generator) 
     return np.sort(np.concatenate(picks))
 
 
-def split(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, cfg: DataConfig, seed: int, source: str) -> Dataset:
+def split(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, cfg: DataConfig, seed: int, source: str,
+          class_names: tuple[str, ...] = CLASS_NAMES) -> Dataset:  # fmt: skip
     """Carve a stratified validation split (and optional train subset) from the training set."""
     rng = np.random.default_rng([seed, 0xDA7A])
     val_idx = stratified_indices(y, cfg.val_size, rng)
@@ -229,26 +294,201 @@ def split(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, 
     x_train = x[rest]
     mean = float(x_train.mean() / 255.0)
     std = float(x_train.std() / 255.0)
-    return Dataset(x_train, y[rest], x[val_idx], y[val_idx], x_test, y_test, mean, std, source)
+    return Dataset(x_train, y[rest], x[val_idx], y[val_idx], x_test, y_test, mean, std, source, class_names, len(y) - cfg.val_size)
 
 
-@functools.lru_cache(maxsize=2)
 def _reads_idx(source: str, folder: str) -> bool:
     """Whether data.source reads the IDX folder (idx, or auto with the folder present) rather than tfds."""
     return source == "idx" or (source == "auto" and Path(folder).is_dir())
 
 
-@functools.lru_cache(maxsize=2)
-def load_arrays(source: str, folder: str, verify: bool, tfds_dir: str | None = None) -> tuple[tuple[np.ndarray, ...], str]:
-    """Raw (x_train, y_train, x_test, y_test) in the IDX files' order and a description of where they came from.
+def content_digest(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> str:
+    """16 hex digits of the sha256 of both splits' images and labels (shapes included): the data's identity."""
+    h = hashlib.sha256()
+    for a, dtype in ((x_train, np.uint8), (y_train, np.int32), (x_test, np.uint8), (y_test, np.int32)):
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a, dtype).tobytes())
+    return h.hexdigest()[:16]
+
+
+FASHION_MNIST_DIGEST = "690bb3f5c635d3f3"  # content_digest of Fashion-MNIST (checked by tests/test_data.py)
+
+
+def check_arrays(x: np.ndarray, y: np.ndarray, where: str, classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Images as (N, H, W, C) uint8 and labels as (N,) int32, or DataError naming `where` and what is wrong."""
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3) or min(x.shape[1:3], default=0) < 1:
+        raise DataError(f"{where}: images must be (N, height, width) or (N, height, width, 1 or 3 channels), got shape {x.shape}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise DataError(f"{where}: {len(x)} images but labels of shape {y.shape}: one label per image expected")
+    if len(x) == 0:
+        raise DataError(f"{where}: no images")
+    if x.dtype.kind == "f":
+        if not np.isfinite(x).all():
+            raise DataError(f"{where}: images hold non-finite values (NaN or inf)")
+        raise DataError(f"{where}: images are {x.dtype}: store them as uint8 pixel values 0..255 (e.g. (x * 255).round().astype('uint8') "
+                        "for images scaled to 0..1)")  # fmt: skip
+    if x.dtype.kind not in "ui" or (x.size and (x.min() < 0 or x.max() > 255)):
+        raise DataError(f"{where}: images must be integer pixel values 0..255, got {x.dtype} in [{x.min()}..{x.max()}]")
+    if y.dtype.kind == "f" and not np.isfinite(y).all():
+        raise DataError(f"{where}: labels hold non-finite values (NaN or inf)")
+    if y.dtype.kind not in "ui" and not (y.dtype.kind == "f" and (y == np.round(y)).all()):
+        raise DataError(f"{where}: labels must be integer class ids 0..K-1, got {y.dtype}")
+    k = classes if classes is not None else int(y.max()) + 1
+    bad = y[(y < 0) | (y >= k)]
+    if len(bad):
+        raise DataError(f"{where}: labels {sorted(set(bad.tolist()))[:5]} are outside 0..{k - 1} ({k} classes)")
+    return x.astype(np.uint8), y.astype(np.int32)
+
+
+def _check_classes(y_train: np.ndarray, names: tuple[str, ...], where: str, val_size: int) -> None:
+    if len(names) < 2:
+        raise DataError(f"{where}: {len(names)} class: a classification needs at least 2")
+    counts = np.bincount(y_train, minlength=len(names))
+    few = [f"{names[c]} ({n})" for c, n in enumerate(counts) if n < 2]
+    if few:
+        raise DataError(f"{where}: classes {few} have fewer than 2 training images: too few for the stratified splits")
+    if val_size > len(y_train) - 10:
+        raise DataError(f"{where}: data.val_size {val_size} leaves fewer than 10 of its {len(y_train)} training images to train on")
+
+
+def _carve_test(x: np.ndarray, y: np.ndarray, test_size: int, where: str) -> tuple[np.ndarray, ...]:
+    """A stratified test split of `test_size` images out of (x, y) (seeded: the same data gives the same split)."""
+    if test_size > len(y) // 2:
+        raise DataError(f"{where}: data.test_size {test_size} is more than half of its {len(y)} images")
+    test = stratified_indices(y, test_size, np.random.default_rng(0x7E57))
+    rest = np.setdiff1d(np.arange(len(y)), test)
+    return x[rest], y[rest], x[test], y[test]
+
+
+def load_npz(path: str, test_size: int) -> tuple[tuple[np.ndarray, ...], tuple[str, ...]]:
+    """(x_train, y_train, x_test, y_test) and class names from a NumPy archive with x_train and y_train (x_test,
+    y_test and class_names optional); without a test split one is carved out, stratified."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data.path {path!r} does not exist (data.source=npz needs a .npz file)")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise DataError(f"data.path {path!r} is not a readable .npz archive: {e}") from e
+    missing = [k for k in ("x_train", "y_train") if k not in arrays]
+    if missing or (("x_test" in arrays) != ("y_test" in arrays)):
+        missing += [k for k in ("x_test", "y_test") if k not in arrays and ("x_test" in arrays or "y_test" in arrays)]
+        raise DataError(f"{path} lacks {missing}: it needs x_train and y_train, and x_test with y_test or neither (has {sorted(arrays)})")
+    names = tuple(str(n) for n in arrays["class_names"]) if "class_names" in arrays else None
+    k = len(names) if names else None
+    x, y = check_arrays(arrays["x_train"], arrays["y_train"], f"{path} (x_train, y_train)", k)
+    if "x_test" in arrays:
+        xt, yt = check_arrays(arrays["x_test"], arrays["y_test"], f"{path} (x_test, y_test)", k)
+        if xt.shape[1:] != x.shape[1:]:
+            raise DataError(f"{path}: x_test's images are {xt.shape[1:]}, x_train's {x.shape[1:]}: one shape expected")
+    else:
+        x, y, xt, yt = _carve_test(x, y, test_size, path)
+    names = names or tuple(str(c) for c in range(max(int(y.max()), int(yt.max())) + 1))
+    return (x, y, xt, yt), names
+
+
+def _read_image(path: Path, size: tuple[int, ...] | None) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            im = opened.convert("L" if opened.mode in ("1", "L", "I;16", "I", "F") else "RGB")
+        if size is not None and im.size != (size[1], size[0]):
+            im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        return np.asarray(im, np.uint8)
+    except (OSError, UnidentifiedImageError) as e:
+        raise DataError(f"image {path} could not be read: {e}") from e
+
+
+def _read_tree(root: Path, size: tuple[int, ...] | None, names: tuple[str, ...] | None = None) -> tuple[np.ndarray, np.ndarray,
+                                                                                                   tuple[str, ...]]:  # fmt: skip
+    """Images of a class-per-subfolder tree in file-name order across the classes (numbered files keep their order)."""
+    classes = names or tuple(sorted(d.name for d in root.iterdir() if d.is_dir()))
+    if not classes:
+        raise DataError(f"data.dir {str(root)!r} has no class subfolders (expected <class>/<image>.png, ...)")
+    found = []
+    for c, name in enumerate(classes):
+        files = [f for f in (root / name).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS] if (root / name).is_dir() else []
+        if not files:
+            raise DataError(f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        found += [(f.name, c, f) for f in files]
+    found.sort(key=lambda t: (t[0], t[1]))
+    images = [_read_image(f, size) for _, _, f in found]
+    shapes = sorted({a.shape for a in images})
+    if len(shapes) > 1:
+        raise DataError(f"{root}: images of {len(shapes)} sizes or modes ({shapes[:3]}): set data.image_size=[height,width] to resize "
+                        "them (greyscale and colour images cannot be mixed)")  # fmt: skip
+    return np.stack(images), np.asarray([c for _, c, _ in found], np.int32), classes
+
+
+def load_folder(folder: str, size: tuple[int, ...] | None, test_size: int) -> tuple[tuple[np.ndarray, ...], tuple[str, ...]]:
+    """A class-per-subfolder tree of images (class names from the sorted folder names), or train/ and test/ trees of
+    the same classes; without test/ a stratified test split is carved out."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"data.dir {folder!r} does not exist (data.source=folder needs a folder of class subfolders)")
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        x, y, names = _read_tree(root / "train", size)
+        xt, yt, _ = _read_tree(root / "test", size, names)
+        if xt.shape[1:] != x.shape[1:]:
+            raise DataError(f"{root}: test images are {xt.shape[1:]}, training images {x.shape[1:]}: set data.image_size")
+    else:
+        x, y, names = _read_tree(root, size)
+        x, y, xt, yt = _carve_test(x, y, test_size, folder)
+    return (*check_arrays(x, y, str(root), len(names)), *check_arrays(xt, yt, str(root), len(names))), names
+
+
+def load_arrays(cfg: DataConfig) -> Arrays:
+    """The raw training and test arrays of `cfg`'s data (in the files' order) and what they are.
 
     Read and checked once per process (a job checks the data before it opens the store, then trains and
-    reports from it): the arrays are shared, read-only."""
-    if _reads_idx(source, folder):
-        return _read_only(load_idx_dir(folder, verify)), f"idx:{folder}"
-    if source == "tfds":
-        return _read_only(load_tfds(tfds_dir, verify)), "tfds:fashion_mnist"
-    raise DataError(f"data.dir {folder!r} does not exist and data.source=auto found no other source. {HOW_TO_GET}")
+    reports from it): the arrays are shared, read-only. DataError when the split sizes do not fit the data."""
+    a = _read_arrays(replace(cfg, val_size=5000, train_size=None))
+    _check_classes(a.y_train, a.info.class_names, a.info.source, cfg.val_size)
+    if cfg.train_size is not None and cfg.train_size > len(a.y_train) - cfg.val_size:
+        raise DataError(f"data.train_size {cfg.train_size} is more than the {len(a.y_train) - cfg.val_size} training images "
+                        f"{a.info.source} has after data.val_size {cfg.val_size}")  # fmt: skip
+    return a
+
+
+@functools.lru_cache(maxsize=2)
+def _read_arrays(cfg: DataConfig) -> Arrays:
+    """`load_arrays` without the split's checks, cached by the settings that choose the data."""
+    if cfg.source in ("npz", "folder"):
+        if cfg.source == "npz":
+            arrays, names = load_npz(str(cfg.path), cfg.test_size)
+            where, name = str(Path(str(cfg.path)).resolve()), Path(str(cfg.path)).stem
+        else:
+            arrays, names = load_folder(cfg.dir, cfg.image_size, cfg.test_size)
+            where, name = str(Path(cfg.dir).resolve()), Path(cfg.dir).resolve().name
+        source_type = "local"
+    elif _reads_idx(cfg.source, cfg.dir):
+        x, y, xt, yt = load_idx_dir(cfg.dir, cfg.verify)
+        arrays = (*check_arrays(x, y, cfg.dir), *check_arrays(xt, yt, cfg.dir))
+        where, name, source_type, names = str(Path(cfg.dir).resolve()), Path(cfg.dir).resolve().name, "local", None
+    elif cfg.source == "tfds":
+        arrays, where, name, source_type, names = load_tfds(cfg.tfds_dir, cfg.verify), "tfds:fashion_mnist", "fashion_mnist", "tfds", None
+    else:
+        raise DataError(f"data.dir {cfg.dir!r} does not exist and data.source=auto found no other source. {HOW_TO_GET}")
+    x, y, xt, yt = arrays
+    if xt.shape[1:] != x.shape[1:]:
+        raise DataError(f"{where}: test images are {xt.shape[1:]}, training images {x.shape[1:]}: one shape expected")
+    digest = content_digest(*arrays)
+    if digest == FASHION_MNIST_DIGEST:
+        name, names = "fashion_mnist", CLASS_NAMES
+    names = names or tuple(str(c) for c in range(max(int(y.max()), int(yt.max())) + 1))
+    name = cfg.name or name
+    if len(names) < 2:
+        raise DataError(f"{where}: {len(names)} class: a classification needs at least 2")
+    info = DataInfo(name, ImageShape(x.shape[1], x.shape[2], x.shape[3], len(names)), names, digest, where, source_type)
+    return Arrays(*_read_only(arrays), info)
+
+
+load_arrays.cache_clear = _read_arrays.cache_clear  # type: ignore[attr-defined]  # read the files again (tests)
 
 
 def _read_only(arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
@@ -261,33 +501,47 @@ def _read_only(arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
 class SplitRecord:
     """What one split an evaluation used is, for the results store (MLflow's dataset inputs)."""
 
-    name: str  # fashion_mnist/train, fashion_mnist/validation, fashion_mnist/test
+    name: str  # <data>/train, <data>/validation, <data>/test
     context: str  # training | validation | testing
-    digest: str  # 16 hex digits: the files' sha256, the split's settings and the seed
-    source: str  # the IDX folder, or tfds:fashion_mnist
+    digest: str  # 16 hex digits: the data's digest, the split's settings and the seed
+    source: str  # the folder or file, or tfds:fashion_mnist
     source_type: str  # local | tfds
     rows: int
 
 
 def split_records(cfg: DataConfig, seed: int, test: bool = True) -> list[SplitRecord]:
-    """The train/validation(/test) splits an evaluation with these settings uses (no data is read)."""
-    files = ",".join(SHA256.values())
-    source, source_type = (str(Path(cfg.dir).resolve()), "local") if _reads_idx(cfg.source, cfg.dir) else ("tfds:fashion_mnist", "tfds")
+    """The train/validation(/test) splits an evaluation with these settings uses (Fashion-MNIST's are named without
+    reading it; other data is read once per process)."""
+    if cfg.fashion:
+        files = ",".join(SHA256.values())
+        source, source_type = (str(Path(cfg.dir).resolve()), "local") if _reads_idx(cfg.source, cfg.dir) else ("tfds:fashion_mnist", "tfds")
+        name, n_test = "fashion_mnist", 10000
+    else:
+        arrays = load_arrays(cfg)
+        info = arrays.info
+        files, source, source_type, name, n_test = info.digest, info.source, info.source_type, info.name, len(arrays.y_test)
     splits = [("train", "training", cfg.n_train, f"{cfg.train_size}"), ("validation", "validation", cfg.val_size, "")]
     if test:
-        splits.append(("test", "testing", 10000, ""))
+        splits.append(("test", "testing", n_test, ""))
     out = []
-    for name, context, rows, extra in splits:
-        settings = f"{files}|test" if name == "test" else f"{files}|{name}|val_size={cfg.val_size}|seed={seed}|{extra}"
+    for split_name, context, rows, extra in splits:
+        settings = f"{files}|test" if split_name == "test" else f"{files}|{split_name}|val_size={cfg.val_size}|seed={seed}|{extra}"
         digest = hashlib.sha256(settings.encode()).hexdigest()[:16]
-        out.append(SplitRecord(f"fashion_mnist/{name}", context, digest, source, source_type, rows))
+        out.append(SplitRecord(f"{name}/{split_name}", context, digest, source, source_type, rows))
     return out
 
 
+def data_info(cfg: DataConfig) -> DataInfo:
+    """What `cfg`'s data is (read and checked once per process)."""
+    return load_arrays(cfg).info
+
+
 def load(cfg: DataConfig, seed: int) -> Dataset:
-    """Load Fashion-MNIST from the configured source and split it."""
-    arrays, source = load_arrays(cfg.source, cfg.dir, cfg.verify, cfg.tfds_dir)
-    return split(*arrays, cfg, seed, source)
+    """Load the configured data and split it."""
+    a = load_arrays(cfg)
+    kind = "idx" if a.info.source_type == "local" and cfg.source in ("auto", "idx") else cfg.source
+    where = "tfds:fashion_mnist" if cfg.source == "tfds" else f"{kind}:{a.info.source}"
+    return split(a.x_train, a.y_train, a.x_test, a.y_test, cfg, seed, where, a.info.class_names)
 
 
 def synthetic_dataset(n_train: int = 512, n_val: int = 256, n_test: int = 256, seed: int = 0) -> Dataset:

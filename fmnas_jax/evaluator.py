@@ -19,7 +19,7 @@ from typing import Any
 from fmnas_jax.backends import Backend, EvalSpec
 from fmnas_jax.checkpoint import checkpoint_bytes
 from fmnas_jax.config import check_model_name
-from fmnas_jax.data import DataConfig, split_records
+from fmnas_jax.data import DataConfig, data_info, split_records
 from fmnas_jax.genome import Genome
 from fmnas_jax.store import RAY_NODE, ArtifactError, Store, StoredEval, as_logged, flatten
 from fmnas_jax.train import EvalResult, TrainConfig
@@ -289,11 +289,14 @@ class Evaluator:
             if earlier is not None and earlier.run_id != run_id:
                 self.store.mark_duplicate(run_id, earlier.run_id)
             if result.variables is not None:
-                blob = checkpoint_bytes(genome, result.variables, result.normalisation)
+                info = data_info(self.spec.data)
+                blob = checkpoint_bytes(genome, result.variables, result.normalisation, info.image, info.class_names)
                 try:
                     scores = {k: f"{summary[k]:.4f}" for k in ("val_accuracy", "test_accuracy", "train_accuracy") if k in summary}
                     tags = {"genome": str(genome), "run_id": run_id, "param_count": str(result.param_count), **scores}
-                    self.store.log_model(run_id, blob, self.register_as, tags)
+                    image = info.image
+                    shape = (image.height, image.width) if image.channels == 1 else (image.height, image.width, image.channels)
+                    self.store.log_model(run_id, blob, self.register_as, tags, shape)
                 except ArtifactError as e:  # disk full, artifact store unwritable: never FINISHED without its weights
                     self.store.end_run(run_id, "FAILED", f"the weights could not be stored: {e}")
                     log.error("evaluation of %s FAILED: its weights could not be stored: %s", genome, e)

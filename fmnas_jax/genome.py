@@ -6,6 +6,7 @@ validated, mutated and sized anywhere.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -14,10 +15,32 @@ import numpy as np
 
 ACTIVATIONS: tuple[str, ...] = ("relu", "sigmoid", "tanh", "swish", "gelu")
 LAYER_TYPES: tuple[str, ...] = ("NC", "RC")
-HEAD_UNITS = 64  # the paper's head: GAP -> Dense(64, act) -> Dense(10)
-NUM_CLASSES = 10
-IN_CHANNELS = 1  # Fashion-MNIST is greyscale
-IMAGE_SIZE = 28  # Fashion-MNIST images are 28x28
+HEAD_UNITS = 64  # the paper's head: GAP -> Dense(64, act) -> Dense(classes)
+
+
+@dataclass(frozen=True)
+class ImageShape:
+    """What the data gives the model: images of height x width x channels, and the number of classes."""
+
+    height: int = 28
+    width: int = 28
+    channels: int = 1
+    classes: int = 10
+
+    def __post_init__(self) -> None:
+        if min(self.height, self.width) < 1 or self.channels not in (1, 3) or self.classes < 2:
+            raise ValueError(f"data shape {self.height}x{self.width}x{self.channels} with {self.classes} classes: images need "
+                             "a positive height and width, 1 or 3 channels, and at least 2 classes")  # fmt: skip
+
+    def __str__(self) -> str:
+        return f"{self.height}x{self.width}x{self.channels}, {self.classes} classes"
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+
+FASHION_MNIST = ImageShape()  # 28 x 28 greyscale, 10 classes: the default data and the paper's
 
 
 @dataclass(frozen=True)
@@ -29,6 +52,7 @@ class SearchSpace:
     activations: tuple[str, ...] = ACTIVATIONS
     layout: tuple[str, ...] = ("NC", "RC", "NC", "RC")
     max_params: int | None = None  # a size constraint: larger genomes are outside the space (never sampled or trained)
+    image: ImageShape = field(default=FASHION_MNIST, init=False)  # the data's shape: for_image(), from the data, not a setting
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kernel_sizes", tuple(sorted(set(self.kernel_sizes))))
@@ -52,12 +76,24 @@ class SearchSpace:
         if self.max_params is not None and self.max_params < 1:
             raise ValueError(f"search space: max_params {self.max_params} must be a positive integer or null")
         # 'valid' stride-2 convs shrink the image: every layout must keep it at least 1x1.
-        size = IMAGE_SIZE
+        self._check_image()
+
+    def for_image(self, image: ImageShape) -> SearchSpace:
+        """This space over data of shape `image` (ValueError when its layout shrinks those images to nothing)."""
+        space = copy.copy(self)
+        object.__setattr__(space, "image", image)
+        space._check_image()
+        return space
+
+    def _check_image(self) -> None:
+        h, w = self.image.hw
         for t in self.layout:
             if t == "RC":
-                size = (size - max(self.kernel_sizes)) // 2 + 1
-            if size < 1:
-                raise ValueError(f"search space: layout {list(self.layout)} with kernel {max(self.kernel_sizes)} shrinks 28x28 to nothing")
+                h, w = (h - max(self.kernel_sizes)) // 2 + 1, (w - max(self.kernel_sizes)) // 2 + 1
+            if min(h, w) < 1:
+                k, size = max(self.kernel_sizes), f"{self.image.height}x{self.image.width}"
+                raise ValueError(f"search space: layout {list(self.layout)} with kernel {k} shrinks the data's {size} images "
+                                 "to nothing (smaller kernel_sizes or fewer RC layers)")  # fmt: skip
 
     def kernel_range(self) -> str:
         """Allowed kernel sizes, as `[1..7]` when contiguous."""
@@ -68,7 +104,7 @@ class SearchSpace:
 
     def fits(self, genome: Genome) -> bool:
         """Whether the genome keeps to the space's size constraint (max_params)."""
-        return self.max_params is None or count_params(genome) <= self.max_params
+        return self.max_params is None or count_params(genome, self.image) <= self.max_params
 
     @property
     def size(self) -> int:
@@ -165,7 +201,9 @@ def parse_genome(text: str, space: SearchSpace) -> Genome:
     head = _parse_head(tokens[-1], expected, space)
     genome = Genome(tuple(convs), head)
     if not space.fits(genome):
-        raise ValueError(f"genome {genome} has {count_params(genome):,} parameters; the search space allows at most {space.max_params:,}")
+        raise ValueError(
+            f"genome {genome} has {count_params(genome, space.image):,} parameters; the search space allows at most {space.max_params:,}"
+        )
     return genome
 
 
@@ -208,40 +246,45 @@ EXAMPLE = PAPER_GENOME
 # ---------------------------------------------------------------------------
 
 
-def output_sizes(genome: Genome, image: int = IMAGE_SIZE) -> list[int]:
-    """Spatial size after each conv layer."""
-    sizes = []
+def conv_output(kind: str, kernel: int, hw: tuple[int, int]) -> tuple[int, int]:
+    """Spatial size (height, width) after one conv: NC keeps it, RC (stride 2, valid) shrinks it."""
+    return hw if kind == "NC" else ((hw[0] - kernel) // 2 + 1, (hw[1] - kernel) // 2 + 1)
+
+
+def output_shapes(genome: Genome, image: ImageShape = FASHION_MNIST) -> list[tuple[int, int]]:
+    """Spatial size (height, width) after each conv layer."""
+    hw, out = image.hw, []
     for c in genome.convs:
-        image = image if c.kind == "NC" else (image - c.kernel) // 2 + 1
-        sizes.append(image)
-    return sizes
+        hw = conv_output(c.kind, c.kernel, hw)
+        out.append(hw)
+    return out
 
 
-def count_params(genome: Genome) -> int:
+def count_params(genome: Genome, image: ImageShape = FASHION_MNIST) -> int:
     """Parameters as Keras' count_params(): conv, BatchNorm (4 per channel) and the head."""
-    total, c_in = 0, IN_CHANNELS
+    total, c_in = 0, image.channels
     for c in genome.convs:
         total += c.kernel * c.kernel * c_in * c.filters + c.filters  # conv kernel + bias
         total += 4 * c.filters  # BatchNorm scale, bias, moving mean, moving variance
         c_in = c.filters
-    total += c_in * HEAD_UNITS + HEAD_UNITS + HEAD_UNITS * NUM_CLASSES + NUM_CLASSES
+    total += c_in * HEAD_UNITS + HEAD_UNITS + HEAD_UNITS * image.classes + image.classes
     return total
 
 
-def train_flops_per_image(genome: Genome) -> int:
+def train_flops_per_image(genome: Genome, image: ImageShape = FASHION_MNIST) -> int:
     """Training FLOPs per image: 3x the forward multiply-adds, 2 FLOPs each."""
-    macs, c_in = 0, IN_CHANNELS
-    for c, out in zip(genome.convs, output_sizes(genome), strict=True):
-        macs += out * out * c.kernel * c.kernel * c_in * c.filters
+    macs, c_in = 0, image.channels
+    for c, (h, w) in zip(genome.convs, output_shapes(genome, image), strict=True):
+        macs += h * w * c.kernel * c.kernel * c_in * c.filters
         c_in = c.filters
-    macs += c_in * HEAD_UNITS + HEAD_UNITS * NUM_CLASSES
+    macs += c_in * HEAD_UNITS + HEAD_UNITS * image.classes
     return 2 * 3 * macs
 
 
-def activation_elements(genome: Genome) -> int:
+def activation_elements(genome: Genome, image: ImageShape = FASHION_MNIST) -> int:
     """Activations per image, summed over the conv layers (out_h x out_w x filters): memory traffic that
     FLOPs miss (64 filters at 28x28 train slower than their FLOPs suggest)."""
-    return sum(out * out * c.filters for c, out in zip(genome.convs, output_sizes(genome), strict=True))
+    return sum(h * w * c.filters for c, (h, w) in zip(genome.convs, output_shapes(genome, image), strict=True))
 
 
 # ---------------------------------------------------------------------------

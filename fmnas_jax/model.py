@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmnas_jax.genome import HEAD_UNITS, IMAGE_SIZE, NUM_CLASSES, Genome
+from fmnas_jax.genome import FASHION_MNIST, HEAD_UNITS, Genome, ImageShape
 
 ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
@@ -25,9 +25,10 @@ BN_MOMENTUM = 0.9
 
 
 class GenomeCNN(nn.Module):
-    """CNN for (batch, 28, 28, 1) inputs, returning (batch, 10) logits."""
+    """CNN for (batch, height, width, channels) inputs, returning (batch, classes) logits."""
 
     genome: Genome
+    classes: int = 10
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -37,18 +38,17 @@ class GenomeCNN(nn.Module):
             x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM)(x)
         x = x.mean(axis=(1, 2))  # global average pooling: (batch, channels)
         x = ACTIVATION_FNS[self.genome.head_activation](nn.Dense(HEAD_UNITS)(x))
-        return nn.Dense(NUM_CLASSES)(x)
+        return nn.Dense(self.classes)(x)
 
 
 @functools.lru_cache(maxsize=256)
-def variable_shapes(genome: Genome) -> dict:
+def variable_shapes(genome: Genome, image: ImageShape = FASHION_MNIST) -> dict:
     """The variables tree as ShapeDtypeStructs (traced once, never compiled)."""
-    return jax.eval_shape(
-        lambda: GenomeCNN(genome).init(jax.random.key(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.float32), train=False)
-    )
+    x = jnp.zeros((1, image.height, image.width, image.channels), jnp.float32)
+    return jax.eval_shape(lambda: GenomeCNN(genome, image.classes).init(jax.random.key(0), x, train=False))
 
 
-def init_variables(genome: Genome, seed: int) -> dict:
+def init_variables(genome: Genome, seed: int, image: ImageShape = FASHION_MNIST) -> dict:
     """Flax's default initialisation, drawn with NumPy: lecun-normal (truncated) kernels, zero biases,
     BatchNorm scale/var 1 and bias/mean 0.
 
@@ -68,7 +68,7 @@ def init_variables(genome: Genome, seed: int) -> dict:
         fill = 1.0 if name in ("scale", "var") else 0.0
         return np.full(shape.shape, fill, np.float32)
 
-    return jax.tree_util.tree_map_with_path(leaf, variable_shapes(genome))
+    return jax.tree_util.tree_map_with_path(leaf, variable_shapes(genome, image))
 
 
 def variable_count(variables: dict) -> int:

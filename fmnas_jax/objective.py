@@ -21,6 +21,7 @@ from collections.abc import Callable, Container, Sequence
 
 from fmnas_jax.budget import TimeBudget
 from fmnas_jax.cost import CostModel, Sample
+from fmnas_jax.data import data_info
 from fmnas_jax.evaluator import Evaluator, Outcome
 from fmnas_jax.genome import Genome, train_flops_per_image
 from fmnas_jax.search.fitness import RUNG_PENALTY, FitnessConfig, fitness
@@ -131,7 +132,7 @@ class SearchObjective:
     def fitness_of(self, o: Outcome) -> float:
         if o.status != "FINISHED":
             return -math.inf  # failed (e.g. diverged): the worst fitness, and the search goes on
-        flops = train_flops_per_image(o.genome) if self.fitness_cfg.compute_weight else None
+        flops = train_flops_per_image(o.genome, data_info(self.evaluator.spec.data).image) if self.fitness_cfg.compute_weight else None
         return fitness(self.fitness_cfg, o.metric(self.fitness_cfg.metric), int(o.metric("param_count")), flops)
 
     def __call__(self, genomes: Sequence[Genome]) -> list[float]:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fmnas_jax.genome import IMAGE_SIZE, ConvGene
+from fmnas_jax.genome import ConvGene
 from fmnas_jax.model import ACTIVATION_FNS, BN_MOMENTUM
 
 F32 = jnp.float32
@@ -55,13 +55,13 @@ def normalise(x: jax.Array, norm: jax.Array) -> jax.Array:
 
 
 def augment(x: jax.Array, key: jax.Array, crop: int, flip: bool) -> jax.Array:
-    """Random crops from the zero-padded images and random horizontal flips; x (batch, 28, 28, 1) uint8."""
-    n = x.shape[0]
+    """Random crops from the zero-padded images and random horizontal flips; x (batch, height, width, channels) uint8."""
+    n, h, w, c = x.shape
     k_crop, k_flip = jax.random.split(key)
     if crop:
-        padded = jnp.pad(x, ((0, 0), (crop, crop), (crop, crop), (0, 0)))  # (batch, 28 + 2 crop, ..., 1)
+        padded = jnp.pad(x, ((0, 0), (crop, crop), (crop, crop), (0, 0)))  # (batch, height + 2 crop, ...)
         offsets = jax.random.randint(k_crop, (n, 2), 0, 2 * crop + 1)
-        cut = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (IMAGE_SIZE, IMAGE_SIZE, 1))  # noqa: E731
+        cut = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c))  # noqa: E731
         x = jax.vmap(cut)(padded, offsets)
     if flip:
         mirrored = jax.random.bernoulli(k_flip, 0.5, (n, 1, 1, 1))
@@ -72,7 +72,7 @@ def augment(x: jax.Array, key: jax.Array, crop: int, flip: bool) -> jax.Array:
 def batch_at(settings: StepSettings, x_all, y_all, norm, perm, key, epoch, i) -> tuple[jax.Array, jax.Array]:
     """Training batch i of an epoch (shuffled by `perm`, augmented from `key`), normalised."""
     idx = jax.lax.dynamic_slice_in_dim(perm, i * settings.batch_size, settings.batch_size)
-    x = x_all[idx]  # (batch, 28, 28, 1) uint8
+    x = x_all[idx]  # (batch, height, width, channels) uint8
     if settings.augment_crop or settings.augment_flip:
         x = augment(x, jax.random.fold_in(jax.random.fold_in(key, epoch), i), settings.augment_crop, settings.augment_flip)
     return normalise(x, norm), y_all[idx]
@@ -113,18 +113,18 @@ def bn_shapes(f: int) -> tuple[dict, dict]:
     return {"scale": sds((f,)), "bias": sds((f,))}, {"mean": sds((f,)), "var": sds((f,))}
 
 
-def head_shapes(c: int) -> dict:
-    from fmnas_jax.genome import HEAD_UNITS, NUM_CLASSES
+def head_shapes(c: int, classes: int) -> dict:
+    from fmnas_jax.genome import HEAD_UNITS
 
     dense = lambda i, o: {"kernel": sds((i, o)), "bias": sds((o,))}  # noqa: E731
-    return {"Dense_0": dense(c, HEAD_UNITS), "Dense_1": dense(HEAD_UNITS, NUM_CLASSES)}
+    return {"Dense_0": dense(c, HEAD_UNITS), "Dense_1": dense(HEAD_UNITS, classes)}
 
 
 def head_logits(activation: str, p: dict, pooled: jax.Array) -> jax.Array:
-    from fmnas_jax.genome import HEAD_UNITS, NUM_CLASSES
+    from fmnas_jax.genome import HEAD_UNITS
 
     h = ACTIVATION_FNS[activation](nn.Dense(HEAD_UNITS).apply({"params": p["Dense_0"]}, pooled))
-    return nn.Dense(NUM_CLASSES).apply({"params": p["Dense_1"]}, h)
+    return nn.Dense(p["Dense_1"]["bias"].shape[0]).apply({"params": p["Dense_1"]}, h)
 
 
 def moments(optimizer: str) -> optax.GradientTransformation:

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fmnas_jax.genome import IMAGE_SIZE, ConvGene, Genome, output_sizes
+from fmnas_jax.genome import ImageShape, conv_output
 from fmnas_jax.ops import (
     F32,
     StepSettings,
@@ -133,14 +133,14 @@ def _eval_sample(eval_shape: tuple[int, ...], batch: int):
     return _lazy(fn, (), sds(eval_shape, jnp.uint8), sds(eval_shape[:1], jnp.int32), sds((2,)), 0, 0)
 
 
-def _conv_fwd(kind: str, filters: int, kernel: int, c_in: int, size: int, batch: int):
+def _conv_fwd(kind: str, filters: int, kernel: int, c_in: int, hw: tuple[int, int], batch: int):
     conv, shapes = conv_module(kind, filters, kernel), conv_shapes(filters, kernel, c_in)
-    return _lazy(lambda p, x: conv.apply({"params": p}, x), (), shapes, sds((batch, size, size, c_in)))
+    return _lazy(lambda p, x: conv.apply({"params": p}, x), (), shapes, sds((batch, *hw, c_in)))
 
 
-def _conv_bwd(kind: str, filters: int, kernel: int, c_in: int, size: int, batch: int, need_dx: bool):
+def _conv_bwd(kind: str, filters: int, kernel: int, c_in: int, hw: tuple[int, int], batch: int, need_dx: bool):
     """Gradients of a convolution from its output's gradient; its forward result is not recomputed (XLA drops it)."""
-    conv, out = conv_module(kind, filters, kernel), output_sizes(Genome((ConvGene(kind, filters, kernel, "relu"),), "relu"), size)[0]
+    conv, out = conv_module(kind, filters, kernel), conv_output(kind, kernel, hw)
 
     def fn(p, x, dz):
         if need_dx:
@@ -149,19 +149,19 @@ def _conv_bwd(kind: str, filters: int, kernel: int, c_in: int, size: int, batch:
         _, vjp = jax.vjp(lambda p: conv.apply({"params": p}, x), p)
         return vjp(dz)[0], None
 
-    args = (conv_shapes(filters, kernel, c_in), sds((batch, size, size, c_in)), sds((batch, out, out, filters)))
+    args = (conv_shapes(filters, kernel, c_in), sds((batch, *hw, c_in)), sds((batch, *out, filters)))
     return _lazy(fn, (), *args)
 
 
-def _post_fwd(activation: str, f: int, size: int, batch: int, train: bool):
+def _post_fwd(activation: str, f: int, hw: tuple[int, int], batch: int, train: bool):
     p, stats = bn_shapes(f)
     if train:
         fn = lambda p, stats, z: post_apply(activation, p, stats, z, True)  # noqa: E731
-        return _lazy(fn, (1,), p, stats, sds((batch, size, size, f)))
-    return _lazy(lambda p, stats, z: post_apply(activation, p, stats, z, False)[0], (), p, stats, sds((batch, size, size, f)))
+        return _lazy(fn, (1,), p, stats, sds((batch, *hw, f)))
+    return _lazy(lambda p, stats, z: post_apply(activation, p, stats, z, False)[0], (), p, stats, sds((batch, *hw, f)))
 
 
-def _post_bwd(activation: str, f: int, size: int, batch: int):
+def _post_bwd(activation: str, f: int, hw: tuple[int, int], batch: int):
     """Gradients of activation + BatchNorm, recomputed from the conv output z (cheap: elementwise and reductions)."""
 
     def fn(p, stats, z, dy):
@@ -169,19 +169,19 @@ def _post_bwd(activation: str, f: int, size: int, batch: int):
         return vjp(dy)
 
     p, stats = bn_shapes(f)
-    return _lazy(fn, (3,), p, stats, sds((batch, size, size, f)), sds((batch, size, size, f)))
+    return _lazy(fn, (3,), p, stats, sds((batch, *hw, f)), sds((batch, *hw, f)))
 
 
-def _pool(size: int, c: int, batch: int):
-    return _lazy(lambda y: y.mean(axis=(1, 2)), (), sds((batch, size, size, c)))  # (batch, c)
+def _pool(hw: tuple[int, int], c: int, batch: int):
+    return _lazy(lambda y: y.mean(axis=(1, 2)), (), sds((batch, *hw, c)))  # (batch, c)
 
 
-def _pool_bwd(size: int, c: int, batch: int):
-    fn = lambda d: jnp.broadcast_to(d[:, None, None, :] / (size * size), (batch, size, size, c))  # noqa: E731
+def _pool_bwd(hw: tuple[int, int], c: int, batch: int):
+    fn = lambda d: jnp.broadcast_to(d[:, None, None, :] / (hw[0] * hw[1]), (batch, *hw, c))  # noqa: E731
     return _lazy(fn, (), sds((batch, c)))
 
 
-def _head(c: int, activation: str, smoothing: float, batch: int):
+def _head(c: int, activation: str, smoothing: float, batch: int, classes: int):
     """Loss, gradients of the head and of its pooled input, and [summed plain loss, correct count] added to `acc`."""
 
     def fn(p, acc, pooled, y):
@@ -193,22 +193,22 @@ def _head(c: int, activation: str, smoothing: float, batch: int):
         sums = jnp.stack([cross_entropy(logits, y).sum(), (logits.argmax(-1) == y).sum().astype(F32)])
         return grads, acc + sums
 
-    return _lazy(fn, (1,), head_shapes(c), sds((2,)), sds((batch, c)), sds((batch,), jnp.int32))
+    return _lazy(fn, (1,), head_shapes(c, classes), sds((2,)), sds((batch, c)), sds((batch,), jnp.int32))
 
 
-def _head_eval(c: int, activation: str, batch: int):
+def _head_eval(c: int, activation: str, batch: int, classes: int):
     fn = lambda p, acc, pooled, y, rows: acc + masked_sums(head_logits(activation, p, pooled), y, rows)  # noqa: E731
-    args = (head_shapes(c), sds((2,)), sds((batch, c)), sds((batch,), jnp.int32), sds((batch,), jnp.bool_))
+    args = (head_shapes(c, classes), sds((2,)), sds((batch, c)), sds((batch,), jnp.int32), sds((batch,), jnp.bool_))
     return _lazy(fn, (1,), *args)
 
 
-def _head_classes(c: int, activation: str, batch: int):
+def _head_classes(c: int, activation: str, batch: int, classes: int):
     fn = lambda p, pooled: head_logits(activation, p, pooled).argmax(-1)  # noqa: E731
-    return _lazy(fn, (), head_shapes(c), sds((batch, c)))
+    return _lazy(fn, (), head_shapes(c, classes), sds((batch, c)))
 
 
-def _normalised(batch: int):
-    return _lazy(normalise, (), sds((batch, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.uint8), sds((2,)))
+def _normalised(batch: int, image: ImageShape):
+    return _lazy(normalise, (), sds((batch, image.height, image.width, image.channels), jnp.uint8), sds((2,)))
 
 
 def _update(optimizer: str, shapes: tuple[tuple[str, tuple[int, ...]], ...]):

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmnas_jax.genome import IMAGE_SIZE, IN_CHANNELS, Genome, output_sizes
+from fmnas_jax.genome import FASHION_MNIST, Genome, ImageShape, output_shapes
 from fmnas_jax.model import variable_shapes
 from fmnas_jax.ops import WEIGHT_DECAY, StepSettings, init_opt_state, sds
 from fmnas_jax.pieces import _BUILDERS, _lazy, _Piece, piece, raw
@@ -71,17 +71,17 @@ class _Raw(_Pieces):
 class EvalPlan:
     """The pieces that score or classify one genome's trained variables, `chunk` images at a time."""
 
-    def __init__(self, genome: Genome, chunk: int, device: Any, pieces: _Pieces | None = None) -> None:
+    def __init__(self, genome: Genome, chunk: int, device: Any, pieces: _Pieces | None = None, image: ImageShape = FASHION_MNIST) -> None:
         self.pieces = pieces or _Pieces(device)
-        self.chunk, self.genome, self.device = chunk, genome, device
+        self.chunk, self.genome, self.device, self.image = chunk, genome, device, image
         get = self.pieces.get
-        self._layers, c, size = [], IN_CHANNELS, IMAGE_SIZE
-        for i, (gene, out) in enumerate(zip(genome.convs, output_sizes(genome), strict=True)):
-            conv = get(("conv", gene.kind, gene.filters, gene.kernel, c, size, chunk))
+        self._layers, c, hw = [], image.channels, image.hw
+        for i, (gene, out) in enumerate(zip(genome.convs, output_shapes(genome, image), strict=True)):
+            conv = get(("conv", gene.kind, gene.filters, gene.kernel, c, hw, chunk))
             self._layers.append((i, conv, get(("post", gene.activation, gene.filters, out, chunk, False))))
-            c, size = gene.filters, out
-        self._pool = get(("pool", size, c, chunk))
-        self._head_key = (c, genome.head_activation, chunk)
+            c, hw = gene.filters, out
+        self._pool = get(("pool", hw, c, chunk))
+        self._head_key = (c, genome.head_activation, chunk, image.classes)
 
     @property
     def compile_seconds(self) -> float:
@@ -100,8 +100,8 @@ class EvalPlan:
         return self.pieces.get(("head_eval", *self._head_key))(head, acc, self._pooled(variables, x), y, rows)
 
     def classes(self, variables: dict, images: jax.Array, norm: jax.Array) -> jax.Array:
-        """Class ids (chunk,) of uint8 images (chunk, 28, 28, 1) on the 0..255 scale."""
-        x = self.pieces.get(("normalised", self.chunk))(images, norm)
+        """Class ids (chunk,) of uint8 images (chunk, height, width, channels) on the 0..255 scale."""
+        x = self.pieces.get(("normalised", self.chunk, self.image))(images, norm)
         head = {"Dense_0": variables["params"]["Dense_0"], "Dense_1": variables["params"]["Dense_1"]}
         return self.pieces.get(("head_classes", *self._head_key))(head, self._pooled(variables, x))
 
@@ -118,24 +118,25 @@ class Plan:
     """The compiled pieces one genome's training uses, `step` over them, and its `EvalPlan`."""
 
     def __init__(self, genome: Genome, settings: StepSettings, train_shape: tuple[int, ...], eval_shape: tuple[int, ...], chunk: int,
-                 device: Any, pieces: _Pieces | None = None) -> None:  # fmt: skip
+                 device: Any, pieces: _Pieces | None = None, classes: int = 10) -> None:  # fmt: skip
         self.pieces = pieces or _Pieces(device)
         get, b = self.pieces.get, settings.batch_size
+        image = ImageShape(*train_shape[1:], classes)
         self._sample = get(("sample", settings, train_shape))
         self._layers: list[_Layer] = []
-        c, size = IN_CHANNELS, IMAGE_SIZE
-        for i, (gene, out) in enumerate(zip(genome.convs, output_sizes(genome), strict=True)):
+        c, hw = image.channels, image.hw
+        for i, (gene, out) in enumerate(zip(genome.convs, output_shapes(genome, image), strict=True)):
             f, act = gene.filters, gene.activation
-            conv = (gene.kind, f, gene.kernel, c, size, b)
+            conv = (gene.kind, f, gene.kernel, c, hw, b)
             keys = [("conv", *conv), ("conv_bwd", *conv, i > 0), ("post", act, f, out, b, True), ("post_bwd", act, f, out, b)]
             self._layers.append(_Layer(i, *(get(k) for k in keys)))
-            c, size = f, out
-        self._pool, self._pool_bwd = get(("pool", size, c, b)), get(("pool_bwd", size, c, b))
-        self._head = get(("head", c, genome.head_activation, settings.label_smoothing, b))
-        shapes = variable_shapes(genome)["params"]
+            c, hw = f, out
+        self._pool, self._pool_bwd = get(("pool", hw, c, b)), get(("pool_bwd", hw, c, b))
+        self._head = get(("head", c, genome.head_activation, settings.label_smoothing, b, classes))
+        shapes = variable_shapes(genome, image)["params"]
         self._updates = {m: get(("update", settings.optimizer, tuple((n, tuple(v.shape)) for n, v in sorted(shapes[m].items()))))
                          for m in shapes}  # fmt: skip
-        self.eval = EvalPlan(genome, chunk, device, self.pieces)
+        self.eval = EvalPlan(genome, chunk, device, self.pieces, image)
         self.eval.pieces.get(("eval_sample", eval_shape, chunk))
         self.eval.pieces.get(("head_eval", *self.eval._head_key))
 
@@ -178,23 +179,25 @@ class Plan:
 # ---------------------------------------------------------------------------
 
 
-def _abstract_state(genome: Genome, optimizer: str) -> TrainState:
-    v = variable_shapes(genome)
+def _abstract_state(genome: Genome, optimizer: str, image: ImageShape) -> TrainState:
+    v = variable_shapes(genome, image)
     opt = init_opt_state(v["params"], optimizer, 0.0)
     return TrainState(v["params"], v["batch_stats"], jax.tree_util.tree_map(lambda a: sds(np.shape(a), np.asarray(a).dtype), opt))
 
 
-def _fused_step(genome: Genome, settings: StepSettings, train_shape: tuple[int, ...], eval_shape: tuple[int, ...], chunk: int) -> _Piece:
-    plan = Plan(genome, settings, train_shape, eval_shape, chunk, None, _Raw(None))
+def _fused_step(genome: Genome, settings: StepSettings, train_shape: tuple[int, ...], eval_shape: tuple[int, ...], chunk: int,
+                classes: int) -> _Piece:  # fmt: skip
+    plan = Plan(genome, settings, train_shape, eval_shape, chunk, None, _Raw(None), classes)
     n, vec = train_shape[0], sds((2,))
     key = jax.eval_shape(lambda: jax.random.key(0))
     arrays = (sds(train_shape, jnp.uint8), sds((n,), jnp.int32), vec, sds((n,), jnp.int32), key, sds(()))
-    return _lazy(plan.step, (0, 1), _abstract_state(genome, settings.optimizer), vec, *arrays, 0, 0)
+    return _lazy(plan.step, (0, 1), _abstract_state(genome, settings.optimizer, ImageShape(*train_shape[1:], classes)), vec, *arrays, 0, 0)
 
 
-def _fused_eval(genome: Genome, eval_shape: tuple[int, ...], chunk: int) -> _Piece:
-    plan = EvalPlan(genome, chunk, None, _Raw(None))
-    v = variable_shapes(genome)
+def _fused_eval(genome: Genome, eval_shape: tuple[int, ...], chunk: int, classes: int) -> _Piece:
+    image = ImageShape(*eval_shape[1:], classes)
+    plan = EvalPlan(genome, chunk, None, _Raw(None), image)
+    v = variable_shapes(genome, image)
     variables = {"params": v["params"], "batch_stats": v["batch_stats"]}
     return _lazy(plan.eval_chunk, (1,), variables, sds((2,)), sds(eval_shape, jnp.uint8), sds(eval_shape[:1], jnp.int32),
                  sds((2,)), 0, 0)  # fmt: skip
@@ -211,10 +214,10 @@ class FusedPlan:
     of a 2-core AMD EPYC (docs/benchmarks.md), while single-threaded workers ran both about equally fast."""
 
     def __init__(self, genome: Genome, settings: StepSettings, train_shape: tuple[int, ...], eval_shape: tuple[int, ...], chunk: int,
-                 device: Any) -> None:  # fmt: skip
+                 device: Any, classes: int = 10) -> None:  # fmt: skip
         self.pieces = _Pieces(device)
-        self.step = self.pieces.get(("fused_step", genome, settings, train_shape, eval_shape, chunk))
-        self.eval = _FusedEval(self.pieces.get(("fused_eval", genome, eval_shape, chunk)), chunk)
+        self.step = self.pieces.get(("fused_step", genome, settings, train_shape, eval_shape, chunk, classes))
+        self.eval = _FusedEval(self.pieces.get(("fused_eval", genome, eval_shape, chunk, classes)), chunk)
 
     @property
     def compile_seconds(self) -> float:

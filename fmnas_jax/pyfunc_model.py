@@ -3,8 +3,8 @@
 MLflow runs this file when it loads the model (`mlflow.pyfunc.load_model`, `mlflow models serve`);
 the package never imports it. The weights are the run's msgpack checkpoint, an artifact of the model.
 
-Input: a (N, 28, 28) uint8 array of pixel values 0..255 (Fashion-MNIST's raw bytes; JSON numbers when served).
-Output: (N,) class ids 0..9 (fmnas_jax.data.CLASS_NAMES names them).
+Input: a (N, height, width[, channels]) uint8 array of pixel values 0..255 in the shape of the data it was trained
+on ((N, 28, 28) for Fashion-MNIST; JSON numbers when served). Output: (N,) class ids (the checkpoint names them).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.
 
 
 class GenomeClassifier(PythonModel):
-    """Classifies Fashion-MNIST images with the genome and weights of the checkpoint artifact."""
+    """Classifies images with the genome and weights of the checkpoint artifact (it names the data's shape and classes)."""
 
     def load_context(self, context: Any) -> None:
         from fmnas_jax.inference import load_checkpoint
@@ -30,7 +30,7 @@ class GenomeClassifier(PythonModel):
         self.predict_classes = self.model.predict_fn()
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as an input schema
-        """(N, 28, 28) uint8 pixel values -> (N,) int64 class ids."""
+        """(N, height, width[, channels]) uint8 pixel values -> (N,) int64 class ids."""
         return self.predict_classes(np.asarray(model_input))
 
 

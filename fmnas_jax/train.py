@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmnas_jax.data import Dataset
-from fmnas_jax.genome import Genome, count_params
+from fmnas_jax.genome import FASHION_MNIST, Genome, ImageShape, count_params
 from fmnas_jax.model import init_variables
 from fmnas_jax.ops import (  # noqa: F401  (re-exported: the batched path and the tests use them)
     StepSettings,
@@ -75,24 +75,29 @@ class EvalResult:
         return {k: float(getattr(self, k)) for k in keys if math.isfinite(float(getattr(self, k)))}
 
 
-def failed(genome: Genome, reason: str) -> EvalResult:
+def failed(genome: Genome, reason: str, image: ImageShape = FASHION_MNIST) -> EvalResult:
     """A FAILED result for a genome that could not be evaluated."""
-    return EvalResult(str(genome), "FAILED", count_params(genome), reason=reason)
+    return EvalResult(str(genome), "FAILED", count_params(genome, image), reason=reason)
 
 
 class DeviceData(NamedTuple):
     """A Dataset placed on the device once. Validation and test share one padded eval array
     (val rows first), so a single compiled eval program serves both."""
 
-    x_train: jax.Array  # (capacity, 28, 28, 1) uint8: the N training images, then zero padding
+    x_train: jax.Array  # (capacity, height, width, channels) uint8: the N training images, then zero padding
     y_train: jax.Array  # (capacity,) int32
-    x_eval: jax.Array  # (V + T + padding, 28, 28, 1) uint8
+    x_eval: jax.Array  # (V + T + padding, height, width, channels) uint8
     y_eval: jax.Array
     n_val: int
     n_test: int
     norm: jax.Array  # (2,) mean, std of the training split
     eval_batch: int
     n_train: int  # real training images (batches are drawn from the first n_train rows only)
+    classes: int = 10
+
+    @property
+    def image(self) -> ImageShape:
+        return ImageShape(*self.x_train.shape[1:], self.classes)
 
     @property
     def val_range(self) -> tuple[int, int]:
@@ -110,11 +115,11 @@ class DeviceData(NamedTuple):
 def to_device(data: Dataset, eval_batch: int = 1000) -> DeviceData:
     """Put every split on the default device (uint8 images: 47 MB for all of Fashion-MNIST).
 
-    The training split is zero-padded to a capacity that fits every subset of Fashion-MNIST, so the
-    cheap rungs of a multi-fidelity search, the full budget and the final retrain of one genome share
-    one compiled train step (its shapes no longer depend on data.train_size)."""
+    The training split is zero-padded to a capacity that fits every training subset of the data (55,000 for
+    Fashion-MNIST), so the cheap rungs of a multi-fidelity search, the full budget and the final retrain of one
+    genome share one compiled train step (its shapes no longer depend on data.train_size)."""
     n = len(data.y_train)
-    capacity = max(TRAIN_CAPACITY, n)
+    capacity = max(min(TRAIN_CAPACITY, data.pool), n)
     x_train = np.concatenate([data.x_train, np.zeros((capacity - n, *data.x_train.shape[1:]), np.uint8)])
     y_train = np.concatenate([data.y_train, np.zeros(capacity - n, np.int32)])
     x_eval = np.concatenate([data.x_val, data.x_test])
@@ -125,7 +130,7 @@ def to_device(data: Dataset, eval_batch: int = 1000) -> DeviceData:
     norm = np.asarray([data.mean, data.std], np.float32)
     put = jax.device_put
     return DeviceData(put(x_train), put(y_train), put(x_eval), put(y_eval), len(data.y_val), len(data.y_test), put(norm), eval_batch,
-                      n)  # fmt: skip
+                      n, len(data.classes))  # fmt: skip
 
 
 def lr_schedule(cfg: TrainConfig, total_steps: int) -> np.ndarray:
@@ -170,9 +175,9 @@ def divergence(mean_loss: float, epoch: int) -> str | None:
     return f"train loss became {mean_loss:.4g} in epoch {epoch} (diverged; limit {DIVERGED_LOSS:g})"
 
 
-def init_state(genome: Genome, cfg: TrainConfig, seed: int) -> TrainState:
+def init_state(genome: Genome, cfg: TrainConfig, seed: int, image: ImageShape = FASHION_MNIST) -> TrainState:
     """Fresh variables (drawn on the host: no per-genome compile) and optax's initial state of every parameter."""
-    v = init_variables(genome, seed)
+    v = init_variables(genome, seed, image)
     return jax.device_put(TrainState(v["params"], v["batch_stats"], init_opt_state(v["params"], cfg.optimizer, cfg.weight_decay)))
 
 
@@ -198,13 +203,13 @@ def compiled_programs(genome: Genome, cfg: TrainConfig, dd: DeviceData, fused: b
     `compile_seconds` counts only what this call compiled."""
     chunk = eval_chunk_size(cfg.batch_size, dd)
     kind = FusedPlan if fused else Plan
-    plan = kind(genome, cfg.step_settings(), tuple(dd.x_train.shape), tuple(dd.x_eval.shape), chunk, dd.device)
+    plan = kind(genome, cfg.step_settings(), tuple(dd.x_train.shape), tuple(dd.x_eval.shape), chunk, dd.device, classes=dd.classes)
     return Programs(plan.step, plan.eval, plan.compile_seconds)
 
 
 def compiled_eval(genome: Genome, dd: DeviceData, batch_size: int = 128) -> Programs:
     """Only the eval pieces (for a trained model): the ones evaluation uses, so scores match."""
-    plan = EvalPlan(genome, eval_chunk_size(batch_size, dd), dd.device)
+    plan = EvalPlan(genome, eval_chunk_size(batch_size, dd), dd.device, image=dd.image)
     return Programs(None, plan, plan.compile_seconds)
 
 
@@ -339,8 +344,8 @@ def train_and_evaluate(
     started = time.perf_counter()
     if dd.n_train // cfg.batch_size < 1:
         raise ValueError(f"trainer.batch_size {cfg.batch_size} exceeds the {dd.n_train} training images")
-    state = init_state(genome, cfg, seed)
-    result = EvalResult(str(genome), "FINISHED", count_params(genome), normalisation=tuple(np.asarray(dd.norm).tolist()))
+    state = init_state(genome, cfg, seed, dd.image)
+    result = EvalResult(str(genome), "FINISHED", count_params(genome, dd.image), normalisation=tuple(np.asarray(dd.norm).tolist()))
     hits = cache_hits()
     programs = compiled_programs(genome, cfg, dd, fused)
     result.compile_seconds, result.cache_hits = programs.compile_seconds, cache_hits() - hits

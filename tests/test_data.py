@@ -95,17 +95,18 @@ def test_tfds_source_reads_what_tfds_wrote_and_equals_the_idx_source(tmp_path, m
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert prep.returncode == 0, prep.stderr[-3000:]
     assert (tmp_path / "fashion_mnist" / "3.0.1" / "dataset_info.json").exists()
-    from_tfds, source = load_arrays("tfds", "/nonexistent", True, str(tmp_path))
-    from_idx, _ = load_arrays("idx", str(REAL_DATA), True)
-    assert source == "tfds:fashion_mnist"
-    for a, b in zip(from_tfds, from_idx, strict=True):  # TFDS stored them shuffled; read back in the files' order
+    tfds_cfg = DataConfig(source="tfds", dir="/nonexistent", tfds_dir=str(tmp_path))
+    from_tfds, from_idx = load_arrays(tfds_cfg), load_arrays(DataConfig(source="idx", dir=str(REAL_DATA)))
+    assert from_tfds.info.source == "tfds:fashion_mnist" and from_tfds.info.digest == from_idx.info.digest
+    splits = lambda a: (a.x_train, a.y_train, a.x_test, a.y_test)  # noqa: E731
+    for a, b in zip(splits(from_tfds), splits(from_idx), strict=True):  # TFDS stored them shuffled; read back in the files' order
         assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
     # So a seeded split picks the same images from either source: results do not depend on where the data came from.
     # Read in any other order, the arrays fail the IDX files' sha256 (as a corrupt or foreign copy would).
     monkeypatch.setattr(data_mod, "tfds_file_order", lambda split, n: np.arange(n))
     load_arrays.cache_clear()  # read again, not the arrays this process already checked
     with pytest.raises(DataError, match=r"fashion_mnist/train in .* does not match Fashion-MNIST's train-images-idx3-ubyte"):
-        load_arrays("tfds", "/nonexistent", True, str(tmp_path))
+        load_arrays(tfds_cfg)
 
 
 def test_tfds_file_order_is_a_permutation_of_the_keys():

@@ -3,7 +3,7 @@ import pytest
 from helpers import every_genome, moves
 
 from fmnas_jax import Genome, SearchSpace, count_params
-from fmnas_jax.genome import fresh_genome, neighbours, output_sizes, random_genome, sample_population, train_flops_per_image
+from fmnas_jax.genome import ImageShape, fresh_genome, neighbours, output_shapes, random_genome, sample_population, train_flops_per_image
 
 PAPER = "NC 4 5 sigmoid;RC 64 3 relu;NC 4 5 sigmoid;RC 64 3 relu;FL gelu;"
 SPACE = SearchSpace()
@@ -93,13 +93,25 @@ def test_search_space_validation():
         SearchSpace(activations=("relu", "elu"))
     with pytest.raises(ValueError, match="layer types"):
         SearchSpace(layout=("NC", "XC"))
-    with pytest.raises(ValueError, match="shrinks 28x28 to nothing"):
+    with pytest.raises(ValueError, match="shrinks the data's 28x28 images to nothing"):
         SearchSpace(layout=("RC",) * 5)
+    with pytest.raises(ValueError, match=r"kernel 7 shrinks the data's 8x8 images to nothing \(smaller kernel_sizes"):
+        SearchSpace().for_image(ImageShape(8, 8, 1, 10))  # scikit-learn's digits need kernels up to 3
+    assert SearchSpace(kernel_sizes=(1, 2, 3)).for_image(ImageShape(8, 8, 1, 10)).image.hw == (8, 8)
 
 
 def test_output_sizes_follow_same_and_valid():
-    assert output_sizes(Genome.parse(PAPER)) == [28, 13, 13, 6]
-    assert output_sizes(Genome.parse("NC 4 7 relu;RC 4 7 relu;NC 4 7 relu;RC 4 7 relu;FL relu;")) == [28, 11, 11, 3]
+    assert output_shapes(Genome.parse(PAPER)) == [(28, 28), (13, 13), (13, 13), (6, 6)]
+    assert output_shapes(Genome.parse("NC 4 7 relu;RC 4 7 relu;NC 4 7 relu;RC 4 7 relu;FL relu;")) == [(28, 28), (11, 11), (11, 11), (3, 3)]
+    assert output_shapes(Genome.parse(PAPER), ImageShape(32, 20, 3, 5)) == [(32, 20), (15, 9), (15, 9), (7, 4)]
+
+
+def test_parameters_and_flops_follow_the_datas_channels_and_classes():
+    g = Genome.parse(PAPER)
+    # 3 input channels add 2 x 5 x 5 x 4 first-layer weights; 5 classes remove 5 x 64 + 5 head parameters.
+    assert count_params(g, ImageShape(28, 28, 3, 5)) == count_params(g) + 2 * 5 * 5 * 4 - 5 * 65
+    assert count_params(g, ImageShape(8, 8, 1, 10)) == count_params(g)  # convolutions and the head do not depend on the size
+    assert train_flops_per_image(g, ImageShape(56, 56, 1, 10)) > 3.9 * train_flops_per_image(g)
 
 
 def test_flops_match_the_measured_note():

@@ -12,10 +12,10 @@ import numpy as np
 from fmnas_jax import data as data_mod
 from fmnas_jax.checkpoint import CheckpointError
 from fmnas_jax.config import AppConfig
-from fmnas_jax.data import CLASS_NAMES
 from fmnas_jax.evaluator import describe_budget
 from fmnas_jax.genome import Genome, count_params
 from fmnas_jax.inference import load_checkpoint, load_run, read_images
+from fmnas_jax.jobs.common import describe_data
 from fmnas_jax.report import Card
 from fmnas_jax.store import Store, as_logged
 from fmnas_jax.train import compiled_eval, evaluate_split, to_device
@@ -42,20 +42,24 @@ def run_predict(cfg: AppConfig, out_dir: Path) -> Card:
     _, test_acc = evaluate_split(compiled_eval(model.genome, dd), variables, dd, dd.test_range)
     same = f"logged: {logged:.4f}" if math.isfinite(logged) else "no logged value"
     same = "matches the logged value" if as_logged(test_acc) == logged else same
-    print(f"\n{model.genome}: {count_params(model.genome):,} params, test accuracy {100 * test_acc:.2f}% ({same})")
+    if dd.image != model.image:
+        raise CheckpointError(
+            f"the model was trained on {model.image} data, data={data_cfg.source} gives {dd.image}: pass the run's data settings"
+        )
+    print(f"\n{model.genome}: {count_params(model.genome, model.image):,} params, test accuracy {100 * test_acc:.2f}% ({same})")
     if cfg.images:
         _classify(model, cfg.images, out_dir)
     uri = store.uri if store else str(cfg.checkpoint)
-    return Card(str(model.genome), count_params(model.genome), math.nan, math.nan, test_acc, "", cfg.run_id or "", uri,
-                describe_budget(cfg.trainer, data_cfg))  # fmt: skip
+    return Card(str(model.genome), count_params(model.genome, model.image), math.nan, math.nan, test_acc, "", cfg.run_id or "", uri,
+                describe_budget(cfg.trainer, data_cfg), describe_data(data_cfg))  # fmt: skip
 
 
 def _classify(model, images_path: str, out_dir: Path) -> None:
-    pred = model.predict_fn()(read_images(images_path))
+    pred, names = model.predict_fn()(read_images(images_path, model.image)), model.class_names
     with (out_dir / "predictions.csv").open("w") as f:
         f.write("index,class_id,class_name\n")
-        f.writelines(f"{i},{c},{CLASS_NAMES[c]}\n" for i, c in enumerate(pred))
+        f.writelines(f"{i},{c},{names[c]}\n" for i, c in enumerate(pred))
     for i, c in enumerate(pred[:20]):
-        print(f"  image {i}: {CLASS_NAMES[c]}")
-    counts = ", ".join(f"{CLASS_NAMES[c]} {n}" for c, n in enumerate(np.bincount(pred, minlength=10)) if n)
+        print(f"  image {i}: {names[c]}")
+    counts = ", ".join(f"{names[c]} {n}" for c, n in enumerate(np.bincount(pred, minlength=len(names))) if n)
     print(f"{len(pred)} images classified ({counts}); all predictions: {(out_dir / 'predictions.csv').resolve()}")

@@ -20,7 +20,7 @@ from fmnas_jax.cost import WORKERS_OVER_ONE_PROCESS, CostModel, Sample
 from fmnas_jax.evaluator import Evaluator, Outcome, budget_key, describe_budget
 from fmnas_jax.genome import Genome, SearchSpace, genome_in, sample_population
 from fmnas_jax.jobs.attempts import OwnSearches, earlier_attempts, earlier_final_epochs
-from fmnas_jax.jobs.common import open_store
+from fmnas_jax.jobs.common import describe_data, open_store
 from fmnas_jax.jobs.search_report import log_counts, report
 from fmnas_jax.objective import Allowance, HalvingObjective, SearchObjective, images_per_evaluation
 from fmnas_jax.progress import EpochBar, SearchProgress
@@ -35,6 +35,7 @@ log = logging.getLogger("fmnas_jax")
 def search_key(cfg: AppConfig) -> str:
     """Hash of what determines a search's path: space, strategy, fitness, budget and seeds."""
     blob: dict[str, Any] = {k: asdict(getattr(cfg, k)) for k in ("search_space", "search", "fitness")}
+    blob["search_space"].pop("image")  # the data's shape: the budget key holds the data's digest
     blob["budget"] = budget_key(EvalSpec(cfg.trainer, cfg.data, cfg.seed))
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -60,7 +61,7 @@ def run_search(cfg: AppConfig, config_yaml: str, out_dir: Path) -> Card:
     budgets = " | ".join(f"rung {i}: {describe_budget(s.trainer, s.data)}" for i, s in enumerate(specs)) if len(specs) > 1 else \
         describe_budget(cfg.trainer, cfg.data)  # fmt: skip
     limit = sc.describe_limits()
-    log.info("search: %s, %s; each evaluation: %s", sc.strategy, limit, budgets)
+    log.info("search: %s, %s, data %s; each evaluation: %s", sc.strategy, limit, describe_data(cfg.data), budgets)
     log.info("change it with e.g. search.time_budget=30m search.population_size=40 trainer.epochs=5 data.train_size=null")
     key = search_key(cfg)
     own = store.run_ids("search", "search_key", key)

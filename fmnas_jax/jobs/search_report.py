@@ -70,7 +70,7 @@ def report(
     files.append(out_dir / "climb_path.json")
     if final.history:
         files.append(plot_curves(final.history, str(final.genome), out_dir / "winner_curves.png"))
-    card = card_of(final, store, describe_budget(final_spec.trainer, final_spec.data))
+    card = card_of(final, store, describe_budget(final_spec.trainer, final_spec.data), final_spec.data)
     files += write_card(card, out_dir)
     per_class = class_report(final, store, cfg, out_dir)
     if not final.reused:  # the winner's own run gets its per-class report too

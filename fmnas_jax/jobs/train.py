@@ -29,7 +29,7 @@ def run_train(cfg: AppConfig, config_yaml: str, out_dir: Path) -> Card:
         store.log_text(outcome.run_id, config_yaml, "config.yaml")
     if outcome.status != "FINISHED":
         raise RuntimeError(f"evaluation of {genome} failed: see MLflow run {outcome.run_id}")
-    card = card_of(outcome, store, describe_budget(cfg.trainer, cfg.data))
+    card = card_of(outcome, store, describe_budget(cfg.trainer, cfg.data), cfg.data)
     files = write_card(card, out_dir)
     if outcome.history:
         files.append(plot_curves(outcome.history, str(genome), out_dir / "curves.png"))

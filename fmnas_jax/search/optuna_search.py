@@ -116,7 +116,7 @@ class OptunaSearch:
             self._add(g, f)
 
     def _values(self, genome: Genome, fitness: float) -> list[float]:
-        return [fitness, float(count_params(genome))] if self.multi else [fitness]
+        return [fitness, float(count_params(genome, self.space.image))] if self.multi else [fitness]
 
     def _add(self, genome: Genome, fitness: float) -> None:
         if not math.isfinite(fitness):

@@ -22,7 +22,9 @@ log = logging.getLogger("fmnas_jax.store")
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
     try:
         client.create_registered_model(
-            name, description="Fashion-MNIST CNNs found by fmnas_jax: input (N, 28, 28) uint8 pixels, output class ids 0-9."
+            name,
+            description="CNNs found by fmnas_jax: input (N, height, width[, channels]) uint8 pixels of the data it was "
+            "trained on (the version's signature), output class ids",
         )
     except MlflowException as e:
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
@@ -85,11 +87,12 @@ def _model_requirements() -> list[str]:
 class _Models:
     """The Store's models methods (see fmnas_jax.store.Store)."""
 
-    def log_model(self, run_id: str, checkpoint: bytes, register_as: str | None, tags: dict[str, str]) -> str | None:
+    def log_model(self, run_id: str, checkpoint: bytes, register_as: str | None, tags: dict[str, str],
+                  input_shape: tuple[int, ...] = (IMAGE, IMAGE)) -> str | None:  # fmt: skip
         """Store the run's weights as a logged model named `model` (MLflow 3: listed in the experiment's Models
         tab and the run's Logged models; models from code, nothing pickled), the weights' only copy: the run's
         checkpoint tag points at them inside it. If `register_as` is set, register it as a new version with
-        `tags`; returns the version."""
+        `tags`; returns the version. `input_shape`: one image's (height, width[, channels]), the signature's input."""
         from mlflow.entities import LoggedModelOutput, LoggedModelStatus
         from mlflow.models import ModelSignature
         from mlflow.types.schema import Schema, TensorSpec
@@ -97,7 +100,7 @@ class _Models:
         import fmnas_jax
 
         signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, IMAGE, IMAGE))]),  # unnamed: one array in, one out
+            inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *input_shape))]),  # unnamed: one array in, one out
             outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),
         )
         package = Path(fmnas_jax.__file__).parent  # the model's code: models from code, fmnas_jax inside
@@ -106,7 +109,7 @@ class _Models:
                                                                     tags=model_tags, model_type="fmnas-cnn"),
                             "creating the logged model")  # fmt: skip
         try:
-            self._upload_model(model, run_id, checkpoint, signature, package)
+            self._upload_model(model, run_id, checkpoint, signature, package, input_shape)
         except ArtifactError:
             try:  # no PENDING model left behind
                 self.client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
@@ -133,7 +136,8 @@ class _Models:
                  register_as, version.version, best)  # fmt: skip
         return str(version.version)
 
-    def _upload_model(self, model: object, run_id: str, checkpoint: bytes, signature: object, package: Path) -> None:
+    def _upload_model(self, model: object, run_id: str, checkpoint: bytes, signature: object, package: Path,
+                      input_shape: tuple[int, ...]) -> None:  # fmt: skip
         """Write the MLflow Model (its MLmodel naming the logged model) and upload it into the logged model."""
         import mlflow.pyfunc
         from mlflow.models import Model
@@ -150,7 +154,7 @@ class _Models:
                     mlflow.pyfunc.save_model(
                         path, python_model=str(package / "pyfunc_model.py"), artifacts={"checkpoint": str(weights)},
                         code_paths=[str(package)], signature=signature, mlflow_model=meta,
-                        input_example=np.zeros((2, IMAGE, IMAGE), np.uint8), pip_requirements=_model_requirements(),
+                        input_example=np.zeros((2, *input_shape), np.uint8), pip_requirements=_model_requirements(),
                     )  # fmt: skip
                 except OSError as e:
                     raise ArtifactError(f"could not write the MLflow Model of run {run_id}: {_first_line(e)}", run_id) from e

@@ -69,7 +69,7 @@ SYSTEM_METRICS_STOP_SECONDS = {
 }  # how long the system-metrics sampler may take to stop: after success, after an error
 
 
-EXPERIMENT_NOTE = """Neural architecture search for Fashion-MNIST CNNs (fmnas_jax).
+EXPERIMENT_NOTE = """Neural architecture search for image-classification CNNs (fmnas_jax).
 
 Runs by role (`tags.fmnas.role`): **search** (one per search: strategy, budget, the winner and its
 result card in its description and `report/` artifacts), **evaluation** (one genome at one budget,
