@@ -204,3 +204,13 @@ def test_digits_and_a_colour_dataset_search_end_to_end_in_one_store(tmp_path):
     assert len(alone()) == 2
     search = job(tmp_path, "+experiment=smoke", *colour)
     assert search.card()["data"].startswith("synthetic: 32x32x3, 5 classes (r, g, b, r+, ...)")
+
+
+def test_the_bucket_backend_refuses_other_data_before_anything_runs(tmp_path):
+    from fmnas_jax.config import AppConfig, BucketsBackend
+    from fmnas_jax.jobs import on_data
+
+    np.savez(tmp_path / "d.npz", x_train=np.zeros((40, 8, 8), np.uint8), y_train=np.arange(40) % 2)
+    cfg = AppConfig(data=DataConfig(source="npz", path=str(tmp_path / "d.npz"), val_size=10, test_size=10), backend=BucketsBackend())
+    with pytest.raises(DataError, match=r"backend=buckets trains 28x28x1, 10 classes data only; data d is 8x8x1, 2 classes"):
+        on_data(cfg)

@@ -32,7 +32,11 @@ def on_data(cfg: AppConfig) -> AppConfig:
     any run is created); DataError when the data is unusable or the space's layout does not fit its images."""
     from fmnas_jax.data import DataError, data_info, load_arrays
 
+    from fmnas_jax.genome import FASHION_MNIST
+
     info = data_info(cfg.data)
+    if cfg.backend.kind == "buckets" and info.image != FASHION_MNIST:
+        raise DataError(f"backend=buckets trains {FASHION_MNIST} data only; data {info.name} is {info.image}: use backend=auto")
     if cfg.mode == "search":  # every rung's and the retrain's split must fit the data too
         for r in cfg.search.fidelity.rungs if cfg.search.fidelity.mode != "none" else ():
             load_arrays(replace(cfg.data, train_size=r.train_size))
