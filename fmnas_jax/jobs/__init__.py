@@ -31,7 +31,6 @@ def on_data(cfg: AppConfig) -> AppConfig:
     """`cfg` with its search space over the configured data's image shape and classes (read and checked now, before
     any run is created); DataError when the data is unusable or the space's layout does not fit its images."""
     from fmnas_jax.data import DataError, data_info, load_arrays
-
     from fmnas_jax.genome import FASHION_MNIST
 
     info = data_info(cfg.data)
