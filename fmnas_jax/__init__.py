@@ -1,4 +1,4 @@
-"""fmnas_jax: declarative neural architecture search for Fashion-MNIST CNNs in JAX/Flax.
+"""fmnas_jax: declarative neural architecture search for image-classification CNNs (Fashion-MNIST first) in JAX/Flax.
 
 The light public API (no jax import needed): Genome, SearchSpace, count_params.
 """

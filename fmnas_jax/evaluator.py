@@ -236,7 +236,7 @@ class Evaluator:
 
     def _start(self, genome: Genome) -> str:
         key = eval_key(genome, self.budget)
-        # What tells runs apart first (the UI's name column shows ~20 characters): role or rung, then the genome.
+        # What tells runs apart first (the UI's name column shows ~14 characters): role or rung, then the genome.
         prefix = "eval" if self.rung is None else f"r{self.rung}"
         prefix = "final" if self.role == "final" else prefix
         name = f"{prefix} {genome.short}"

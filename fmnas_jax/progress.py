@@ -88,8 +88,10 @@ class SearchProgress:
                     self.best[name] = value
         self.log_elapsed(metrics | self.best)
 
-    def log_elapsed(self, metrics: dict[str, float] | None = None) -> None:
-        self.count += 1
+    def log_elapsed(self, metrics: dict[str, float] | None = None, step_on: bool = True) -> None:
+        """`elapsed_seconds` (and `metrics`) at the next step, or with `step_on` False at the last evaluation's step:
+        the retrain's epochs keep the time charged up to date without adding steps (one meaning per axis)."""
+        self.count += step_on
         self.store.log(self.parent, metrics={"elapsed_seconds": self.budget.elapsed()} | (metrics or {}), step=self.count)
 
     def close(self) -> None:

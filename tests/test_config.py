@@ -284,3 +284,19 @@ def test_the_settings_import_no_jax():
 
     code = "import sys, fmnas_jax.config; assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_configuration_reference_is_what_the_config_files_say():
+    # docs/configuration.md is generated from the packaged config files: regenerate it when they change
+    # (python -m fmnas_jax.conf_reference > docs/configuration.md).
+    from pathlib import Path
+
+    from fmnas_jax.conf_reference import GROUPS, markdown
+
+    text = markdown()
+    assert (Path(__file__).parents[1] / "docs" / "configuration.md").read_text() == text
+    for group in GROUPS:
+        assert f"## `{group}`" in text
+    assert "| `val_size` | `5000` | stratified validation split" in text  # a group's key, its default, its comment
+    assert "| `search.time_budget` | `14m` |" in text  # an experiment's settings, dotted
+    assert "| `fitness.size_weight` | `0.01` |" in text and "`hydra." not in text  # Hydra's own settings are not the user's

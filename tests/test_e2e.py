@@ -64,6 +64,10 @@ def test_smoke_end_to_end_then_rerun_trains_nothing(smoke, tmp_path):
         assert r.data.tags["mlflow.source.name"].endswith("__main__.py") and r.data.tags["mlflow.source.type"] == "LOCAL"
         assert r.data.tags["mlflow.user"]
     assert 0 <= search.data.metrics["system/cpu_utilization_percentage"] <= 100  # MLflow's system metrics on the search run
+    assert search.info.run_name == "s0 hillclimb search"  # what tells searches apart first: the UI shows ~14 characters
+    # One meaning per axis: the search run's Step is the evaluations it counted (3 + 2); the retrain adds no step.
+    elapsed = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(search.info.run_id, "elapsed_seconds")
+    assert max(m.step for m in elapsed) == 5 and len(elapsed) == 6  # 5 evaluations and the retrain's one epoch
     run_dir = first.files
     for name in ("results.csv", "params_vs_accuracy.png", "winner_curves.png", "result_card.md", "result_card.json", "climb_path.json"):
         assert (run_dir / name).stat().st_size > 0, name

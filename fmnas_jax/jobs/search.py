@@ -67,7 +67,7 @@ def run_search(cfg: AppConfig, config_yaml: str, out_dir: Path) -> Card:
     own = store.run_ids("search", "search_key", key)
     if own:
         log.info("this search (search_key %s) ran %d time(s) before: its stored evaluations are reused", key, len(own))
-    parent = store.start_run(f"search {sc.strategy} seed={sc.seed}", "search", {"search.strategy": sc.strategy, "search_key": key})
+    parent = store.start_run(f"s{sc.seed} {sc.strategy} search", "search", {"search.strategy": sc.strategy, "search_key": key})
     store.log(
         parent,
         params=flatten("", {k: asdict(getattr(cfg, k)) for k in ("search", "fitness", "trainer", "data", "final")}) | {"seed": cfg.seed},
@@ -182,7 +182,7 @@ def _retrain_winner(
 
         def on_final_epoch(genome: Genome, epoch: int, row: dict[str, float]) -> None:
             final_bar.update(genome, epoch, row)
-            progress.log_elapsed()
+            progress.log_elapsed(step_on=False)
 
         backend = InProcess(fused=True, deadline=budget.retrain_deadline())
         retrainer = Evaluator(store, final_spec, backend, parent, on_final_epoch, role="final", register_as=cfg.registry.model_name)
