@@ -71,7 +71,7 @@ def markdown() -> str:
         "",
     ]
     out += _option(conf / "config.yaml")[2:]
-    out += ["## Keys every strategy shares (`conf/search_shared.yaml`)", ""] + _option(conf / "search_shared.yaml")[2:]
+    out += ["## Keys every strategy shares (`conf/search_shared.yaml`)", "", *_option(conf / "search_shared.yaml")[2:]]
     for group in GROUPS:
         out += [f"## `{group}`", ""]
         for path in sorted((conf / group).glob("*.yaml")):
