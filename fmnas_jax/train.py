@@ -271,9 +271,7 @@ def fit(
     lrs = lr_schedule(cfg, steps * cfg.epochs)
     for r in results:
         r.history = {k: [] for k in HISTORY}
-    train_time = 0.0
-    total, epoch_seconds = cfg.epochs, []
-    epoch = 0
+    train_time, total, epoch_seconds, epoch = 0.0, cfg.epochs, [], 0
     while epoch < total:
         t0 = time.perf_counter()
         perm = epoch_order(key, epoch, dd)
@@ -293,21 +291,33 @@ def fit(
         epoch += 1
         plan = {}
         if deadline is not None:
-            now = time.perf_counter()
-            epoch_seconds.append(now - t0)
-            test_pass = (now - t_val) * (dd.test_range[1] - dd.test_range[0]) / max(dd.val_range[1] - dd.val_range[0], 1)
-            total = epochs_that_fit(epoch, cfg.epochs, epoch_seconds, deadline - time.monotonic(), test_pass)
-            lrs = replanned_lrs(cfg, lrs, steps, epoch, total)
+            epoch_seconds.append(time.perf_counter() - t0)
+            total, lrs = _replan(cfg, lrs, steps, epoch, epoch_seconds, deadline, time.perf_counter() - t_val, dd)
             plan = {"epochs_planned": float(total)}  # streamed with the epoch: the progress bar's new total, a curve in MLflow
-        for j in live:
-            row = dict(zip(HISTORY, (float(v) for v in (*sums[j], *val[j])), strict=True))
-            for k, v in row.items():
-                results[j].history[k].append(v)
-            if on_epoch is not None:
-                on_epoch(epoch, row | plan)
+        _record(results, live, sums, val, epoch, plan, on_epoch)
     for r in results:
         r.images_trained = (len(r.history["train_loss"]) + (r.status == "FAILED")) * seen
     return state, train_time
+
+
+def _record(results: Sequence[EvalResult], live: list[int], sums: np.ndarray, val: np.ndarray, epoch: int, plan: dict[str, float],
+            on_epoch: Callable[[int, dict[str, float]], None] | None) -> None:  # fmt: skip
+    """Each live model's epoch (train and validation loss and accuracy) into its history, and to `on_epoch`."""
+    for j in live:
+        row = dict(zip(HISTORY, (float(v) for v in (*sums[j], *val[j])), strict=True))
+        for k, v in row.items():
+            results[j].history[k].append(v)
+        if on_epoch is not None:
+            on_epoch(epoch, row | plan)
+
+
+def _replan(cfg: TrainConfig, lrs: np.ndarray, steps: int, done: int, epoch_seconds: list[float], deadline: float,
+            val_seconds: float, dd: DeviceData) -> tuple[int, np.ndarray]:  # fmt: skip
+    """(epochs to train in all, their per-step learning rates) after `done` epochs under `deadline`, keeping back the
+    test pass (the validation pass's seconds scaled to the test split)."""
+    test_pass = val_seconds * (dd.test_range[1] - dd.test_range[0]) / max(dd.val_range[1] - dd.val_range[0], 1)
+    total = epochs_that_fit(done, cfg.epochs, epoch_seconds, deadline - time.monotonic(), test_pass)
+    return total, replanned_lrs(cfg, lrs, steps, done, total)
 
 
 def finish(results: Sequence[EvalResult], evaluate: Callable, variables: dict, dd: DeviceData, test: bool) -> None:

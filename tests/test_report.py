@@ -27,11 +27,15 @@ def test_card_files(tmp_path):
     assert json.loads(js.read_text())["run_id"] == "run"
     nan_card = Card("A;", 1, math.nan, math.nan, 0.5, "", "", "u", "b")
     assert "n/a" in nan_card.markdown()
+    assert "paper's best" in card.markdown() and "| data | fashion_mnist: 28x28x1, 10 classes |" in card.markdown()
+    digits = Card("A;", 1, 0.9, 0.9, 0.9, "", "", "u", "b", "digits: 8x8x1, 10 classes (0, 1, 2, 3, ...)")
+    assert "paper's best" not in digits.markdown() and "| data | digits: 8x8x1" in digits.markdown()  # the paper's line is Fashion-MNIST's
 
 
 def test_figures_are_written(tmp_path):
     for path in (
         plot_search(ROWS, ["A;", "B;"], "B;", tmp_path / "s.png", "title", final=(4000, 0.9)),
+        plot_search(ROWS, ["A;"], "A;", tmp_path / "other_data.png", "title", paper=False),
         plot_curves({"train_loss": [1, 0.5], "val_loss": [1.1, 0.6], "train_accuracy": [0.5, 0.8], "val_accuracy": [0.5, 0.7]}, "B;",
                     tmp_path / "c.png"),
         plot_confusion([[5, 1] + [0] * 8] + [[0] * 10] * 9, CLASS_NAMES, "cm", tmp_path / "cm.png"),

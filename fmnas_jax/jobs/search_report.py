@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fmnas_jax.backends import EvalSpec
 from fmnas_jax.config import AppConfig
+from fmnas_jax.data import data_info
 from fmnas_jax.evaluator import Outcome, describe_budget
 from fmnas_jax.jobs.common import card_of, class_report, print_card
 from fmnas_jax.objective import SearchObjective
@@ -64,7 +65,8 @@ def report(
         title += f"; {len(rows) - len(shown)} more screened on cheaper rungs (shown by validation accuracy)"
     final_point = (int(final.metric("param_count")), final.metric("test_accuracy"))
     moved = [str(s.genome) for s in result.path if s.move != "best"]  # a "best" step is the winner chosen, not a move
-    files.append(plot_search(rows, moved, str(final.genome), out_dir / "params_vs_accuracy.png", title, final_point))
+    fashion = data_info(cfg.data).name == "fashion_mnist"
+    files.append(plot_search(rows, moved, str(final.genome), out_dir / "params_vs_accuracy.png", title, final_point, paper=fashion))
     path = [asdict(s) | {"genome": str(s.genome)} for s in result.path]
     (out_dir / "climb_path.json").write_text(json.dumps(path, indent=1, default=float) + "\n")
     files.append(out_dir / "climb_path.json")
