@@ -5,13 +5,7 @@ trained now, and results an earlier attempt of this same search stored (a rerun 
 a crash), so that a rerun retraces the same path and trains nothing. The evaluator behind it
 decides train-or-reuse; this module only decides what counts and what is affordable.
 
-Multi-fidelity (`HalvingObjective`): every call is one round of successive halving. All genomes are
-evaluated at rung 0 (the cheapest budget), the best 1/eta of them at rung 1, and so on up to the
-search's full budget. Each (genome, rung) is an ordinary evaluation with its own budget key, so it is
-stored, reused and resumed like any other. A genome screened out at rung r scores its rung-r fitness
-minus RUNG_PENALTY x (top - r): below every genome that reached a higher rung, ordered among its
-rung-mates. Strategies therefore compare full-budget results with each other, never a cheap one with
-an expensive one.
+Multi-fidelity: one `SearchObjective` per rung (budget), and `scheduler.Halving` over them.
 """
 
 from __future__ import annotations
@@ -24,7 +18,7 @@ from fmnas_jax.cost import CostModel, Sample
 from fmnas_jax.data import data_info
 from fmnas_jax.evaluator import Evaluator, Outcome
 from fmnas_jax.genome import Genome, train_flops_per_image
-from fmnas_jax.search.fitness import RUNG_PENALTY, FitnessConfig, fitness
+from fmnas_jax.search.fitness import FitnessConfig, fitness
 from fmnas_jax.train import TrainConfig
 
 
@@ -164,50 +158,3 @@ class SearchObjective:
         finally:
             self.allowance.batch_done()
         return [self.fitness_of(self.outcomes[g]) if g in self.outcomes else -math.inf for g in genomes]
-
-
-def rung_score(rungs: Sequence[SearchObjective], genome: Genome) -> float:
-    """A genome's fitness at the highest rung it reached, pushed RUNG_PENALTY below each rung above it (-inf: none):
-    the one score both halving schedulers (HalvingObjective, scheduler.AsyncHalving) tell strategies."""
-    for r in range(len(rungs) - 1, -1, -1):
-        o = rungs[r].outcomes.get(genome)
-        if o is not None:
-            return rungs[r].fitness_of(o) - RUNG_PENALTY * (len(rungs) - 1 - r)
-    return -math.inf
-
-
-class HalvingObjective:
-    """Successive halving over rungs of growing budget (one SearchObjective per rung, the last the full budget)."""
-
-    def __init__(self, rungs: Sequence[SearchObjective], eta: int) -> None:
-        if len(rungs) < 1 or eta < 2:
-            raise ValueError(f"successive halving needs at least one rung and eta >= 2, got {len(rungs)} rungs and eta {eta}")
-        self.rungs, self.eta = list(rungs), eta
-
-    @property
-    def top(self) -> SearchObjective:
-        return self.rungs[-1]
-
-    @property
-    def exhausted(self) -> bool:
-        return self.rungs[0].exhausted
-
-    @property
-    def parallelism(self) -> int:
-        """Ask for this many at once: after halving, the full-budget rung still fills the backend."""
-        return self.top.parallelism * self.eta ** (len(self.rungs) - 1)
-
-    def score(self, genome: Genome) -> float:
-        return rung_score(self.rungs, genome)
-
-    def __call__(self, genomes: Sequence[Genome]) -> list[float]:
-        alive = list(dict.fromkeys(genomes))
-        for r, rung in enumerate(self.rungs):
-            scores = dict(zip(alive, rung(alive), strict=True))
-            if r == len(self.rungs) - 1:
-                break
-            ranked = sorted((g for g in alive if math.isfinite(scores[g])), key=lambda g: -scores[g])
-            alive = ranked[: max(1, math.ceil(len(alive) / self.eta))] if ranked else []
-            if not alive:
-                break
-        return [self.score(g) for g in genomes]

@@ -1,20 +1,26 @@
-"""Asynchronous successive halving (ASHA; Li et al., 2020): rungs without a barrier.
+"""Successive halving over rungs of growing budget, one scheduler in two modes (`search.fidelity.mode`).
 
-Whenever a worker slot is free the scheduler starts, in this order: a promotion (the best genome of a
-rung that ranks in the top 1/eta of everything that rung has finished so far and has not gone up yet,
-highest rung first), else a new genome the strategy asks for, at rung 0. So no slot waits for the
-slowest genome of a batch, as synchronous halving's do at each rung.
+Every (genome, rung) is an ordinary evaluation of that rung's `SearchObjective`, with its own budget key:
+looked up in the store first, counted against the search's allowance, stored, reused and resumed like any
+other. One rule ranks a rung (fitness, then the genome's text on a tie: `Halving.ranked`) and one score is
+told to strategies (`Halving.score`): a genome's fitness at the highest rung it reached, RUNG_PENALTY below
+each rung above it, so strategies compare full-budget results with each other, never a cheap one with an
+expensive one. The modes differ only in the barrier:
 
-Every (genome, rung) is an ordinary evaluation of that rung's `SearchObjective`: looked up in the store
-first, counted against the search's allowance, run as an MLflow run by the rung's evaluator. A result
-another search stored is free and taken at once. A result an earlier attempt of this same search
-stored (a rerun, or a resume after kill -9) holds a slot like the evaluation it replaces and is taken
-in the order its run ended, before any live result: the scheduler then makes the decisions it made in
-that attempt, so a rerun retraces the path and trains nothing it has. A genome another live process is
-training is waited for (polled), and trained here if that process gives it up.
+- `halving` (with a barrier; `Halving.__call__`, an objective strategies call with a batch): every genome
+  of the batch at rung 0, then the best ceil(n/eta) of the batch at rung 1, and so on up to the top.
+- `asha` (asynchronous, no barrier; Li et al., 2020; `Halving.run`, which drives an ask/tell strategy):
+  whenever a worker slot is free the scheduler starts, in this order, a promotion (the best genome of a rung
+  that ranks in the top floor(n/eta) of everything that rung has finished so far and has not gone up yet,
+  highest rung first), else a new genome the strategy asks for, at rung 0. No slot waits for the slowest
+  genome of a batch.
 
-Strategies get one fitness per genome and rung as it arrives: the rung's fitness minus RUNG_PENALTY per
-rung below the top (as with synchronous halving), again when the genome reaches a higher rung.
+Asynchronously, a result another search stored is free and taken at once. A result an earlier attempt of
+this same search stored (a rerun, or a resume after kill -9) holds a slot like the evaluation it replaces
+and is taken in the order its run ended, before any live result: the scheduler then makes the decisions it
+made in that attempt, so a rerun retraces the path and trains nothing it has. A genome another live process
+is training is waited for (polled), and trained here if that process gives it up. With the barrier, the
+same holds by construction: each rung's batch is looked up before anything is trained.
 """
 
 from __future__ import annotations
@@ -22,14 +28,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from fmnas_jax.backends import Backend
 from fmnas_jax.evaluator import Outcome, eval_key
 from fmnas_jax.genome import Genome
-from fmnas_jax.objective import SearchObjective, rung_score
+from fmnas_jax.objective import SearchObjective
 from fmnas_jax.search.base import ClimbResult, Strategy
+from fmnas_jax.search.fitness import RUNG_PENALTY
 
 log = logging.getLogger("fmnas_jax")
 
@@ -45,14 +52,15 @@ class _Job:
     predicted: float = 0.0  # seconds the cost model gave it when it was admitted
 
 
-class AsyncHalving:
-    """ASHA over `rungs` (cheapest first, the last the search's own budget) on `backend`'s slots."""
+class Halving:
+    """Successive halving over `rungs` (cheapest first, the last the search's own budget): `__call__` with a barrier,
+    `run` without one (on `backend`'s slots, which `run` needs)."""
 
-    def __init__(self, rungs: Sequence[SearchObjective], eta: int, backend: Backend, poll_seconds: float = 2.0) -> None:
+    def __init__(self, rungs: Sequence[SearchObjective], eta: int, backend: Backend | None = None, poll_seconds: float = 2.0) -> None:
         if len(rungs) < 1 or eta < 2:
-            raise ValueError(f"asynchronous halving needs at least one rung and eta >= 2, got {len(rungs)} rungs and eta {eta}")
+            raise ValueError(f"successive halving needs at least one rung and eta >= 2, got {len(rungs)} rungs and eta {eta}")
         self.rungs, self.eta, self.backend, self.poll_seconds = list(rungs), eta, backend, poll_seconds
-        self.slots = max(1, backend.parallelism)
+        self.slots = max(1, backend.parallelism) if backend is not None else 1
         self._jobs: list[_Job] = []
         self._launched: set[tuple[Genome, int]] = set()
         self._unaffordable: set[tuple[Genome, int]] = set()
@@ -67,19 +75,52 @@ class AsyncHalving:
 
     @property
     def exhausted(self) -> bool:
-        return self._closed
+        """No more new genomes fit: the allowance refused one (at rung 0 with the barrier; any new one without)."""
+        return self._closed or self.rungs[0].exhausted
+
+    @property
+    def parallelism(self) -> int:
+        """With the barrier, ask for this many at once: after halving, the full-budget rung still fills the backend."""
+        return self.top.parallelism * self.eta ** (len(self.rungs) - 1)
 
     def score(self, genome: Genome) -> float:
-        return rung_score(self.rungs, genome)
+        """The genome's fitness at the highest rung it reached, pushed RUNG_PENALTY below each rung above it (-inf: none)."""
+        for r in range(len(self.rungs) - 1, -1, -1):
+            o = self.rungs[r].outcomes.get(genome)
+            if o is not None:
+                return self.rungs[r].fitness_of(o) - RUNG_PENALTY * (len(self.rungs) - 1 - r)
+        return -math.inf
+
+    def ranked(self, r: int, genomes: Iterable[Genome]) -> list[Genome]:
+        """Those of `genomes` with a finite fitness at rung r, best first (ties: by the genome's text)."""
+        rung = self.rungs[r]
+        fit = {g: rung.fitness_of(rung.outcomes[g]) for g in genomes if g in rung.outcomes}
+        return sorted((g for g, f in fit.items() if math.isfinite(f)), key=lambda g: (-fit[g], str(g)))
 
     def utilisation(self) -> float:
-        """Live evaluations' slot-seconds over the slots' wall-clock seconds since the scheduler started."""
+        """Live evaluations' slot-seconds over the slots' wall-clock seconds since `run` started."""
         return self._busy_seconds / max(self.slots * (time.monotonic() - self._started), 1e-9)
 
-    # -- the loop -----------------------------------------------------------------
+    # -- with a barrier ---------------------------------------------------------------
+
+    def __call__(self, genomes: Sequence[Genome]) -> list[float]:
+        """One round: the batch at rung 0, the best ceil(n/eta) of it at the next rung, and so on; their scores."""
+        alive = list(dict.fromkeys(genomes))
+        for r, rung in enumerate(self.rungs):
+            rung(alive)
+            if r == len(self.rungs) - 1:
+                break
+            alive = self.ranked(r, alive)[: max(1, math.ceil(len(alive) / self.eta))]
+            if not alive:
+                break
+        return [self.score(g) for g in genomes]
+
+    # -- without a barrier (ASHA) --------------------------------------------------------
 
     def run(self, strategy: Strategy) -> ClimbResult:
         """Evaluate what the strategy asks for until it is done or the allowance is spent; the strategy's result."""
+        if self.backend is None:
+            raise ValueError("asynchronous halving needs the backend whose slots it fills")
         self._started = time.monotonic()
         try:
             while True:
@@ -116,14 +157,10 @@ class AsyncHalving:
     def _promotion(self) -> tuple[Genome, int] | None:
         """The next (genome, rung) to promote to, or None."""
         for r in range(len(self.rungs) - 2, -1, -1):
-            rung = self.rungs[r]
-            k = len(rung.outcomes) // self.eta
-            if not k:
-                continue
-            ranked = sorted(rung.outcomes.values(), key=lambda o: (-rung.fitness_of(o), str(o.genome)))
-            for o in ranked[:k]:
-                job = (o.genome, r + 1)
-                if math.isfinite(rung.fitness_of(o)) and job not in self._launched and job not in self._unaffordable:
+            k = len(self.rungs[r].outcomes) // self.eta
+            for g in self.ranked(r, self.rungs[r].outcomes)[:k]:
+                job = (g, r + 1)
+                if job not in self._launched and job not in self._unaffordable:
                     return job
         return None
 

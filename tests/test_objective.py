@@ -12,8 +12,10 @@ from fmnas_jax.cost import CostModel, Sample, parse_duration
 from fmnas_jax.data import DataConfig, synthetic_load
 from fmnas_jax.evaluator import Evaluator
 from fmnas_jax.genome import sample_population
-from fmnas_jax.objective import RUNG_PENALTY, Allowance, HalvingObjective, SearchObjective
+from fmnas_jax.objective import Allowance, SearchObjective
+from fmnas_jax.scheduler import Halving
 from fmnas_jax.search import FitnessConfig
+from fmnas_jax.search.fitness import RUNG_PENALTY
 from fmnas_jax.store import Store
 from fmnas_jax.train import TrainConfig
 
@@ -138,7 +140,7 @@ def test_successive_halving_promotes_the_right_genomes_and_evaluates_each_rung_o
     truth = {g: i / 27 for i, g in enumerate(genomes)}  # the last genome is the best
     rng = np.random.default_rng(0)
     rungs = [NoisyRung(truth, 0.01, rng), NoisyRung(truth, 0.005, rng), NoisyRung(truth, 0.0, rng)]
-    obj = HalvingObjective(rungs, eta=3)
+    obj = Halving(rungs, eta=3)
     scores = obj(genomes)
     assert len(rungs[0].outcomes) == 27 and len(rungs[1].outcomes) == 9 and len(rungs[2].outcomes) == 3
     assert set(rungs[2].outcomes) == set(genomes[-3:])  # noise well below the gaps: the true top three reach the top
@@ -171,7 +173,7 @@ def test_hill_climber_screens_neighbours_through_halving():
 
     rng = np.random.default_rng(0)
     rungs = [NoisyRung(Truth(), 0.01, rng), NoisyRung(Truth(), 0.0, rng)]
-    res = hill_climb(space, HalvingObjective(rungs, eta=3), np.random.default_rng(1), HillClimbConfig(move="steepest", max_restarts=0))
+    res = hill_climb(space, Halving(rungs, eta=3), np.random.default_rng(1), HillClimbConfig(move="steepest", max_restarts=0))
     assert res.best == target
     assert len(rungs[1].outcomes) < len(rungs[0].outcomes) / 2  # most neighbours were screened out cheaply
 

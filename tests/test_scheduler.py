@@ -14,9 +14,11 @@ from fmnas_jax.backends import EvalSpec
 from fmnas_jax.data import DataConfig
 from fmnas_jax.evaluator import Evaluator
 from fmnas_jax.genome import count_params, sample_population
-from fmnas_jax.objective import RUNG_PENALTY, Allowance, SearchObjective
-from fmnas_jax.scheduler import AsyncHalving
+from fmnas_jax.objective import Allowance, SearchObjective
+from fmnas_jax.scheduler import Halving
 from fmnas_jax.search import FitnessConfig, HillClimbConfig
+from fmnas_jax.search.base import drive
+from fmnas_jax.search.fitness import RUNG_PENALTY
 from fmnas_jax.search.hillclimb import HillClimber
 from fmnas_jax.search.random_search import RandomSearch
 from fmnas_jax.store import Store
@@ -49,6 +51,11 @@ class SimulatedWorkers:
         self._n += 1
         self.most_in_flight = max(self.most_in_flight, len(self.running))
 
+    def evaluate(self, genomes, spec, on_epoch=None):  # a synchronous batch (fidelity mode halving)
+        for g in genomes:
+            self.submit(g, g, spec)
+        return [self.next_result() for _ in genomes]
+
     def next_result(self, timeout=None):
         if not self.running:
             return None
@@ -74,7 +81,7 @@ def _rungs(store: Store, backend, parent: str, own: set, count: int):
     return rungs
 
 
-def _search(store: Store, backend, own: set, count: int = 40, seed: int = 0, climb: bool = False):
+def _search(store: Store, backend, own: set, count: int = 40, seed: int = 0, climb: bool = False, barrier: bool = False):
     parent = store.start_run("search", "search", {"search_key": "k"})
     own = own | {parent}
     rungs = _rungs(store, backend, parent, own, count)
@@ -83,7 +90,8 @@ def _search(store: Store, backend, own: set, count: int = 40, seed: int = 0, cli
     strategy = (
         HillClimber(SPACE, rng, HillClimbConfig(), population=population, eager=True) if climb else RandomSearch(SPACE, rng, {}, population)
     )
-    result = AsyncHalving(rungs, eta=3, backend=backend).run(strategy)
+    halving = Halving(rungs, eta=3, backend=backend)
+    result = drive(strategy, halving) if barrier else halving.run(strategy)
     store.end_run(parent, "FINISHED")
     return parent, rungs, result
 
@@ -115,6 +123,20 @@ def test_a_rerun_trains_nothing_and_retraces_the_same_path(tracking_uri, strateg
     assert again.trained == []
     assert [s.genome for s in second.path] == [s.genome for s in first.path] and second.best == first.best
     assert [list(r.outcomes) for r in rungs] == [list(r.outcomes) for r in first_rungs]  # the same order of arrival
+
+
+def test_with_a_barrier_each_rung_promotes_the_best_third_of_the_batch_and_a_rerun_retraces_it(tracking_uri):
+    """search.fidelity.mode=halving: the same scheduler, its rounds synchronous (the population, then each batch)."""
+    store = Store(tracking_uri, "asha")
+    first_parent, first_rungs, first = _search(store, SimulatedWorkers(3), set(), climb=True, barrier=True)
+    population = list(first_rungs[0].outcomes)[:9]  # the first round: the population, all at rung 0
+    top = sorted(population, key=lambda g: (-truth(g), str(g)))[:3]
+    assert set(top) <= set(first_rungs[1].outcomes)  # its best third went up to rung 1
+    assert set(first_rungs[2].outcomes) <= set(first_rungs[1].outcomes) <= set(first_rungs[0].outcomes)
+    again = SimulatedWorkers(3)
+    _, rungs, second = _search(store, again, {first_parent}, climb=True, barrier=True)
+    assert again.trained == [] and [s.genome for s in second.path] == [s.genome for s in first.path] and second.best == first.best
+    assert [set(r.outcomes) for r in rungs] == [set(r.outcomes) for r in first_rungs]  # within a round, order does not matter
 
 
 def test_an_interrupted_search_resumes_from_the_store_and_trains_each_evaluation_once(tracking_uri):

@@ -22,10 +22,10 @@ from fmnas_jax.genome import Genome, SearchSpace, genome_in, sample_population
 from fmnas_jax.jobs.attempts import OwnSearches, earlier_attempts, earlier_final_epochs
 from fmnas_jax.jobs.common import describe_data, open_store
 from fmnas_jax.jobs.search_report import log_counts, report
-from fmnas_jax.objective import Allowance, HalvingObjective, SearchObjective, images_per_evaluation
+from fmnas_jax.objective import Allowance, SearchObjective, images_per_evaluation
 from fmnas_jax.progress import EpochBar, SearchProgress
 from fmnas_jax.report import Card
-from fmnas_jax.scheduler import AsyncHalving
+from fmnas_jax.scheduler import Halving
 from fmnas_jax.search.base import ClimbResult, Proposals, drive
 from fmnas_jax.store import Store, flatten, host_name
 
@@ -152,8 +152,8 @@ def _run_strategy(
         # Both limits hold, whichever ends first; with asynchronous rounds the population's evaluations count too.
         allowance.allow(sc.population_size + sc.budget if sc.budget is not None else 10**9)
         given = Proposals(population=population, eager=True, **tables)
-        return AsyncHalving(rungs, sc.fidelity.eta, backend).run(sc.make(cfg.search_space, rng, given))
-    objective = HalvingObjective(rungs, sc.fidelity.eta) if len(rungs) > 1 else rungs[0]
+        return Halving(rungs, sc.fidelity.eta, backend).run(sc.make(cfg.search_space, rng, given))
+    objective = Halving(rungs, sc.fidelity.eta) if len(rungs) > 1 else rungs[0]
     # POPULATION: the paper's random models (halved through the rungs with fidelity); stored ones are reused.
     scores = dict(zip(population, objective(population), strict=True))
     log_counts("population", rungs)
