@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from fmnas_jax.config import check_bucket_limits
+from fmnas_jax.data import as_normalisation
 from fmnas_jax.genome import ACTIVATIONS, FASHION_MNIST, HEAD_UNITS, ConvGene, Genome, count_params
 from fmnas_jax.model import ACTIVATION_FNS, BN_MOMENTUM, init_variables, variable_shapes
 from fmnas_jax.train import (
@@ -304,7 +305,7 @@ def train_batched(
     mk = {k: jnp.asarray(np.stack([mm[k] for mm in model_masks])) for k in model_masks[0]}
     t0 = time.perf_counter()
     step, eval_chunk = _programs(bucket, cfg.step_settings(), dd.eval_batch)
-    norm = tuple(np.asarray(dd.norm).tolist())
+    norm = as_normalisation(np.asarray(dd.norm))
     results = [EvalResult(str(g), "FINISHED", count_params(g), normalisation=norm) for g in genomes]
 
     def bucket_step(state: TrainState, acc: jax.Array, perm: jax.Array, aug_key: jax.Array, lr: float, epoch: int, i: int) -> tuple:

@@ -9,6 +9,7 @@ import numpy as np
 from flax import serialization
 
 from fmnas_jax.data import CLASS_NAMES as FASHION_MNIST_CLASSES
+from fmnas_jax.data import Normalisation, as_normalisation
 from fmnas_jax.genome import FASHION_MNIST, ConvGene, Genome, ImageShape
 from fmnas_jax.model import variable_shapes
 
@@ -22,12 +23,12 @@ class CheckpointError(ValueError):
 class Checkpoint(NamedTuple):
     genome: Genome
     variables: dict
-    normalisation: tuple[float, float]
+    normalisation: Normalisation  # (mean, std) per channel
     image: ImageShape  # the data it was trained on: image shape and number of classes
     class_names: tuple[str, ...]
 
 
-def checkpoint_bytes(genome: Genome, variables: dict, normalisation: tuple[float, float], image: ImageShape = FASHION_MNIST,
+def checkpoint_bytes(genome: Genome, variables: dict, normalisation: Normalisation, image: ImageShape = FASHION_MNIST,
                      class_names: tuple[str, ...] = FASHION_MNIST_CLASSES) -> bytes:  # fmt: skip
     """Serialise trained variables with the genome, the input normalisation they expect and the data's shape and classes."""
     genes = [[c.kind, c.filters, c.kernel, c.activation] for c in genome.convs]
@@ -35,7 +36,7 @@ def checkpoint_bytes(genome: Genome, variables: dict, normalisation: tuple[float
         "format": CHECKPOINT_FORMAT,
         "genome": str(genome),
         "genes": {"convs": {str(i): g for i, g in enumerate(genes)}, "head": genome.head_activation},
-        "normalisation": {"mean": float(normalisation[0]), "std": float(normalisation[1])},
+        "normalisation": {"mean": np.asarray(normalisation[0], np.float64), "std": np.asarray(normalisation[1], np.float64)},  # per channel
         "data": {
             "height": image.height,
             "width": image.width,
@@ -86,4 +87,4 @@ def read_checkpoint(data: bytes) -> Checkpoint:
     if bad:
         raise CheckpointError(f"checkpoint shapes do not match genome {genome}: " + "; ".join(bad[:5]))
     norm = blob["normalisation"]
-    return Checkpoint(genome, variables, (float(norm["mean"]), float(norm["std"])), image, class_names)
+    return Checkpoint(genome, variables, as_normalisation((norm["mean"], norm["std"])), image, class_names)

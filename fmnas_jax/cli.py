@@ -7,9 +7,13 @@ python -m fmnas_jax --help                         # every config group and opti
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -121,18 +125,41 @@ def main(cfg: DictConfig) -> float:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     log.info("platform: %s; malloc: %s; run directory: %s", platform_summary(), malloc_summary(), out_dir)
     try:
-        with logging_redirect_tqdm():  # log lines print above the progress bars, not through them
+        with logging_redirect_tqdm(), _terminate_as_interrupt():  # log lines print above the progress bars, not through them
             card = jobs.run(app, OmegaConf.to_yaml(cfg, resolve=True), out_dir)
     except (DataError, StoreError, FileNotFoundError, CheckpointError, BackendError) as e:
         print(f"fmnas_jax: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         log.warning(
-            "interrupted: runs in flight are marked KILLED in %s; run the same command again to resume (finished evaluations are reused)",
+            "%s: runs in flight are marked KILLED in %s; run the same command again to resume (finished evaluations are reused)",
+            "stopped (SIGTERM)" if isinstance(e, Terminated) else "interrupted",
             resolve_uri(app.tracking.uri),
         )
-        sys.exit(130)
+        sys.exit(128 + signal.SIGTERM if isinstance(e, Terminated) else 130)
     return card.val_accuracy
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: the job stops as Ctrl-C stops it."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (how SLURM, Kubernetes, systemd and `kill` stop a job) ends the job as Ctrl-C does: runs in flight
+    KILLED, worker processes stopped, exit status 143."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def quote_values(argv: list[str]) -> list[str]:

@@ -13,11 +13,14 @@ import hashlib
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fmnas_jax.genome import ImageShape
 
+# The inputs' normalisation: (mean, std) per channel, on the 0..1 scale of the uint8 images divided by 255.
+Normalisation = tuple[tuple[float, ...], tuple[float, ...]]
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 CLASS_NAMES: tuple[str, ...] = (
     "T-shirt/top",
@@ -64,10 +67,12 @@ class DataConfig:
     dir: str = DEBIAN_DIR  # idx: the folder of the four IDX files; folder: the class-per-subfolder tree
     val_size: int = 5000
     train_size: int | None = None
-    verify: bool = True  # Fashion-MNIST's sha256 (data.source auto/idx/tfds on Fashion-MNIST's files)
+    verify: bool = True  # Fashion-MNIST's sha256 (data.source auto/idx, or tfds on fashion_mnist)
     tfds_dir: str | None = None  # data.source=tfds: TFDS's data_dir (null = its default, $TFDS_DATA_DIR or ~/tensorflow_datasets)
     path: str | None = None  # npz: the archive (x_train, y_train[, x_test, y_test][, class_names])
-    name: str | None = None  # the dataset's name in the store and reports (null: fashion_mnist, or the file's/folder's name)
+    name: str | None = (
+        None  # tfds: the TFDS dataset (null: fashion_mnist); others: its name in the store and reports (null: the file's/folder's)
+    )
     image_size: tuple[int, ...] | None = None  # folder: resize every image to [height, width] (Pillow); null: all must agree
     test_size: int = 10000  # npz without x_test, a folder without test/: the stratified test split carved out
 
@@ -90,7 +95,11 @@ class DataConfig:
     @property
     def fashion(self) -> bool:
         """Whether this reads Fashion-MNIST's own files (checked against their sha256)."""
-        return self.source in ("auto", "tfds") or (self.source == "idx" and self.verify)
+        return (
+            self.source == "auto"
+            or (self.source == "tfds" and self.name in (None, "fashion_mnist"))
+            or (self.source == "idx" and self.verify)
+        )
 
     @property
     def n_train(self) -> int:
@@ -146,8 +155,8 @@ class Dataset:
     y_val: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-    mean: float
-    std: float
+    mean: tuple[float, ...]  # per channel, on the 0..1 scale
+    std: tuple[float, ...]
     source: str
     class_names: tuple[str, ...] = CLASS_NAMES
     pool: int = TRAIN_IMAGES - 5000  # training images the data has after validation (every train_size fits in it)
@@ -160,11 +169,29 @@ class Dataset:
     def image(self) -> ImageShape:
         return ImageShape(*self.x_train.shape[1:], len(self.class_names))
 
+    @property
+    def normalisation(self) -> Normalisation:
+        return self.mean, self.std
+
     def summary(self) -> str:
+        show = lambda v: ", ".join(f"{c:.4f}" for c in v)  # noqa: E731
         return (
             f"{self.source}: {self.image}, train {len(self.y_train)}, val {len(self.y_val)}, test {len(self.y_test)} "
-            f"(mean {self.mean:.4f}, std {self.std:.4f})"
+            f"(mean {show(self.mean)}, std {show(self.std)}{' per channel' * (len(self.mean) > 1)})"
         )
+
+
+def as_normalisation(norm: object) -> Normalisation:
+    """(mean, std) per channel from a (2, channels) array or pair; a checkpoint written before per-channel
+    normalisation stored one float each."""
+    mean, std = (tuple(float(v) for v in np.atleast_1d(np.asarray(part, np.float64))) for part in norm)  # type: ignore[union-attr]
+    return mean, std
+
+
+def channel_stats(x: np.ndarray) -> Normalisation:
+    """Per-channel mean and standard deviation of uint8 images (N, height, width, channels), on the 0..1 scale."""
+    channels = range(x.shape[-1])
+    return tuple(float(x[..., c].mean() / 255.0) for c in channels), tuple(float(x[..., c].std() / 255.0) for c in channels)
 
 
 # ---------------------------------------------------------------------------
@@ -238,34 +265,56 @@ def _idx_sha256(array: np.ndarray, images: bool) -> str:
     return hashlib.sha256(header + np.ascontiguousarray(array, np.uint8).tobytes()).hexdigest()
 
 
-def load_tfds(data_dir: str | None = None, verify: bool = True) -> tuple[np.ndarray, ...]:
-    """Fashion-MNIST through tensorflow-datasets' `fashion_mnist` (a prepared `data_dir`, or TFDS downloads it),
-    in the IDX files' order and, with `verify`, checked against their sha256."""
+def _tfds_split(name: str, split: str, data_dir: str | None) -> tuple[list, Any]:
+    """Every example of TFDS's `name`/`split` (one batched read and decode) and the dataset's DatasetInfo."""
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
         raise DataError(f"data.source=tfds needs tensorflow-datasets (pip install 'fmnas_jax[tfds]'). {HOW_TO_GET}") from e
-    out: list[np.ndarray] = []
-    for split, stem in (("train", "train"), ("test", "t10k")):
+    try:
+        ds = tfds.data_source(name, split=split, data_dir=data_dir)
+        return ds.__getitems__(list(range(len(ds)))), ds.dataset_info
+    except Exception as e:
         where = data_dir or "TFDS's default data_dir"
+        raise DataError(f"tensorflow-datasets could not read {name}/{split} from {where}: {e}. {HOW_TO_GET}") from e
+
+
+def load_tfds(
+    data_dir: str | None = None, verify: bool = True, name: str = "fashion_mnist"
+) -> tuple[tuple[np.ndarray, ...], tuple[str, ...]]:
+    """A TFDS image-classification dataset (`image` and `label` features, `train` and `test` splits) from a prepared
+    `data_dir` (or TFDS downloads it): (x_train, y_train, x_test, y_test) and the label's class names. Fashion-MNIST
+    comes back in the IDX files' order and, with `verify`, checked against their sha256; any other in TFDS's order."""
+    out: list[np.ndarray] = []
+    names: tuple[str, ...] = ()
+    for split, stem in (("train", "train"), ("test", "t10k")):
+        examples, info = _tfds_split(name, split, data_dir)
+        names = tuple(info.features["label"].names)
         try:
-            ds = tfds.data_source("fashion_mnist", split=split, data_dir=data_dir)
-            examples = ds.__getitems__(list(range(len(ds))))  # one batched read and decode
-        except Exception as e:
-            raise DataError(f"tensorflow-datasets could not read fashion_mnist/{split} from {where}: {e}. {HOW_TO_GET}") from e
-        stored_x = np.stack([np.asarray(ex["image"], np.uint8).reshape(28, 28) for ex in examples])
-        stored_y = np.asarray([ex["label"] for ex in examples], np.uint8)
-        x, y = np.empty_like(stored_x), np.empty_like(stored_y)
-        order = tfds_file_order(split, len(stored_y))
-        x[order], y[order] = stored_x, stored_y
-        if verify:
-            for array, kind in ((x, "images"), (y, "labels")):
-                name = f"{stem}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
-                if _idx_sha256(array, kind == "images") != SHA256[name]:
-                    raise DataError(f"tensorflow-datasets' fashion_mnist/{split} in {where} does not match Fashion-MNIST's "
-                                    f"{name} (sha256): another dataset, or written in another order. {HOW_TO_GET}")  # fmt: skip
-        out += [x[..., None], y.astype(np.int32)]
-    return tuple(out)
+            x = np.stack([np.asarray(ex["image"], np.uint8) for ex in examples])
+            y = np.asarray([ex["label"] for ex in examples], np.int64)
+        except (KeyError, ValueError) as e:
+            raise DataError(f"tensorflow-datasets' {name}/{split}: not images of one size with labels ({e})") from e
+        x = x[..., None] if x.ndim == 3 else x
+        if name == "fashion_mnist":
+            x, y = _fashion_in_file_order(x, y, split, stem, data_dir, verify)
+        out += list(check_arrays(x, y, f"tfds:{name}/{split}"))
+    return tuple(out), names
+
+
+def _fashion_in_file_order(x: np.ndarray, y: np.ndarray, split: str, stem: str, data_dir: str | None, verify: bool):
+    """TFDS's Fashion-MNIST records put back in the IDX files' order, checked against their sha256 with `verify`."""
+    files_x, files_y = np.empty_like(x), np.empty_like(y)
+    order = tfds_file_order(split, len(y))
+    files_x[order], files_y[order] = x, y
+    where = data_dir or "TFDS's default data_dir"
+    if verify:
+        for array, kind in ((files_x[..., 0], "images"), (files_y.astype(np.uint8), "labels")):
+            name = f"{stem}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
+            if _idx_sha256(array, kind == "images") != SHA256[name]:
+                raise DataError(f"tensorflow-datasets' fashion_mnist/{split} in {where} does not match Fashion-MNIST's "
+                                f"{name} (sha256): another dataset, or written in another order. {HOW_TO_GET}")  # fmt: skip
+    return files_x, files_y
 
 
 # ---------------------------------------------------------------------------
@@ -292,8 +341,7 @@ def split(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, 
     if cfg.train_size is not None:
         rest = rest[stratified_indices(y[rest], cfg.train_size, rng)]
     x_train = x[rest]
-    mean = float(x_train.mean() / 255.0)
-    std = float(x_train.std() / 255.0)
+    mean, std = channel_stats(x_train)
     return Dataset(x_train, y[rest], x[val_idx], y[val_idx], x_test, y_test, mean, std, source, class_names, len(y) - cfg.val_size)
 
 
@@ -471,7 +519,9 @@ def _read_arrays(cfg: DataConfig) -> Arrays:
         arrays = (*check_arrays(x, y, cfg.dir), *check_arrays(xt, yt, cfg.dir))
         where, name, source_type, names = str(Path(cfg.dir).resolve()), Path(cfg.dir).resolve().name, "local", None
     elif cfg.source == "tfds":
-        arrays, where, name, source_type, names = load_tfds(cfg.tfds_dir, cfg.verify), "tfds:fashion_mnist", "fashion_mnist", "tfds", None
+        name = cfg.name or "fashion_mnist"
+        arrays, names = load_tfds(cfg.tfds_dir, cfg.verify, name)
+        where, source_type = f"tfds:{name}", "tfds"
     else:
         raise DataError(f"data.dir {cfg.dir!r} does not exist and data.source=auto found no other source. {HOW_TO_GET}")
     x, y, xt, yt = arrays
@@ -564,7 +614,7 @@ def synthetic_dataset(n_train: int = 512, n_val: int = 256, n_test: int = 256, s
         return np.clip(x, 0, 255).astype(np.uint8)[..., None], y
 
     (xt, yt), (xv, yv), (xs, ys) = make(n_train), make(n_val), make(n_test)
-    return Dataset(xt, yt, xv, yv, xs, ys, float(xt.mean() / 255), float(xt.std() / 255), "synthetic")
+    return Dataset(xt, yt, xv, yv, xs, ys, *channel_stats(xt), "synthetic")
 
 
 def synthetic_load(cfg: DataConfig, seed: int) -> Dataset:

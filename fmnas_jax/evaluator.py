@@ -19,7 +19,7 @@ from typing import Any
 from fmnas_jax.backends import Backend, EvalSpec
 from fmnas_jax.checkpoint import checkpoint_bytes
 from fmnas_jax.config import check_model_name
-from fmnas_jax.data import DataConfig, data_info, split_records
+from fmnas_jax.data import DataConfig, Normalisation, data_info, split_records
 from fmnas_jax.genome import Genome
 from fmnas_jax.store import RAY_NODE, ArtifactError, Store, StoredEval, as_logged, flatten
 from fmnas_jax.train import EvalResult, TrainConfig
@@ -66,7 +66,7 @@ class Outcome:
     history: dict[str, list[float]] = field(default_factory=dict)
     variables: Any = None
     parent_run_id: str | None = None
-    normalisation: tuple[float, float] | None = None
+    normalisation: Normalisation | None = None
     end_time: int = 0  # ms since the epoch when its run ended (a stored result: replays keep the order results arrived in)
 
     def metric(self, name: str) -> float:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnas_jax.checkpoint import read_checkpoint
-from fmnas_jax.data import CLASS_NAMES, decode_idx
+from fmnas_jax.data import CLASS_NAMES, Normalisation, decode_idx
 from fmnas_jax.genome import FASHION_MNIST, Genome, ImageShape
 from fmnas_jax.store import CHECKPOINT, Store, StoreError
 
@@ -28,7 +28,7 @@ class TrainedModel:
 
     genome: Genome
     variables: dict
-    normalisation: tuple[float, float]
+    normalisation: Normalisation  # (mean, std) per channel
     image: ImageShape = FASHION_MNIST  # the data it was trained on
     class_names: tuple[str, ...] = CLASS_NAMES
 
@@ -89,9 +89,7 @@ def _predict_fn(genome: Genome, classes: int) -> Callable:
     return jax.jit(lambda variables, x, norm: model.apply(variables, normalise(x, norm), train=False).argmax(-1))
 
 
-def predict_classes(
-    genome: Genome, variables: dict, normalisation: tuple[float, float], images: np.ndarray, batch: int = 1000
-) -> np.ndarray:
+def predict_classes(genome: Genome, variables: dict, normalisation: Normalisation, images: np.ndarray, batch: int = 1000) -> np.ndarray:
     """Class ids (N,) for images (N, H, W, C) given as uint8 0..255 (or floats on that scale)."""
     import jax.numpy as jnp
 

@@ -50,7 +50,8 @@ def make_optimizer(optimizer: str, weight_decay: float = 0.0) -> optax.GradientT
 
 
 def normalise(x: jax.Array, norm: jax.Array) -> jax.Array:
-    """uint8 images -> float32, standardised with the training split's mean and std."""
+    """uint8 images (..., channels) -> float32, standardised per channel with the training split's mean and std
+    (`norm`: (2, channels))."""
     return (x.astype(F32) / 255.0 - norm[0]) / norm[1]
 
 

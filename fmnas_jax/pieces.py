@@ -118,10 +118,10 @@ def raw(key: tuple) -> Callable:
 
 
 def _sample(settings: StepSettings, train_shape: tuple[int, ...]):
-    n, vec = train_shape[0], sds((2,))
+    n, norm = train_shape[0], sds((2, train_shape[-1]))  # norm: (2, channels)
     key = jax.eval_shape(lambda: jax.random.key(0))
     fn = lambda *a: batch_at(settings, *a)  # noqa: E731
-    return _lazy(fn, (), sds(train_shape, jnp.uint8), sds((n,), jnp.int32), vec, sds((n,), jnp.int32), key, 0, 0)
+    return _lazy(fn, (), sds(train_shape, jnp.uint8), sds((n,), jnp.int32), norm, sds((n,), jnp.int32), key, 0, 0)
 
 
 def _eval_sample(eval_shape: tuple[int, ...], batch: int):
@@ -130,7 +130,7 @@ def _eval_sample(eval_shape: tuple[int, ...], batch: int):
         y = jax.lax.dynamic_slice_in_dim(y_all, start, batch)
         return x, y, (start + jnp.arange(batch)) < stop  # rows past the split do not count
 
-    return _lazy(fn, (), sds(eval_shape, jnp.uint8), sds(eval_shape[:1], jnp.int32), sds((2,)), 0, 0)
+    return _lazy(fn, (), sds(eval_shape, jnp.uint8), sds(eval_shape[:1], jnp.int32), sds((2, eval_shape[-1])), 0, 0)
 
 
 def _conv_fwd(kind: str, filters: int, kernel: int, c_in: int, hw: tuple[int, int], batch: int):
@@ -208,7 +208,7 @@ def _head_classes(c: int, activation: str, batch: int, classes: int):
 
 
 def _normalised(batch: int, image: ImageShape):
-    return _lazy(normalise, (), sds((batch, image.height, image.width, image.channels), jnp.uint8), sds((2,)))
+    return _lazy(normalise, (), sds((batch, image.height, image.width, image.channels), jnp.uint8), sds((2, image.channels)))
 
 
 def _update(optimizer: str, shapes: tuple[tuple[str, tuple[int, ...]], ...]):

@@ -188,10 +188,10 @@ def _abstract_state(genome: Genome, optimizer: str, image: ImageShape) -> TrainS
 def _fused_step(genome: Genome, settings: StepSettings, train_shape: tuple[int, ...], eval_shape: tuple[int, ...], chunk: int,
                 classes: int) -> _Piece:  # fmt: skip
     plan = Plan(genome, settings, train_shape, eval_shape, chunk, None, _Raw(None), classes)
-    n, vec = train_shape[0], sds((2,))
+    n, acc, norm = train_shape[0], sds((2,)), sds((2, train_shape[-1]))  # acc: (loss, correct) sums; norm: (2, channels)
     key = jax.eval_shape(lambda: jax.random.key(0))
-    arrays = (sds(train_shape, jnp.uint8), sds((n,), jnp.int32), vec, sds((n,), jnp.int32), key, sds(()))
-    return _lazy(plan.step, (0, 1), _abstract_state(genome, settings.optimizer, ImageShape(*train_shape[1:], classes)), vec, *arrays, 0, 0)
+    arrays = (sds(train_shape, jnp.uint8), sds((n,), jnp.int32), norm, sds((n,), jnp.int32), key, sds(()))
+    return _lazy(plan.step, (0, 1), _abstract_state(genome, settings.optimizer, ImageShape(*train_shape[1:], classes)), acc, *arrays, 0, 0)
 
 
 def _fused_eval(genome: Genome, eval_shape: tuple[int, ...], chunk: int, classes: int) -> _Piece:
@@ -200,7 +200,7 @@ def _fused_eval(genome: Genome, eval_shape: tuple[int, ...], chunk: int, classes
     v = variable_shapes(genome, image)
     variables = {"params": v["params"], "batch_stats": v["batch_stats"]}
     return _lazy(plan.eval_chunk, (1,), variables, sds((2,)), sds(eval_shape, jnp.uint8), sds(eval_shape[:1], jnp.int32),
-                 sds((2,)), 0, 0)  # fmt: skip
+                 sds((2, eval_shape[-1])), 0, 0)  # fmt: skip
 
 
 _BUILDERS |= {"fused_step": _fused_step, "fused_eval": _fused_eval}

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmnas_jax.data import Dataset
+from fmnas_jax.data import Dataset, Normalisation, as_normalisation
 from fmnas_jax.genome import FASHION_MNIST, Genome, ImageShape, count_params
 from fmnas_jax.model import init_variables
 from fmnas_jax.ops import (  # noqa: F401  (re-exported: the batched path and the tests use them)
@@ -65,7 +65,7 @@ class EvalResult:
     wall_seconds: float = 0.0  # the whole evaluation: compile, training, validation and test
     history: dict[str, list[float]] = field(default_factory=dict)
     variables: Any = None  # numpy tree {'params', 'batch_stats'} when kept
-    normalisation: tuple[float, float] = (0.0, 1.0)
+    normalisation: Normalisation = ((0.0,), (1.0,))
     node: str | None = None  # the cluster node it trained on (backend=ray: Ray's node id)
 
     def summary(self) -> dict[str, float]:
@@ -90,7 +90,7 @@ class DeviceData(NamedTuple):
     y_eval: jax.Array
     n_val: int
     n_test: int
-    norm: jax.Array  # (2,) mean, std of the training split
+    norm: jax.Array  # (2, channels): the training split's mean and std per channel
     eval_batch: int
     n_train: int  # real training images (batches are drawn from the first n_train rows only)
     classes: int = 10
@@ -127,7 +127,7 @@ def to_device(data: Dataset, eval_batch: int = 1000) -> DeviceData:
     extra = -len(y_eval) % eval_batch + eval_batch  # room for a chunk that starts anywhere
     x_eval = np.concatenate([x_eval, np.zeros((extra, *x_eval.shape[1:]), np.uint8)])
     y_eval = np.concatenate([y_eval, np.zeros(extra, np.int32)])
-    norm = np.asarray([data.mean, data.std], np.float32)
+    norm = np.asarray(data.normalisation, np.float32)
     put = jax.device_put
     return DeviceData(put(x_train), put(y_train), put(x_eval), put(y_eval), len(data.y_val), len(data.y_test), put(norm), eval_batch,
                       n, len(data.classes))  # fmt: skip
@@ -355,7 +355,7 @@ def train_and_evaluate(
     if dd.n_train // cfg.batch_size < 1:
         raise ValueError(f"trainer.batch_size {cfg.batch_size} exceeds the {dd.n_train} training images")
     state = init_state(genome, cfg, seed, dd.image)
-    result = EvalResult(str(genome), "FINISHED", count_params(genome, dd.image), normalisation=tuple(np.asarray(dd.norm).tolist()))
+    result = EvalResult(str(genome), "FINISHED", count_params(genome, dd.image), normalisation=as_normalisation(np.asarray(dd.norm)))
     hits = cache_hits()
     programs = compiled_programs(genome, cfg, dd, fused)
     result.compile_seconds, result.cache_hits = programs.compile_seconds, cache_hits() - hits

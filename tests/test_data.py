@@ -33,7 +33,7 @@ def test_split_is_stratified_seeded_and_disjoint():
     assert not np.array_equal(a.x_val, c.x_val)
     sub = load(DataConfig(val_size=1000, train_size=2000), seed=0)
     assert np.bincount(sub.y_train).tolist() == [200] * 10
-    assert 0.28 < a.mean < 0.29 and 0.35 < a.std < 0.36
+    assert len(a.mean) == len(a.std) == 1 and 0.28 < a.mean[0] < 0.29 and 0.35 < a.std[0] < 0.36  # one channel
 
 
 def test_stratified_indices_handle_remainders():
@@ -101,6 +101,13 @@ def test_tfds_source_reads_what_tfds_wrote_and_equals_the_idx_source(tmp_path, m
     splits = lambda a: (a.x_train, a.y_train, a.x_test, a.y_test)  # noqa: E731
     for a, b in zip(splits(from_tfds), splits(from_idx), strict=True):  # TFDS stored them shuffled; read back in the files' order
         assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+    # Any other TFDS dataset by name (data.name): TFDS's own order, its label names, its own digest.
+    head = load_arrays(DataConfig(source="tfds", name="fashion_mnist_head", tfds_dir=str(tmp_path), val_size=100))
+    assert head.info.source == "tfds:fashion_mnist_head" and head.info.name == "fashion_mnist_head"
+    assert head.info.class_names == from_idx.info.class_names and head.info.digest != from_idx.info.digest
+    assert head.x_train.shape == (1000, 28, 28, 1) and head.x_test.shape == (200, 28, 28, 1) and head.y_train.dtype == np.int32
+    by_bytes = lambda x: sorted(img.tobytes() for img in x)  # noqa: E731  # the same images, in another order
+    assert by_bytes(head.x_train) == by_bytes(from_idx.x_train[:1000]) and by_bytes(head.x_test) == by_bytes(from_idx.x_test[:200])
     # So a seeded split picks the same images from either source: results do not depend on where the data came from.
     # Read in any other order, the arrays fail the IDX files' sha256 (as a corrupt or foreign copy would).
     monkeypatch.setattr(data_mod, "tfds_file_order", lambda split, n: np.arange(n))

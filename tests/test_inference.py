@@ -32,14 +32,25 @@ def test_save_load_gives_identical_logits(small, tmp_path):
     path = tmp_path / "checkpoint.msgpack"
     path.write_bytes(checkpoint_bytes(SMALL, r.variables, r.normalisation))
     model = load_checkpoint(path)
-    assert model.genome == SMALL and model.normalisation == pytest.approx(r.normalisation)
-    x = (data.x_test[:32].astype(np.float32) / 255 - r.normalisation[0]) / r.normalisation[1]
+    assert model.genome == SMALL and model.normalisation == r.normalisation
+    mean, std = (np.asarray(v, np.float32) for v in r.normalisation)  # per channel
+    x = (data.x_test[:32].astype(np.float32) / 255 - mean) / std
     a = GenomeCNN(SMALL).apply(r.variables, x, train=False)
     b = GenomeCNN(SMALL).apply(model.variables, x, train=False)
     assert np.array_equal(np.asarray(a), np.asarray(b))
     pred = model.predict_fn()(data.x_test)
     assert pred.shape == (200,) and np.mean(pred == data.y_test) == pytest.approx(r.test_accuracy)
     assert np.array_equal(model.predict_fn()(data.x_test[:, :, :, 0]), pred)  # (N, 28, 28) works too
+
+
+def test_a_checkpoint_with_one_mean_and_std_still_reads(small):
+    """Checkpoints written before normalisation was per channel stored one float each: read as one channel."""
+    from flax import serialization
+
+    r, _ = small
+    blob = serialization.msgpack_restore(checkpoint_bytes(SMALL, jax.tree_util.tree_map(np.asarray, r.variables), r.normalisation))
+    blob["normalisation"] = {"mean": 0.2861, "std": 0.353}
+    assert read_checkpoint(serialization.msgpack_serialize(blob)).normalisation == ((0.2861,), (0.353,))
 
 
 def test_checkpoint_that_does_not_fit_its_genome(small, tmp_path):

@@ -100,13 +100,25 @@ def test_a_colour_dataset_of_another_size_trains_with_its_own_shape_and_classes(
     np.savez(tmp_path / "synthetic.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
     data = load(DataConfig(source="npz", path=str(tmp_path / "synthetic.npz"), val_size=100), 0)
     assert data.image == ImageShape(32, 32, 3, 5) and data.class_names == ("0", "1", "2", "3", "4")
+    # Normalised per channel: each channel's own mean and std over the training split.
+    pixels = data.x_train.reshape(-1, 3) / 255.0
+    assert np.allclose(data.mean, pixels.mean(0)) and np.allclose(data.std, pixels.std(0)) and len(set(data.mean)) == 3
     dd = to_device(data)
+    assert dd.norm.shape == (2, 3)
     r = train_and_evaluate(_genome(), dd, TrainConfig(epochs=4, batch_size=32), 0, keep_variables=True)
     assert r.status == "FINISHED" and r.val_accuracy > 0.5  # 5 classes: chance is 0.2
     assert r.variables["params"]["Conv_0"]["kernel"].shape == (3, 3, 3, 4) and r.variables["params"]["Dense_1"]["bias"].shape == (5,)
     from fmnas_jax.genome import count_params
 
     assert r.param_count == count_params(_genome(), data.image)
+    # The checkpoint keeps the three channels' normalisation; predictions from it score what the trainer measured.
+    from fmnas_jax.checkpoint import checkpoint_bytes, read_checkpoint
+    from fmnas_jax.inference import predict_classes
+
+    back = read_checkpoint(checkpoint_bytes(_genome(), r.variables, r.normalisation, data.image, data.class_names))
+    assert back.normalisation == r.normalisation and len(back.normalisation[0]) == 3
+    pred = predict_classes(_genome(), back.variables, back.normalisation, data.x_test)
+    assert np.mean(pred == data.y_test) == pytest.approx(r.test_accuracy)
 
 
 def test_an_archive_without_a_test_split_gets_a_stratified_one(tmp_path):
@@ -180,8 +192,8 @@ def test_a_split_larger_than_the_data_is_refused(tmp_path):
 @pytest.mark.slow
 def test_digits_and_a_colour_dataset_search_end_to_end_in_one_store(tmp_path):
     # Real 8 x 8 digits with a space whose kernels fit them; a synthetic 32 x 32 x 3 set of 5 classes; one store.
-    digits = ["data=npz", f"data.path={digits_npz(tmp_path / 'digits.npz')}", "data.val_size=300", "data.test_size=360",
-              "data.train_size=null", "final.train_size=null", "search_space=small_images"]  # fmt: skip
+    digits = ["backend=inprocess", "data=npz", f"data.path={digits_npz(tmp_path / 'digits.npz')}", "data.val_size=300",
+              "data.test_size=360", "data.train_size=null", "final.train_size=null", "search_space=small_images"]  # fmt: skip
     refused = job(tmp_path, "+experiment=smoke", *digits[:-1], check=False)  # the default space's kernel 7 cannot fit 8 x 8
     assert refused.returncode == 2 and "shrinks the data's 8x8 images to nothing" in refused.stderr and not runs(tmp_path)
     done = job(tmp_path, "+experiment=smoke", *digits)
@@ -190,7 +202,7 @@ def test_digits_and_a_colour_dataset_search_end_to_end_in_one_store(tmp_path):
     assert "| 9 | 9 | 36 |" in (done.files / "per_class.md").read_text()  # the test split carved out: 36 nines of 360
     x, y = synthetic_32x32x3(1500, 0)
     np.savez(tmp_path / "synthetic.npz", x_train=x, y_train=y, class_names=np.array(["r", "g", "b", "r+", "g+"]))
-    colour = ["data=npz", f"data.path={tmp_path / 'synthetic.npz'}", "data.val_size=200", "data.test_size=300",
+    colour = ["backend=inprocess", "data=npz", f"data.path={tmp_path / 'synthetic.npz'}", "data.val_size=200", "data.test_size=300",
               "data.train_size=null", "final.train_size=null", "search_space=small_images"]  # fmt: skip
     genome = "genome=NC 4 3 relu;RC 8 3 relu;NC 4 3 relu;RC 8 3 relu;FL relu;"
     for data in (digits, colour):  # the same genome on two datasets: two runs, and a rerun of each trains nothing

@@ -74,10 +74,12 @@ def test_kill_9_then_rerun_finishes_without_retraining(tmp_path, smoke):
     assert _winner(crashed) == _winner(reference)
 
 
-def test_ctrl_c_stops_the_worker_pool_at_once(tmp_path):
-    """Ctrl-C (SIGINT to the process group, as a terminal sends it) during long evaluations on two
-    worker processes: the search exits without waiting for them, leaves no process behind and no run
-    RUNNING; the evaluations in flight and the search end KILLED."""
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_the_worker_pool_at_once(tmp_path, how):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it), or SIGTERM to the job's process (as `kill`,
+    systemd or a cluster scheduler stop it), during long evaluations on two worker processes: the search exits
+    without waiting for them, leaves no process behind and no run RUNNING; the evaluations in flight and the
+    search end KILLED."""
     args = ["+experiment=smoke", "search.population_size=4", "trainer.epochs=200", "data.train_size=5000", "backend=workers",
             "backend.workers=2"]  # fmt: skip
     log = (tmp_path / "log.txt").open("w")
@@ -91,14 +93,17 @@ def test_ctrl_c_stops_the_worker_pool_at_once(tmp_path):
         time.sleep(0.2)
     assert proc.poll() is None and _evals(tmp_path / "mlflow.db", "RUNNING") >= 2
     time.sleep(8)  # the workers are inside training now (each evaluation takes minutes)
-    os.killpg(proc.pid, signal.SIGINT)
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
     try:
         rc = proc.wait(timeout=90)  # waiting for the evaluations instead would take minutes
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("the search did not stop within 90 s of Ctrl-C")
+        pytest.fail(f"the search did not stop within 90 s of {how}")
     log.close()
-    assert rc == 130
+    assert rc == (130 if how == "ctrl-c" else 143)
     out = (tmp_path / "log.txt").read_text()
     assert "run the same command again to resume" in out and "Traceback" not in out
     for _ in range(50):  # the workers were terminated with it

@@ -1,4 +1,5 @@
-"""Prepare TFDS's `fashion_mnist` in a data_dir from local IDX files, with TFDS's own builder and writer.
+"""Prepare TFDS's `fashion_mnist` (and `fashion_mnist_head`, its files' first images) in a data_dir from local IDX
+files, with TFDS's own builder and writer.
 
 TensorFlow Datasets' FashionMNIST builder normally downloads four .gz files; here its split
 generator is pointed at the decompressed local copies instead, and everything else (features,
@@ -28,19 +29,24 @@ def prepare(idx_dir: Path, data_dir: Path) -> Path:
         gz = idx_dir / f"{stem}.gz"
         (raw / stem).write_bytes(gzip.decompress(gz.read_bytes()) if gz.exists() else (idx_dir / stem).read_bytes())
 
-    class LocalFashionMNIST(FashionMNIST, skip_registration=True):
-        name = "fashion_mnist"
+    def builder(dataset: str, train: int, test: int) -> tfds.core.DatasetBuilder:
+        class Local(FashionMNIST, skip_registration=True):
+            name = dataset
 
-        def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> list:
-            def split(name: str, prefix: str, n: int) -> tfds.core.SplitGenerator:
-                paths = {"data_path": str(raw / f"{prefix}-images-idx3-ubyte"), "label_path": str(raw / f"{prefix}-labels-idx1-ubyte")}
-                return tfds.core.SplitGenerator(name=name, gen_kwargs={"num_examples": n, **paths})
+            def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> list:
+                def split(name: str, prefix: str, n: int) -> tfds.core.SplitGenerator:
+                    paths = {"data_path": str(raw / f"{prefix}-images-idx3-ubyte"), "label_path": str(raw / f"{prefix}-labels-idx1-ubyte")}
+                    return tfds.core.SplitGenerator(name=name, gen_kwargs={"num_examples": n, **paths})  # the files' first n
 
-            return [split(tfds.Split.TRAIN, "train", 60_000), split(tfds.Split.TEST, "t10k", 10_000)]
+                return [split(tfds.Split.TRAIN, "train", train), split(tfds.Split.TEST, "t10k", test)]
 
-    builder = LocalFashionMNIST(data_dir=str(data_dir), file_format="array_record")
-    builder.download_and_prepare()
-    return Path(builder.data_dir)
+        return Local(data_dir=str(data_dir), file_format="array_record")
+
+    # fashion_mnist itself, and the first 1,000 training and 200 test images of the same files under another name
+    # (for the route any other TFDS dataset takes: its own order, no sha256).
+    for b in (builder("fashion_mnist", 60_000, 10_000), builder("fashion_mnist_head", 1000, 200)):
+        b.download_and_prepare()
+    return data_dir
 
 
 if __name__ == "__main__":
