@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import nnls
 
-from fmnas_jax.genome import Genome, activation_elements, train_flops_per_image
+from fmnas_jax.genome import FASHION_MNIST, Genome, ImageShape, activation_elements, train_flops_per_image
 
 MIN_SAMPLES = 6
 # Priors (2-core AMD EPYC, one single-threaded worker per core): ~2 s to compile and evaluate,
@@ -47,7 +47,8 @@ class Sample:
 class CostModel:
     """Predicts an evaluation's wall seconds on one worker from its genome and images trained."""
 
-    def __init__(self, samples: Iterable[Sample] = ()) -> None:
+    def __init__(self, samples: Iterable[Sample] = (), image: ImageShape = FASHION_MNIST) -> None:
+        self.image = image  # the data's images: FLOPs and activations per image are counted for this shape
         self.samples: list[Sample] = [s for s in samples if _usable(s)]
         self.coef = PRIOR
         self._fit()
@@ -66,7 +67,7 @@ class CostModel:
         if not self.calibrated:
             return
         recent = self.samples[-500:]
-        features = np.array([[1.0, train_flops_per_image(s.genome), activation_elements(s.genome)] for s in recent])
+        features = np.array([[1.0, *self._terms(s.genome)] for s in recent])
         per_image = np.array([s.train_seconds / s.images for s in recent])
         overhead = float(np.median([s.seconds - s.train_seconds for s in recent]))
         scale = np.maximum(features.max(axis=0), 1e-12)  # columns of similar size for the solver
@@ -77,8 +78,11 @@ class CostModel:
     def seconds(self, genome: Genome, images: int) -> float:
         """Predicted wall seconds to train `genome` on `images` images (epochs included) and evaluate it."""
         overhead, per_image, per_flop, per_activation = self.coef
-        speed = per_image + per_flop * train_flops_per_image(genome) + per_activation * activation_elements(genome)
-        return overhead + images * max(speed, 1e-6)
+        flops, activations = self._terms(genome)
+        return overhead + images * max(per_image + per_flop * flops + per_activation * activations, 1e-6)
+
+    def _terms(self, genome: Genome) -> tuple[int, int]:
+        return train_flops_per_image(genome, self.image), activation_elements(genome, self.image)
 
 
 def _usable(s: Sample) -> bool:

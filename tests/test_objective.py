@@ -178,6 +178,17 @@ def test_hill_climber_screens_neighbours_through_halving():
     assert len(rungs[1].outcomes) < len(rungs[0].outcomes) / 2  # most neighbours were screened out cheaply
 
 
+def test_the_cost_model_counts_the_datas_images():
+    """Per-image FLOPs and activations follow the data's shape: larger colour images cost more per image."""
+    from fmnas_jax.genome import ImageShape
+
+    g = Genome.parse("NC 8 3 relu;RC 16 3 relu;NC 8 3 relu;RC 16 3 relu;FL relu;")
+    small, colour = CostModel(image=ImageShape(8, 8, 1, 10)), CostModel(image=ImageShape(32, 32, 3, 5))
+    assert small.seconds(g, 10_000) < CostModel().seconds(g, 10_000) < colour.seconds(g, 10_000)
+    samples = [Sample(g, 4000, 2.0 + 4000 * 1e-4, 4000 * 1e-4)] * 12  # measured on this data: calibrated to it
+    assert CostModel(samples, image=ImageShape(32, 32, 3, 5)).seconds(g, 4000) == pytest.approx(2.0 + 4000 * 1e-4, rel=0.05)
+
+
 def test_cost_model_sees_memory_bound_genomes():
     """Wide layers at full resolution are slow beyond their FLOPs: the activations term captures it."""
     from fmnas_jax.genome import activation_elements

@@ -49,6 +49,11 @@ def test_housekeeping_metrics_are_logged_under_perf_and_read_back_by_their_names
     from fmnas_jax.store import host_name
 
     assert store.cost_samples(host_name()) == [("G", 64, pytest.approx(5.0), pytest.approx(3.0))]
+    other = store.start_run("G2", "evaluation", {"genome": "G2", "eval_key": "k2", "budget_key": "b2"})  # another dataset's run
+    store.log(other, metrics=perf | {"wall_seconds": 50.0}, params={"data.data": "0123abcd"})
+    store.end_run(other, "FINISHED")
+    assert [g for g, *_ in store.cost_samples(host_name())] == ["G"]  # Fashion-MNIST's runs only: no data digest
+    assert store.cost_samples(host_name(), "0123abcd") == [("G2", 64, pytest.approx(50.0), pytest.approx(3.0))]
     old = MlflowClient(tracking_uri).create_run(store.experiment_id, tags={"fmnas.role": "evaluation", "genome": "O", "eval_key": "ko",
                                                                           "budget_key": "b"})  # fmt: skip
     MlflowClient(tracking_uri).log_metric(old.info.run_id, "wall_seconds", 7.0)  # a run logged before the prefix

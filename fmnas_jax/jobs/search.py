@@ -108,7 +108,7 @@ def _search(
 ) -> Card:
     speedup = min(backend.parallelism, cpu_workers()) / WORKERS_OVER_ONE_PROCESS if backend.separate_processes else 1.0
     final_spec = EvalSpec(cfg.final.trainer(cfg.trainer), cfg.final.data(cfg.data), cfg.seed, keep_variables=True)
-    retrain = _Retrain(final_spec, CostModel(_samples(store)), speedup)
+    retrain = _Retrain(final_spec, CostModel(_samples(store, cfg.data.result_settings().get("data")), cfg.search_space.image), speedup)
     # A time budget holds across attempts: what earlier attempts of this search spent is charged, and a rerun of a
     # finished search only replays what it stored (trains nothing, so it ends where it ended).
     spent, finished = earlier_attempts(store, own, parent)
@@ -208,10 +208,10 @@ def _fit_final(spec: EvalSpec, genome: Genome, retrain: _Retrain, budget: TimeBu
     return replace(spec, trainer=replace(spec.trainer, epochs=epochs))
 
 
-def _samples(store: Store) -> list[Sample]:
-    """This host's measured evaluations, for the cost model (genomes outside the default space are skipped:
-    other layouts, and the wide space's larger filter counts)."""
-    rows = store.cost_samples(host_name())
+def _samples(store: Store, data: str | None) -> list[Sample]:
+    """This host's measured evaluations on this data (its digest; None: Fashion-MNIST), for the cost model (genomes
+    outside the default space are skipped: other layouts, and the wide space's larger filter counts)."""
+    rows = store.cost_samples(host_name(), data)
     return [Sample(g, images, seconds, train) for text, images, seconds, train in rows if (g := genome_in(text, SearchSpace())) is not None]
 
 

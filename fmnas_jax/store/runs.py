@@ -89,12 +89,13 @@ class _Runs:
         f = f"attributes.status = 'FINISHED' AND tags.`{ROLE}` = '{role}' AND tags.{GENOME} = '{genome}'"
         return [self._record(r) for r in self._search(f, ["attributes.start_time ASC"])]
 
-    def cost_samples(self, host: str, limit: int = 500) -> list[tuple[str, int, float, float]]:
-        """(genome, images trained, wall seconds, train seconds) of this host's latest finished evaluations (for the cost model)."""
+    def cost_samples(self, host: str, data: str | None = None, limit: int = 500) -> list[tuple[str, int, float, float]]:
+        """(genome, images trained, wall seconds, train seconds) of this host's latest finished evaluations on one dataset
+        (for the cost model): `data` is the digest other data's runs log as `data.data`; None: Fashion-MNIST's runs."""
         wall = logged_name("wall_seconds")  # runs logged before the perf/ prefix give no samples: the model starts afresh
         f = f"attributes.status = 'FINISHED' AND tags.`{HOST}` = '{host}' AND metrics.`{wall}` > 0"  # evaluations and finals
         runs = self._search(f, ["attributes.start_time DESC"], max_results=limit)
-        rows = [(r.data.tags[GENOME], read_metrics(r.data.metrics)) for r in reversed(runs)]
+        rows = [(r.data.tags[GENOME], read_metrics(r.data.metrics)) for r in reversed(runs) if r.data.params.get("data.data") == data]
         return [(g, int(m.get("images_trained", 0)), m["wall_seconds"], m.get("train_seconds", 0.0)) for g, m in rows]
 
     def run_ids(self, role: str, tag: str, value: str) -> set[str]:
