@@ -70,9 +70,7 @@ class DataConfig:
     verify: bool = True  # Fashion-MNIST's sha256 (data.source auto/idx, or tfds on fashion_mnist)
     tfds_dir: str | None = None  # data.source=tfds: TFDS's data_dir (null = its default, $TFDS_DATA_DIR or ~/tensorflow_datasets)
     path: str | None = None  # npz: the archive (x_train, y_train[, x_test, y_test][, class_names])
-    name: str | None = (
-        None  # tfds: the TFDS dataset (null: fashion_mnist); others: its name in the store and reports (null: the file's/folder's)
-    )
+    name: str | None = None  # tfds: the dataset (null: fashion_mnist); others: its name in reports (null: the file's/folder's)
     image_size: tuple[int, ...] | None = None  # folder: resize every image to [height, width] (Pillow); null: all must agree
     test_size: int = 10000  # npz without x_test, a folder without test/: the stratified test split carved out
 
