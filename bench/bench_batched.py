@@ -16,7 +16,7 @@ import jax
 
 from fmnas_jax import Genome, SearchSpace
 from fmnas_jax.batched import signature, train_batched
-from fmnas_jax.data import DataConfig, load
+from fmnas_jax.data import FashionMnistData, load
 from fmnas_jax.genome import neighbours
 from fmnas_jax.train import TrainConfig, to_device, train_and_evaluate
 
@@ -35,7 +35,7 @@ def main() -> None:
     g = Genome.parse(args.genome)
     same = [g] + [n for n in neighbours(g, SearchSpace()) if signature(n) == signature(g)]
     genomes = same[: args.models]
-    dd = to_device(load(DataConfig(train_size=args.train_size, val_size=1000, dir=args.data_dir), 0))
+    dd = to_device(load(FashionMnistData(train_size=args.train_size, val_size=1000, dir=args.data_dir), 0))
     cfg = TrainConfig(epochs=args.epochs)
 
     t = time.perf_counter()

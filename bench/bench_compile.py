@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmnas_jax.data import DataConfig, load
+from fmnas_jax.data import FashionMnistData, load
 from fmnas_jax.genome import SearchSpace, neighbours, sample_population
 from fmnas_jax.train import TrainConfig, compiled_programs, epoch_order, init_state, to_device
 
@@ -59,7 +59,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    dd = to_device(load(DataConfig(train_size=10000), 0))
+    dd = to_device(load(FashionMnistData(train_size=10000), 0))
     cfg = TrainConfig(epochs=1)
     space = SearchSpace(max_params=args.max_params)
     rng = np.random.default_rng(args.seed)

@@ -23,12 +23,12 @@ CHILD = r"""
 import json, sys, time
 cfg = json.loads(sys.argv[1])
 import numpy as np
-from fmnas_jax.data import DataConfig
+from fmnas_jax.data import FashionMnistData
 from fmnas_jax.genome import SearchSpace, sample_population
 from fmnas_jax.train import TrainConfig
 genomes = sample_population(SearchSpace(), cfg["genomes"], np.random.default_rng(cfg["seed"]))
 trainer = TrainConfig(epochs=cfg["epochs"], batch_size=128)
-data = DataConfig(train_size=cfg["train_size"], val_size=cfg["val_size"], dir=cfg["data_dir"])
+data = FashionMnistData(train_size=cfg["train_size"], val_size=cfg["val_size"], dir=cfg["data_dir"])
 from fmnas_jax.backends import Buckets, Devices, EvalSpec, InProcess, Workers
 from fmnas_jax.runtime import enable_compilation_cache
 enable_compilation_cache(cfg["cache"])

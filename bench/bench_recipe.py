@@ -14,7 +14,7 @@ import platform
 import subprocess
 from dataclasses import replace
 
-from fmnas_jax.data import DataConfig, load
+from fmnas_jax.data import FashionMnistData, load
 from fmnas_jax.genome import PAPER_GENOME, Genome, count_params
 from fmnas_jax.train import TrainConfig, to_device, train_and_evaluate
 
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     args = ap.parse_args()
     genome = Genome.parse(args.genome)
-    dd = to_device(load(DataConfig(), args.seed))
+    dd = to_device(load(FashionMnistData(), args.seed))
     print(f"{genome} ({count_params(genome):,} params), {args.epochs} epochs on 55,000 images, seed {args.seed}, CPU: {cpu_name()}")
     print("| recipe | train acc | val acc | test acc | images/s |\n|---|---|---|---|---|")
     for name in args.recipes.split(","):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmnas_jax import Genome
-from fmnas_jax.data import DataConfig, load
+from fmnas_jax.data import FashionMnistData, load
 from fmnas_jax.genome import PAPER_GENOME as PAPER
 from fmnas_jax.genome import train_flops_per_image
 from fmnas_jax.train import TrainConfig, TrainState, compiled_programs, init_state, to_device
@@ -139,7 +139,7 @@ def main() -> None:
     args = p.parse_args()
 
     genome = Genome.parse(args.genome)
-    data = load(DataConfig(train_size=20000, val_size=1000, dir=args.data_dir), seed=0)
+    data = load(FashionMnistData(train_size=20000, val_size=1000, dir=args.data_dir), seed=0)
     dd = to_device(data)
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     np.save(tmp / "bench_x.npy", data.x_train)

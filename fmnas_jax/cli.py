@@ -26,7 +26,18 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from fmnas_jax.config import BACKEND_CONFIGS, AppConfig, ConfigError, InProcessBackend, backend_schema, realize, schema, search_schema
+from fmnas_jax.config import (
+    BACKEND_CONFIGS,
+    DATA_CONFIGS,
+    AppConfig,
+    ConfigError,
+    InProcessBackend,
+    backend_schema,
+    data_schema,
+    realize,
+    schema,
+    search_schema,
+)
 from fmnas_jax.search import STRATEGY_CONFIGS
 
 log = logging.getLogger("fmnas_jax")
@@ -35,13 +46,16 @@ log = logging.getLogger("fmnas_jax")
 def register_schemas() -> None:
     """Hydra's ConfigStore gets the schemas conf/ is composed against: `schema/app` under config.yaml,
     `schema/search/<strategy>` under each conf/search/<strategy>.yaml, `schema/backend/<kind>` under each
-    conf/backend/<kind>.yaml (a wrong key or type fails at composition)."""
+    conf/backend/<kind>.yaml, `schema/data/<source>` under each conf/data/<source>.yaml (a wrong key or type fails
+    at composition)."""
     store = ConfigStore.instance()
     store.store(group="schema", name="app", node=schema(AppConfig))
     for name in STRATEGY_CONFIGS:
         store.store(group="schema/search", name=name, node=search_schema(name))
     for kind in BACKEND_CONFIGS:
         store.store(group="schema/backend", name=kind, node=backend_schema(kind))
+    for source in DATA_CONFIGS:
+        store.store(group="schema/data", name=source, node=data_schema(source))
 
 
 register_schemas()
@@ -53,15 +67,19 @@ def to_app_config(cfg: DictConfig) -> AppConfig:
     ours = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # Hydra's own node may not resolve here
     strategy = OmegaConf.select(ours, "search.strategy", default="hillclimb")
     kind = OmegaConf.select(ours, "backend.kind", default="auto")
-    for group, key, name, schemas in (("search", "strategy", strategy, {s: search_schema(s) for s in STRATEGY_CONFIGS}),
-                                      ("backend", "kind", kind, {k: backend_schema(k) for k in BACKEND_CONFIGS})):  # fmt: skip
+    source = OmegaConf.select(ours, "data.source", default="fashion_mnist")
+    for group, key, name, what, schemas in (
+        ("search", "strategy", strategy, "strategy", {s: search_schema(s) for s in STRATEGY_CONFIGS}),
+        ("backend", "kind", kind, "backend", {k: backend_schema(k) for k in BACKEND_CONFIGS}),
+        ("data", "source", source, "data source", {s: data_schema(s) for s in DATA_CONFIGS}),
+    ):
         composed_as = OmegaConf.get_type(ours, group) if group in ours else None
         if composed_as in schemas.values() and composed_as is not schemas.get(name):
-            what = "strategy" if group == "search" else "backend"
             raise ConfigError(f"{group}.{key}={name} was set on the settings of another {what} "
                               f"({composed_as.__name__}): choose the {what} with {group}={name}")  # fmt: skip
     try:
-        typed = OmegaConf.merge(schema(AppConfig), {"search": search_schema(strategy), "backend": backend_schema(kind)}, ours)
+        parts = {"search": search_schema(strategy), "backend": backend_schema(kind), "data": data_schema(source)}
+        typed = OmegaConf.merge(schema(AppConfig), parts, ours)
         app = realize(OmegaConf.to_object(typed))
     except OmegaConfBaseException as e:
         lines = [ln.strip() for ln in str(e).splitlines() if not ln.strip().startswith(("reference_type", "object_type"))]

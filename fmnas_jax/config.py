@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from fmnas_jax.data import TRAIN_IMAGES, DataConfig
+from fmnas_jax.data import DATA_CONFIGS, TRAIN_IMAGES, DataConfig, FashionMnistData
 from fmnas_jax.genome import SearchSpace
 from fmnas_jax.recipe import TrainConfig
 from fmnas_jax.search import STRATEGY_CONFIGS, FitnessConfig, HillClimbConfig, SearchConfig
@@ -250,7 +250,7 @@ class AppConfig:
     images: str | None = None
     search_space: SearchSpace = field(default_factory=SearchSpace)
     trainer: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=FashionMnistData)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     search: SearchConfig = field(default_factory=HillClimbConfig)
     fitness: FitnessConfig = field(default_factory=FitnessConfig)
@@ -364,6 +364,13 @@ def backend_schema(kind: str) -> type:
     return schema(BACKEND_CONFIGS[kind])
 
 
+def data_schema(source: str) -> type:
+    """The schema of data source `source`'s settings (data=<source> in conf/data/)."""
+    if source not in DATA_CONFIGS:
+        raise ConfigError(f"data.source {source!r} is not one of {list(DATA_CONFIGS)}")
+    return schema(DATA_CONFIGS[source])
+
+
 def search_schema(strategy: str) -> type:
     """The schema of `strategy`'s settings (search=<strategy> in conf/search/)."""
     if strategy not in STRATEGY_CONFIGS:
@@ -371,5 +378,10 @@ def search_schema(strategy: str) -> type:
     return schema(STRATEGY_CONFIGS[strategy])
 
 
-for _cls in (AppConfig, *STRATEGY_CONFIGS.values(), *BACKEND_CONFIGS.values()):  # every schema exists at import (pickled configs find them)
+for _cls in (
+    AppConfig,
+    *STRATEGY_CONFIGS.values(),
+    *BACKEND_CONFIGS.values(),
+    *DATA_CONFIGS.values(),
+):  # every schema exists at import (pickled configs find them)
     schema(_cls)

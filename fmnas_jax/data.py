@@ -42,12 +42,10 @@ SHA256 = {
     "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
     "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
-FASHION_SOURCES = ("auto", "idx", "tfds")  # Fashion-MNIST's routes (any IDX folder too: data.source=idx)
-SOURCES = (*FASHION_SOURCES, "npz", "folder")
 HOW_TO_GET = (
     "Install it with `sudo apt-get install dataset-fashion-mnist` (files land in "
     f"{DEBIAN_DIR}), point data.dir at a folder holding the four original IDX files "
-    "(train-images-idx3-ubyte[.gz], ...), or use data.source=tfds on a machine with internet."
+    "(train-images-idx3-ubyte[.gz], ...), or use data=tfds on a machine with internet."
 )
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
@@ -61,43 +59,35 @@ TRAIN_IMAGES = 60_000  # Fashion-MNIST's training images, the validation split c
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the data comes from and how it is split (conf/data/: fashion_mnist, idx, npz, folder)."""
+    """Where the data comes from and how it is split: `source` (conf/data/<source>.yaml) picks the reader, and each
+    source's own settings are its subclass below; the split's settings are every source's."""
 
-    source: str = "auto"
-    dir: str = DEBIAN_DIR  # idx: the folder of the four IDX files; folder: the class-per-subfolder tree
-    val_size: int = 5000
-    train_size: int | None = None
-    verify: bool = True  # Fashion-MNIST's sha256 (data.source auto/idx, or tfds on fashion_mnist)
-    tfds_dir: str | None = None  # data.source=tfds: TFDS's data_dir (null = its default, $TFDS_DATA_DIR or ~/tensorflow_datasets)
-    path: str | None = None  # npz: the archive (x_train, y_train[, x_test, y_test][, class_names])
-    name: str | None = None  # tfds: the dataset (null: fashion_mnist); others: its name in reports (null: the file's/folder's)
-    image_size: tuple[int, ...] | None = None  # folder: resize every image to [height, width] (Pillow); null: all must agree
-    test_size: int = 10000  # npz without x_test, a folder without test/: the stratified test split carved out
+    source: str = "fashion_mnist"
+    val_size: int = 5000  # stratified validation split carved from the training images
+    train_size: int | None = None  # null: every training image left after validation; a number: a stratified subset
 
     def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"data.source {self.source!r} is not one of {list(SOURCES)}")
+        if self.source not in DATA_CONFIGS:
+            raise ValueError(f"data.source {self.source!r} is not one of {list(DATA_CONFIGS)}")
+        own = type(self).__dataclass_fields__["source"].default
+        if type(self) is not DataConfig and self.source != own:
+            raise ValueError(f"data.source {self.source!r} on {type(self).__name__}, the settings of {own!r}: "
+                             f"choose the data with data={self.source}")  # fmt: skip
         if self.val_size < 10 or self.val_size > 30000:
             raise ValueError(f"data.val_size {self.val_size} must be in [10..30000] (a multiple of 10 keeps it stratified)")
         if self.train_size is not None and self.train_size < 10:
             raise ValueError(f"data.train_size {self.train_size} must be null or at least 10")
         if self.fashion and self.train_size is not None and self.train_size > TRAIN_IMAGES - self.val_size:
             raise ValueError(f"data.train_size {self.train_size} must be null or in [10..{TRAIN_IMAGES - self.val_size}]")
-        if self.source == "npz" and not self.path:
-            raise ValueError("data.source=npz needs data.path: a .npz file with x_train and y_train (and x_test, y_test)")
-        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
-            raise ValueError(f"data.image_size {list(self.image_size)} must be null or [height, width], both positive")
-        if self.test_size < 10:
-            raise ValueError(f"data.test_size {self.test_size} must be at least 10")
 
     @property
     def fashion(self) -> bool:
         """Whether this reads Fashion-MNIST's own files (checked against their sha256)."""
-        return (
-            self.source == "auto"
-            or (self.source == "tfds" and self.name in (None, "fashion_mnist"))
-            or (self.source == "idx" and self.verify)
-        )
+        return False
+
+    def read(self) -> Read:
+        """The four arrays and what they are, read and checked (`load_arrays` caches it)."""
+        raise DataError(f"data.source {self.source!r}: choose the data with data=<{'|'.join(DATA_CONFIGS)}>")
 
     @property
     def n_train(self) -> int:
@@ -115,6 +105,138 @@ class DataConfig:
             if info.digest != FASHION_MNIST_DIGEST:
                 settings["data"] = info.digest
         return settings
+
+
+@dataclass(frozen=True)
+class Read:
+    """What a source read: the arrays (x_train, y_train, x_test, y_test), class names (None: numbered), where it was
+    read (a resolved path, or tfds:<name>), the dataset's name and MLflow's source type (local | tfds)."""
+
+    arrays: tuple[np.ndarray, ...]
+    class_names: tuple[str, ...] | None
+    where: str
+    name: str
+    source_type: str
+
+
+def _local(path: str, arrays: tuple[np.ndarray, ...], names: tuple[str, ...] | None, name: str | None) -> Read:
+    where = Path(path).resolve()
+    return Read(arrays, names, str(where), name or (where.stem if where.is_file() else where.name), "local")
+
+
+def _check_test_size(test_size: int) -> None:
+    if test_size < 10:
+        raise ValueError(f"data.test_size {test_size} must be at least 10")
+
+
+@dataclass(frozen=True)
+class FashionMnistData(DataConfig):
+    """data=fashion_mnist (the default): Fashion-MNIST's four IDX files (Debian's dataset-fashion-mnist)."""
+
+    source: str = "fashion_mnist"
+    dir: str = DEBIAN_DIR  # the folder of the four IDX files
+    verify: bool = True  # their sha256
+
+    @property
+    def fashion(self) -> bool:
+        return True
+
+    def read(self) -> Read:
+        x, y, xt, yt = load_idx_dir(self.dir, self.verify)
+        return _local(self.dir, (*check_arrays(x, y, self.dir), *check_arrays(xt, yt, self.dir)), None, None)
+
+
+@dataclass(frozen=True)
+class IdxData(DataConfig):
+    """data=idx: any folder of the four IDX files MNIST-style datasets ship, any image size."""
+
+    source: str = "idx"
+    dir: str = ""  # the folder of the four files
+    verify: bool = False  # true: check them against Fashion-MNIST's sha256
+    name: str | None = None  # the dataset's name in MLflow and reports (null: the folder's name)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.dir:
+            raise ValueError("data=idx needs data.dir: the folder of the four IDX files")
+
+    @property
+    def fashion(self) -> bool:
+        return self.verify
+
+    def read(self) -> Read:
+        x, y, xt, yt = load_idx_dir(self.dir, self.verify)
+        return _local(self.dir, (*check_arrays(x, y, self.dir), *check_arrays(xt, yt, self.dir)), None, self.name)
+
+
+@dataclass(frozen=True)
+class NpzData(DataConfig):
+    """data=npz: a NumPy archive with x_train, y_train (x_test and y_test, class_names optional)."""
+
+    source: str = "npz"
+    path: str = ""  # the .npz file
+    name: str | None = None  # the dataset's name in MLflow and reports (null: the file's name)
+    test_size: int = 10000  # without x_test: the stratified test split carved out first
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.path:
+            raise ValueError("data=npz needs data.path: a .npz file with x_train and y_train (and x_test, y_test)")
+        _check_test_size(self.test_size)
+
+    def read(self) -> Read:
+        arrays, names = load_npz(self.path, self.test_size)
+        return _local(self.path, arrays, names, self.name)
+
+
+@dataclass(frozen=True)
+class FolderData(DataConfig):
+    """data=folder: a class-per-subfolder tree of images (or train/ and test/ trees), read with Pillow."""
+
+    source: str = "folder"
+    dir: str = ""  # the tree's root
+    name: str | None = None  # the dataset's name in MLflow and reports (null: the folder's name)
+    image_size: tuple[int, ...] | None = None  # [height, width]: resize every image on load; null: all must agree
+    test_size: int = 10000  # without test/: the stratified test split carved out first
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.dir:
+            raise ValueError("data=folder needs data.dir: a folder with one subfolder of images per class")
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
+            raise ValueError(f"data.image_size {list(self.image_size)} must be null or [height, width], both positive")
+        _check_test_size(self.test_size)
+
+    def read(self) -> Read:
+        arrays, names = load_folder(self.dir, self.image_size, self.test_size)
+        return _local(self.dir, arrays, names, self.name)
+
+
+@dataclass(frozen=True)
+class TfdsData(DataConfig):
+    """data=tfds: a TensorFlow Datasets image-classification dataset by name, from a prepared data_dir."""
+
+    source: str = "tfds"
+    name: str = "fashion_mnist"  # the TFDS dataset (mnist, kmnist, emnist/letters, cifar10, ...)
+    tfds_dir: str | None = None  # TFDS's data_dir (null = $TFDS_DATA_DIR or ~/tensorflow_datasets)
+    verify: bool = True  # fashion_mnist: the sha256 of the IDX files
+
+    @property
+    def fashion(self) -> bool:
+        return self.name == "fashion_mnist"
+
+    def read(self) -> Read:
+        arrays, names = load_tfds(self.tfds_dir, self.verify, self.name)
+        return Read(arrays, names, f"tfds:{self.name}", self.name, "tfds")
+
+
+DATA_CONFIGS: dict[str, type[DataConfig]] = {
+    "fashion_mnist": FashionMnistData,
+    "idx": IdxData,
+    "npz": NpzData,
+    "folder": FolderData,
+    "tfds": TfdsData,
+}
 
 
 @dataclass(frozen=True)
@@ -268,7 +390,7 @@ def _tfds_split(name: str, split: str, data_dir: str | None) -> tuple[list, Any]
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
-        raise DataError(f"data.source=tfds needs tensorflow-datasets (pip install 'fmnas_jax[tfds]'). {HOW_TO_GET}") from e
+        raise DataError(f"data=tfds needs tensorflow-datasets (pip install 'fmnas_jax[tfds]'). {HOW_TO_GET}") from e
     try:
         ds = tfds.data_source(name, split=split, data_dir=data_dir)
         return ds.__getitems__(list(range(len(ds)))), ds.dataset_info
@@ -343,11 +465,6 @@ def split(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, 
     return Dataset(x_train, y[rest], x[val_idx], y[val_idx], x_test, y_test, mean, std, source, class_names, len(y) - cfg.val_size)
 
 
-def _reads_idx(source: str, folder: str) -> bool:
-    """Whether data.source reads the IDX folder (idx, or auto with the folder present) rather than tfds."""
-    return source == "idx" or (source == "auto" and Path(folder).is_dir())
-
-
 def content_digest(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> str:
     """16 hex digits of the sha256 of both splits' images and labels (shapes included): the data's identity."""
     h = hashlib.sha256()
@@ -414,7 +531,7 @@ def load_npz(path: str, test_size: int) -> tuple[tuple[np.ndarray, ...], tuple[s
     y_test and class_names optional); without a test split one is carved out, stratified."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"data.path {path!r} does not exist (data.source=npz needs a .npz file)")
+        raise DataError(f"data.path {path!r} does not exist (data=npz needs a .npz file)")
     try:
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -476,7 +593,7 @@ def load_folder(folder: str, size: tuple[int, ...] | None, test_size: int) -> tu
     the same classes; without test/ a stratified test split is carved out."""
     root = Path(folder)
     if not root.is_dir():
-        raise DataError(f"data.dir {folder!r} does not exist (data.source=folder needs a folder of class subfolders)")
+        raise DataError(f"data.dir {folder!r} does not exist (data=folder needs a folder of class subfolders)")
     if (root / "train").is_dir() and (root / "test").is_dir():
         x, y, names = _read_tree(root / "train", size)
         xt, yt, _ = _read_tree(root / "test", size, names)
@@ -504,36 +621,18 @@ def load_arrays(cfg: DataConfig) -> Arrays:
 @functools.lru_cache(maxsize=2)
 def _read_arrays(cfg: DataConfig) -> Arrays:
     """`load_arrays` without the split's checks, cached by the settings that choose the data."""
-    if cfg.source in ("npz", "folder"):
-        if cfg.source == "npz":
-            arrays, names = load_npz(str(cfg.path), cfg.test_size)
-            where, name = str(Path(str(cfg.path)).resolve()), Path(str(cfg.path)).stem
-        else:
-            arrays, names = load_folder(cfg.dir, cfg.image_size, cfg.test_size)
-            where, name = str(Path(cfg.dir).resolve()), Path(cfg.dir).resolve().name
-        source_type = "local"
-    elif _reads_idx(cfg.source, cfg.dir):
-        x, y, xt, yt = load_idx_dir(cfg.dir, cfg.verify)
-        arrays = (*check_arrays(x, y, cfg.dir), *check_arrays(xt, yt, cfg.dir))
-        where, name, source_type, names = str(Path(cfg.dir).resolve()), Path(cfg.dir).resolve().name, "local", None
-    elif cfg.source == "tfds":
-        name = cfg.name or "fashion_mnist"
-        arrays, names = load_tfds(cfg.tfds_dir, cfg.verify, name)
-        where, source_type = f"tfds:{name}", "tfds"
-    else:
-        raise DataError(f"data.dir {cfg.dir!r} does not exist and data.source=auto found no other source. {HOW_TO_GET}")
-    x, y, xt, yt = arrays
+    r = cfg.read()
+    x, y, xt, yt = r.arrays
     if xt.shape[1:] != x.shape[1:]:
-        raise DataError(f"{where}: test images are {xt.shape[1:]}, training images {x.shape[1:]}: one shape expected")
-    digest = content_digest(*arrays)
-    if digest == FASHION_MNIST_DIGEST:
-        name, names = "fashion_mnist", CLASS_NAMES
+        raise DataError(f"{r.where}: test images are {xt.shape[1:]}, training images {x.shape[1:]}: one shape expected")
+    digest = content_digest(*r.arrays)
+    name, names = ("fashion_mnist", CLASS_NAMES) if digest == FASHION_MNIST_DIGEST else (r.name, r.class_names)
+    name = getattr(cfg, "name", None) or name
     names = names or tuple(str(c) for c in range(max(int(y.max()), int(yt.max())) + 1))
-    name = cfg.name or name
     if len(names) < 2:
-        raise DataError(f"{where}: {len(names)} class: a classification needs at least 2")
-    info = DataInfo(name, ImageShape(x.shape[1], x.shape[2], x.shape[3], len(names)), names, digest, where, source_type)
-    return Arrays(*_read_only(arrays), info)
+        raise DataError(f"{r.where}: {len(names)} class: a classification needs at least 2")
+    info = DataInfo(name, ImageShape(x.shape[1], x.shape[2], x.shape[3], len(names)), names, digest, r.where, r.source_type)
+    return Arrays(*_read_only(r.arrays), info)
 
 
 load_arrays.cache_clear = _read_arrays.cache_clear  # type: ignore[attr-defined]  # read the files again (tests)
@@ -562,7 +661,9 @@ def split_records(cfg: DataConfig, seed: int, test: bool = True) -> list[SplitRe
     reading it; other data is read once per process)."""
     if cfg.fashion:
         files = ",".join(SHA256.values())
-        source, source_type = (str(Path(cfg.dir).resolve()), "local") if _reads_idx(cfg.source, cfg.dir) else ("tfds:fashion_mnist", "tfds")
+        source, source_type = ("tfds:fashion_mnist", "tfds")
+        if isinstance(cfg, FashionMnistData | IdxData):
+            source, source_type = str(Path(cfg.dir).resolve()), "local"
         name, n_test = "fashion_mnist", 10000
     else:
         arrays = load_arrays(cfg)
@@ -587,8 +688,8 @@ def data_info(cfg: DataConfig) -> DataInfo:
 def load(cfg: DataConfig, seed: int) -> Dataset:
     """Load the configured data and split it."""
     a = load_arrays(cfg)
-    kind = "idx" if a.info.source_type == "local" and cfg.source in ("auto", "idx") else cfg.source
-    where = "tfds:fashion_mnist" if cfg.source == "tfds" else f"{kind}:{a.info.source}"
+    kind = "idx" if isinstance(cfg, FashionMnistData) else cfg.source
+    where = a.info.source if a.info.source_type == "tfds" else f"{kind}:{a.info.source}"
     return split(a.x_train, a.y_train, a.x_test, a.y_test, cfg, seed, where, a.info.class_names)
 
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from fmnas_jax.backends import Buckets, DataCache, Devices, EvalSpec, InProcess, Workers, choose_backend, opened
-from fmnas_jax.data import DataConfig, synthetic_load
+from fmnas_jax.data import FashionMnistData, synthetic_load
 from fmnas_jax.genome import SearchSpace, sample_population
 from fmnas_jax.train import TrainConfig
 
-SPEC = EvalSpec(TrainConfig(epochs=1, batch_size=64), DataConfig(train_size=512, val_size=200), 0)
+SPEC = EvalSpec(TrainConfig(epochs=1, batch_size=64), FashionMnistData(train_size=512, val_size=200), 0)
 
 
 def _genomes(n=3):
@@ -81,7 +81,7 @@ def test_the_data_cache_loads_once_per_split():
     cache = DataCache(loader)
     a, b = cache.get(SPEC), cache.get(EvalSpec(TrainConfig(epochs=5), SPEC.data, 0))  # another budget, same split
     assert a is b and len(calls) == 1
-    cache.get(EvalSpec(SPEC.trainer, DataConfig(train_size=256, val_size=200), 0))
+    cache.get(EvalSpec(SPEC.trainer, FashionMnistData(train_size=256, val_size=200), 0))
     assert len(calls) == 2
 
 
@@ -105,12 +105,12 @@ CHILD = r"""
 import json
 import numpy as np, jax
 from fmnas_jax.backends import Devices, EvalSpec, InProcess
-from fmnas_jax.data import DataConfig, synthetic_load
+from fmnas_jax.data import FashionMnistData, synthetic_load
 from fmnas_jax.genome import SearchSpace, sample_population
 from fmnas_jax.train import TrainConfig
 assert jax.device_count() == 2, jax.devices()
 genomes = sample_population(SearchSpace(filters=(4, 8), kernel_sizes=(1, 3)), 4, np.random.default_rng(0))
-spec = EvalSpec(TrainConfig(epochs=1, batch_size=64), DataConfig(train_size=512, val_size=200), 0)
+spec = EvalSpec(TrainConfig(epochs=1, batch_size=64), FashionMnistData(train_size=512, val_size=200), 0)
 pool = Devices(jax.devices(), loader=synthetic_load)
 split = {str(g): (r.history, r.test_accuracy) for g, r in pool.evaluate(genomes, spec)}
 used = sorted({d.id for d in pool.devices})

@@ -156,6 +156,25 @@ def test_each_backend_takes_its_own_settings_only():
         to_app_config(_compose("backend.kind=ray"))
 
 
+def test_each_data_source_takes_its_own_settings_only():
+    from hydra.errors import ConfigCompositionException
+
+    from fmnas_jax.data import DATA_CONFIGS
+
+    required = {"idx": ["data.dir=/data/kmnist"], "npz": ["data.path=mine.npz"], "folder": ["data.dir=photos"]}
+    for source, cls in DATA_CONFIGS.items():  # every conf/data/<source>.yaml holds exactly its class's settings
+        data = OmegaConf.to_container(_compose(f"data={source}"))["data"]
+        assert set(data) == {f.name for f in dataclasses.fields(cls)}, source
+        app = to_app_config(_compose(f"data={source}", *required.get(source, [])))
+        assert type(app.data) is cls and app.data.source == source
+    with pytest.raises(ConfigCompositionException, match="data.path"):  # another source's setting: Hydra says so at once
+        _compose("data=idx", "data.path=mine.npz")
+    with pytest.raises(ConfigError, match="choose the data source with data=npz"):  # a source set on another's settings
+        to_app_config(_compose("data.source=npz"))
+    with pytest.raises(ConfigError, match="data.dir"):  # a source's own required setting, named
+        to_app_config(_compose("data=folder"))
+
+
 def test_the_ray_backend_settings_land_in_the_typed_config():
     app = to_app_config(_compose("+experiment=hillclimb", "backend=ray", "backend.address=auto", "backend.num_gpus=0.25"))
     b = app.backend

@@ -10,7 +10,20 @@ import pytest
 from conftest import REAL_DATA, needs_real_data
 
 from fmnas_jax import data as data_mod
-from fmnas_jax.data import DataConfig, DataError, load, load_arrays, load_idx_dir, stratified_indices, synthetic_dataset, tfds_file_order
+from fmnas_jax.data import (
+    DataConfig,
+    DataError,
+    FashionMnistData,
+    FolderData,
+    NpzData,
+    TfdsData,
+    load,
+    load_arrays,
+    load_idx_dir,
+    stratified_indices,
+    synthetic_dataset,
+    tfds_file_order,
+)
 
 
 @needs_real_data
@@ -24,14 +37,14 @@ def test_real_fashion_mnist_loads_and_verifies():
 
 @needs_real_data
 def test_split_is_stratified_seeded_and_disjoint():
-    a = load(DataConfig(val_size=5000), seed=0)
-    b = load(DataConfig(val_size=5000), seed=0)
-    c = load(DataConfig(val_size=5000), seed=1)
+    a = load(FashionMnistData(val_size=5000), seed=0)
+    b = load(FashionMnistData(val_size=5000), seed=0)
+    c = load(FashionMnistData(val_size=5000), seed=1)
     assert len(a.y_train) == 55000 and len(a.y_val) == 5000 and len(a.y_test) == 10000
     assert np.bincount(a.y_val).tolist() == [500] * 10
     assert np.array_equal(a.x_val, b.x_val)
     assert not np.array_equal(a.x_val, c.x_val)
-    sub = load(DataConfig(val_size=1000, train_size=2000), seed=0)
+    sub = load(FashionMnistData(val_size=1000, train_size=2000), seed=0)
     assert np.bincount(sub.y_train).tolist() == [200] * 10
     assert len(a.mean) == len(a.std) == 1 and 0.28 < a.mean[0] < 0.29 and 0.35 < a.std[0] < 0.36  # one channel
 
@@ -69,9 +82,15 @@ def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="data.source 'web'"):
         DataConfig(source="web")
     with pytest.raises(ValueError, match="data.val_size -5"):
-        DataConfig(val_size=-5)
+        FashionMnistData(val_size=-5)
     with pytest.raises(ValueError, match="data.train_size 0"):
-        DataConfig(train_size=0)
+        FashionMnistData(train_size=0)
+    with pytest.raises(ValueError, match="data=npz needs data.path"):
+        NpzData()
+    with pytest.raises(ValueError, match=r"data.image_size \[8\] must be null or \[height, width\]"):
+        FolderData(dir="photos", image_size=(8,))
+    with pytest.raises(ValueError, match="choose the data with data=tfds"):
+        FashionMnistData(source="tfds")
 
 
 def test_synthetic_set_is_labelled_synthetic():
@@ -88,32 +107,37 @@ needs_tensorflow = pytest.mark.skipif(
 @pytest.mark.slow
 @needs_real_data
 @needs_tensorflow
-def test_tfds_source_reads_what_tfds_wrote_and_equals_the_idx_source(tmp_path, monkeypatch):
-    # TFDS's own FashionMNIST builder writes the local IDX files into a data_dir (no network), in a
-    # separate process so TensorFlow stays out of this one; the project's tfds source reads it back.
+def test_tfds_source_reads_what_tfds_wrote_in_the_idx_files_order(tmp_path):
+    # TFDS's own FashionMNIST builder writes the real IDX files' first 1,000 training and 200 test images into a
+    # data_dir (no network), as fashion_mnist and as fashion_mnist_head; TensorFlow only in that subprocess.
     prep = subprocess.run([sys.executable, str(Path(__file__).with_name("tfds_prepare.py")), str(REAL_DATA), str(tmp_path)],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert prep.returncode == 0, prep.stderr[-3000:]
     assert (tmp_path / "fashion_mnist" / "3.0.1" / "dataset_info.json").exists()
-    tfds_cfg = DataConfig(source="tfds", dir="/nonexistent", tfds_dir=str(tmp_path))
-    from_tfds, from_idx = load_arrays(tfds_cfg), load_arrays(DataConfig(source="idx", dir=str(REAL_DATA)))
-    assert from_tfds.info.source == "tfds:fashion_mnist" and from_tfds.info.digest == from_idx.info.digest
-    splits = lambda a: (a.x_train, a.y_train, a.x_test, a.y_test)  # noqa: E731
-    for a, b in zip(splits(from_tfds), splits(from_idx), strict=True):  # TFDS stored them shuffled; read back in the files' order
+    x, y, xt, yt = load_idx_dir(REAL_DATA)
+    head = (x[:1000], y[:1000], xt[:200], yt[:200])
+    # fashion_mnist comes back in the files' order (TFDS stored it shuffled), so a seeded split picks the same images
+    # from either source: results do not depend on where the data came from.
+    from_tfds = load_arrays(TfdsData(tfds_dir=str(tmp_path), verify=False, val_size=100))
+    assert from_tfds.info.source == "tfds:fashion_mnist" and from_tfds.info.class_names == data_mod.CLASS_NAMES
+    for a, b in zip((from_tfds.x_train, from_tfds.y_train, from_tfds.x_test, from_tfds.y_test), head, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
-    # Any other TFDS dataset by name (data.name): TFDS's own order, its label names, its own digest.
-    head = load_arrays(DataConfig(source="tfds", name="fashion_mnist_head", tfds_dir=str(tmp_path), val_size=100))
-    assert head.info.source == "tfds:fashion_mnist_head" and head.info.name == "fashion_mnist_head"
-    assert head.info.class_names == from_idx.info.class_names and head.info.digest != from_idx.info.digest
-    assert head.x_train.shape == (1000, 28, 28, 1) and head.x_test.shape == (200, 28, 28, 1) and head.y_train.dtype == np.int32
-    by_bytes = lambda x: sorted(img.tobytes() for img in x)  # noqa: E731  # the same images, in another order
-    assert by_bytes(head.x_train) == by_bytes(from_idx.x_train[:1000]) and by_bytes(head.x_test) == by_bytes(from_idx.x_test[:200])
-    # So a seeded split picks the same images from either source: results do not depend on where the data came from.
-    # Read in any other order, the arrays fail the IDX files' sha256 (as a corrupt or foreign copy would).
-    monkeypatch.setattr(data_mod, "tfds_file_order", lambda split, n: np.arange(n))
-    load_arrays.cache_clear()  # read again, not the arrays this process already checked
+    # With verify, the arrays must be the IDX files byte for byte (these 1,200 are not: refused, as a corrupt or
+    # foreign copy would be); the real files' 70,000 in that order pass, as the check computes their sha256.
     with pytest.raises(DataError, match=r"fashion_mnist/train in .* does not match Fashion-MNIST's train-images-idx3-ubyte"):
-        load_arrays(tfds_cfg)
+        load_arrays(TfdsData(tfds_dir=str(tmp_path), val_size=100))
+    for array, stem in ((x[..., 0], "train-images-idx3-ubyte"), (y.astype(np.uint8), "train-labels-idx1-ubyte"),
+                        (xt[..., 0], "t10k-images-idx3-ubyte"), (yt.astype(np.uint8), "t10k-labels-idx1-ubyte")):  # fmt: skip
+        assert data_mod._idx_sha256(array, "images" in stem) == data_mod.SHA256[stem]
+        assert data_mod._idx_sha256(array[::-1], "images" in stem) != data_mod.SHA256[stem]  # another order fails it
+    # Any other TFDS dataset by name (data.name): TFDS's own order, its label names, its own digest.
+    other = load_arrays(TfdsData(name="fashion_mnist_head", tfds_dir=str(tmp_path), val_size=100))
+    assert other.info.source == "tfds:fashion_mnist_head" and other.info.name == "fashion_mnist_head"
+    assert other.info.class_names == data_mod.CLASS_NAMES and other.info.digest != data_mod.FASHION_MNIST_DIGEST
+    assert other.x_train.shape == (1000, 28, 28, 1) and other.x_test.shape == (200, 28, 28, 1) and other.y_train.dtype == np.int32
+    by_bytes = lambda x: sorted(img.tobytes() for img in x)  # noqa: E731  # the same images, in another order
+    assert by_bytes(other.x_train) == by_bytes(head[0]) and by_bytes(other.x_test) == by_bytes(head[2])
+    assert not np.array_equal(other.x_train, head[0])
 
 
 def test_tfds_file_order_is_a_permutation_of_the_keys():

@@ -9,29 +9,29 @@ from conftest import PAPER
 from fmnas_jax import Genome
 from fmnas_jax.backends import EvalSpec, InProcess
 from fmnas_jax.config import AppConfig, InProcessBackend
-from fmnas_jax.data import DataConfig, synthetic_load
+from fmnas_jax.data import FashionMnistData, synthetic_load
 from fmnas_jax.evaluator import Evaluator, budget_key, eval_key
 from fmnas_jax.jobs.search import search_key
 from fmnas_jax.search import FitnessConfig, HillClimbConfig
 from fmnas_jax.store import Store
 from fmnas_jax.train import TrainConfig
 
-SPEC = EvalSpec(TrainConfig(epochs=1, batch_size=64), DataConfig(train_size=256, val_size=100), 0)
+SPEC = EvalSpec(TrainConfig(epochs=1, batch_size=64), FashionMnistData(train_size=256, val_size=100), 0)
 G1 = Genome.parse("NC 4 1 relu;RC 4 2 relu;NC 4 1 relu;RC 4 2 relu;FL relu;")
 G2 = Genome.parse("NC 4 1 tanh;RC 4 2 relu;NC 4 1 relu;RC 4 2 relu;FL relu;")
 
 
-def _key(trainer=TrainConfig(), data=DataConfig(), seed=0):  # noqa: B008
+def _key(trainer=TrainConfig(), data=FashionMnistData(), seed=0):  # noqa: B008
     return budget_key(EvalSpec(trainer, data, seed))
 
 
 def test_budget_key_follows_result_settings_only():
     base = _key()
     assert _key() == base
-    assert _key(TrainConfig(save=True, eval_batch_size=500), DataConfig(verify=False)) == base  # no effect on results
-    assert budget_key(EvalSpec(TrainConfig(), DataConfig(), 0, keep_variables=True)) == base
-    changed = [_key(TrainConfig(epochs=3)), _key(TrainConfig(learning_rate=1e-3)), _key(data=DataConfig(train_size=1000)), _key(seed=1),
-               _key(TrainConfig(augment_flip=True)), _key(TrainConfig(label_smoothing=0.1))]  # fmt: skip
+    assert _key(TrainConfig(save=True, eval_batch_size=500), FashionMnistData(verify=False)) == base  # no effect on results
+    assert budget_key(EvalSpec(TrainConfig(), FashionMnistData(), 0, keep_variables=True)) == base
+    changed = [_key(TrainConfig(epochs=3)), _key(TrainConfig(learning_rate=1e-3)), _key(data=FashionMnistData(train_size=1000)),
+               _key(seed=1), _key(TrainConfig(augment_flip=True)), _key(TrainConfig(label_smoothing=0.1))]  # fmt: skip
     assert base not in changed and len(set(changed)) == len(changed)
 
 

@@ -20,7 +20,7 @@ from conftest import PAPER, REAL_DATA, needs_real_data
 from mlflow import MlflowClient
 from services import free_port, wait_until
 
-from fmnas_jax.data import DataConfig, load_arrays
+from fmnas_jax.data import FashionMnistData, load_arrays
 
 pytestmark = [pytest.mark.slow, needs_real_data]
 
@@ -53,7 +53,7 @@ def test_a_trained_genome_is_a_registered_mlflow_model_that_pyfunc_and_serve_run
     assert "python_model.pkl" not in (local / "MLmodel").read_text()
 
     # pyfunc on the 10,000 test images (uint8, as Fashion-MNIST stores them) reproduces the logged test accuracy.
-    arrays = load_arrays(DataConfig(dir=str(REAL_DATA)))
+    arrays = load_arrays(FashionMnistData(dir=str(REAL_DATA)))
     x_test, y_test = arrays.x_test[..., 0], arrays.y_test
     mlflow.set_tracking_uri(uri)
     predicted = mlflow.pyfunc.load_model("models:/fmnas-winner/1").predict(np.asarray(x_test, np.uint8))

@@ -9,7 +9,7 @@ from fmnas_jax import Genome, SearchSpace
 from fmnas_jax.backends import EvalSpec, InProcess
 from fmnas_jax.budget import TimeBudget
 from fmnas_jax.cost import CostModel, Sample, parse_duration
-from fmnas_jax.data import DataConfig, synthetic_load
+from fmnas_jax.data import FashionMnistData, synthetic_load
 from fmnas_jax.evaluator import Evaluator
 from fmnas_jax.genome import sample_population
 from fmnas_jax.objective import Allowance, SearchObjective
@@ -19,7 +19,7 @@ from fmnas_jax.search.fitness import RUNG_PENALTY
 from fmnas_jax.store import Store
 from fmnas_jax.train import TrainConfig
 
-SPEC = EvalSpec(TrainConfig(epochs=1, batch_size=64), DataConfig(train_size=256, val_size=100), 0)
+SPEC = EvalSpec(TrainConfig(epochs=1, batch_size=64), FashionMnistData(train_size=256, val_size=100), 0)
 SPACE = SearchSpace(filters=(4,), kernel_sizes=(1, 2))
 
 

@@ -1,6 +1,7 @@
 """The user's own data: any IDX folder, a NumPy archive or a class-per-subfolder image tree, searched like Fashion-MNIST."""
 
 import gzip
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,18 @@ from conftest import REAL_DATA, needs_real_data
 from helpers import job, runs
 from PIL import Image
 
-from fmnas_jax.data import FASHION_MNIST_DIGEST, DataConfig, DataError, load, load_arrays, load_idx_dir
+from fmnas_jax.data import (
+    FASHION_MNIST_DIGEST,
+    DataConfig,
+    DataError,
+    FashionMnistData,
+    FolderData,
+    IdxData,
+    NpzData,
+    load,
+    load_arrays,
+    load_idx_dir,
+)
 from fmnas_jax.evaluator import EvalSpec, budget_key
 from fmnas_jax.genome import ImageShape
 from fmnas_jax.train import TrainConfig, to_device, train_and_evaluate
@@ -57,12 +69,12 @@ def test_fashion_mnist_as_an_archive_is_fashion_mnist(tmp_path):
     # results in a store are reused), a store written before other data existed keeps serving them.
     x, y, xt, yt = load_idx_dir(REAL_DATA)
     np.savez(tmp_path / "fm.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
-    npz = DataConfig(source="npz", path=str(tmp_path / "fm.npz"))
+    npz = NpzData(path=str(tmp_path / "fm.npz"))
     info = load_arrays(npz).info
     assert info.digest == FASHION_MNIST_DIGEST and info.name == "fashion_mnist" and info.class_names[0] == "T-shirt/top"
     spec = lambda data: EvalSpec(TrainConfig(), data, 0)  # noqa: E731
-    assert budget_key(spec(npz)) == budget_key(spec(DataConfig()))
-    assert DataConfig().result_settings() == {"val_size": 5000, "train_size": None}  # the keys stores already hold
+    assert budget_key(spec(npz)) == budget_key(spec(FashionMnistData()))
+    assert FashionMnistData().result_settings() == {"val_size": 5000, "train_size": None}  # the keys stores already hold
 
 
 @needs_real_data
@@ -73,16 +85,16 @@ def test_idx_archive_and_image_tree_give_the_same_arrays_splits_and_results(tmp_
     np.savez(tmp_path / "a.npz", x_train=x, y_train=y, x_test=xt, y_test=yt, class_names=np.array(names))
     write_tree(tmp_path / "tree" / "train", x, y, names)
     write_tree(tmp_path / "tree" / "test", xt, yt, names)
-    routes = [DataConfig(source="idx", dir=str(tmp_path / "idx"), verify=False, val_size=100, name="part"),
-              DataConfig(source="npz", path=str(tmp_path / "a.npz"), val_size=100, name="part"),
-              DataConfig(source="folder", dir=str(tmp_path / "tree"), val_size=100, name="part")]  # fmt: skip
+    routes = [IdxData(dir=str(tmp_path / "idx"), verify=False, val_size=100, name="part"),
+              NpzData(path=str(tmp_path / "a.npz"), val_size=100, name="part"),
+              FolderData(dir=str(tmp_path / "tree"), val_size=100, name="part")]  # fmt: skip
     loaded = [load_arrays(r) for r in routes]
     for a in loaded:
         assert np.array_equal(a.x_train, x) and np.array_equal(a.y_train, y) and np.array_equal(a.x_test, xt)
         assert a.info.image == ImageShape(28, 28, 1, 10) and a.info.digest == loaded[0].info.digest != FASHION_MNIST_DIGEST
     assert loaded[1].info.class_names == loaded[2].info.class_names == names
     keys = {budget_key(EvalSpec(TrainConfig(), r, 0)) for r in routes}
-    assert len(keys) == 1 and keys != {budget_key(EvalSpec(TrainConfig(), DataConfig(), 0))}  # one data, not Fashion-MNIST's
+    assert len(keys) == 1 and keys != {budget_key(EvalSpec(TrainConfig(), FashionMnistData(), 0))}  # one data, not Fashion-MNIST's
     cfg = TrainConfig(epochs=1, batch_size=64)
     results = [train_and_evaluate(_genome(), to_device(load(r, 0)), cfg, 0) for r in (routes[0], routes[2])]
     assert results[0].val_accuracy == results[1].val_accuracy and results[0].test_accuracy == results[1].test_accuracy
@@ -98,7 +110,7 @@ def test_a_colour_dataset_of_another_size_trains_with_its_own_shape_and_classes(
     x, y = synthetic_32x32x3(400, 0)
     xt, yt = synthetic_32x32x3(100, 1)
     np.savez(tmp_path / "synthetic.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
-    data = load(DataConfig(source="npz", path=str(tmp_path / "synthetic.npz"), val_size=100), 0)
+    data = load(NpzData(path=str(tmp_path / "synthetic.npz"), val_size=100), 0)
     assert data.image == ImageShape(32, 32, 3, 5) and data.class_names == ("0", "1", "2", "3", "4")
     # Normalised per channel: each channel's own mean and std over the training split.
     pixels = data.x_train.reshape(-1, 3) / 255.0
@@ -124,7 +136,7 @@ def test_a_colour_dataset_of_another_size_trains_with_its_own_shape_and_classes(
 def test_an_archive_without_a_test_split_gets_a_stratified_one(tmp_path):
     x, y = synthetic_32x32x3(500, 0)
     np.savez(tmp_path / "train_only.npz", x_train=x, y_train=y)
-    a = load_arrays(DataConfig(source="npz", path=str(tmp_path / "train_only.npz"), test_size=100, val_size=50))
+    a = load_arrays(NpzData(path=str(tmp_path / "train_only.npz"), test_size=100, val_size=50))
     assert len(a.y_test) == 100 and len(a.y_train) == 400
     assert np.abs(np.bincount(a.y_test, minlength=5) / 100 - np.bincount(y, minlength=5) / 500).max() < 0.02
 
@@ -132,7 +144,7 @@ def test_an_archive_without_a_test_split_gets_a_stratified_one(tmp_path):
 def _npz(tmp_path: Path, **arrays) -> DataConfig:
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
-    return DataConfig(source="npz", path=str(path), val_size=10, test_size=10)
+    return NpzData(path=str(path), val_size=10, test_size=10)
 
 
 X, Y = np.zeros((40, 8, 8), np.uint8), np.arange(40) % 2
@@ -161,32 +173,32 @@ def test_a_bad_archive_is_refused_naming_the_file_and_the_problem(tmp_path, arra
 
 def test_bad_image_trees_are_refused_naming_the_folder_or_file(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        load_arrays(DataConfig(source="folder", dir=str(tmp_path / "nope")))
+        load_arrays(FolderData(dir=str(tmp_path / "nope")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="has no class subfolders"):
-        load_arrays(DataConfig(source="folder", dir=str(tmp_path / "empty")))
+        load_arrays(FolderData(dir=str(tmp_path / "empty")))
     tree = tmp_path / "tree"
     for c, size in (("cat", 8), ("dog", 10)):
         (tree / c).mkdir(parents=True)
         for i in range(20):
             Image.fromarray(np.full((size, size), 40 * i % 255, np.uint8)).save(tree / c / f"{i}.png")
     with pytest.raises(DataError, match=r"images of 2 sizes .* set data.image_size"):
-        load_arrays(DataConfig(source="folder", dir=str(tree), val_size=10, test_size=10))
-    resized = load_arrays(DataConfig(source="folder", dir=str(tree), val_size=10, test_size=10, image_size=(6, 6)))
+        load_arrays(FolderData(dir=str(tree), val_size=10, test_size=10))
+    resized = load_arrays(FolderData(dir=str(tree), val_size=10, test_size=10, image_size=(6, 6)))
     assert resized.info.image == ImageShape(6, 6, 1, 2) and resized.info.class_names == ("cat", "dog")
     (tree / "dog" / "broken.png").write_bytes(b"not a png")
     load_arrays.cache_clear()  # a process reads a tree once; read it again
     with pytest.raises(DataError, match=r"image .*broken.png could not be read"):
-        load_arrays(DataConfig(source="folder", dir=str(tree), val_size=10, test_size=10, image_size=(6, 6)))
+        load_arrays(FolderData(dir=str(tree), val_size=10, test_size=10, image_size=(6, 6)))
     (tree / "bird").mkdir()
     load_arrays.cache_clear()
     with pytest.raises(DataError, match=r"class folder .*bird holds no images"):
-        load_arrays(DataConfig(source="folder", dir=str(tree), val_size=10, test_size=10, image_size=(6, 6)))
+        load_arrays(FolderData(dir=str(tree), val_size=10, test_size=10, image_size=(6, 6)))
 
 
 def test_a_split_larger_than_the_data_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"data.train_size 5000 is more than the 20 training images .*bad.npz has after data.val_size 10"):
-        load_arrays(DataConfig(**{**vars(_npz(tmp_path, x_train=X, y_train=Y)), "train_size": 5000}))
+        load_arrays(replace(_npz(tmp_path, x_train=X, y_train=Y), train_size=5000))
 
 
 @pytest.mark.slow
@@ -223,6 +235,6 @@ def test_the_bucket_backend_refuses_other_data_before_anything_runs(tmp_path):
     from fmnas_jax.jobs import on_data
 
     np.savez(tmp_path / "d.npz", x_train=np.zeros((40, 8, 8), np.uint8), y_train=np.arange(40) % 2)
-    cfg = AppConfig(data=DataConfig(source="npz", path=str(tmp_path / "d.npz"), val_size=10, test_size=10), backend=BucketsBackend())
+    cfg = AppConfig(data=NpzData(path=str(tmp_path / "d.npz"), val_size=10, test_size=10), backend=BucketsBackend())
     with pytest.raises(DataError, match=r"backend=buckets trains 28x28x1, 10 classes data only; data d is 8x8x1, 2 classes"):
         on_data(cfg)

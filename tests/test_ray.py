@@ -18,7 +18,7 @@ from conftest import needs_real_data
 from helpers import TINY, cli, runs
 
 from fmnas_jax.backends import BackendError, EvalSpec, InProcess, opened
-from fmnas_jax.data import DataConfig, synthetic_load
+from fmnas_jax.data import FashionMnistData, synthetic_load
 from fmnas_jax.genome import Genome
 from fmnas_jax.train import TrainConfig
 
@@ -32,7 +32,7 @@ from fmnas_jax.backends.ray_tasks import Ray  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one cluster, on one pytest-xdist worker
 RAY_NODE = "fmnas.ray_node"
-SPEC = EvalSpec(TrainConfig(epochs=2, batch_size=64), DataConfig(train_size=512, val_size=256), 0)
+SPEC = EvalSpec(TrainConfig(epochs=2, batch_size=64), FashionMnistData(train_size=512, val_size=256), 0)
 GENOMES = [Genome.parse(g) for g in ("NC 4 3 relu;RC 8 3 relu;NC 4 3 relu;RC 8 3 relu;FL relu;",
                                       "NC 8 5 gelu;RC 8 3 swish;NC 4 1 tanh;RC 16 3 relu;FL sigmoid;")]  # fmt: skip
 

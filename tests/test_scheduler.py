@@ -11,7 +11,7 @@ import pytest
 
 from fmnas_jax import Genome, SearchSpace
 from fmnas_jax.backends import EvalSpec
-from fmnas_jax.data import DataConfig
+from fmnas_jax.data import FashionMnistData
 from fmnas_jax.evaluator import Evaluator
 from fmnas_jax.genome import count_params, sample_population
 from fmnas_jax.objective import Allowance, SearchObjective
@@ -75,7 +75,7 @@ def _rungs(store: Store, backend, parent: str, own: set, count: int):
     allowance = Allowance(count)
     rungs = []
     for r, epochs in enumerate(RUNG_EPOCHS):
-        spec = EvalSpec(TrainConfig(epochs=epochs, batch_size=64), DataConfig(train_size=256, val_size=100), 0, test=False)
+        spec = EvalSpec(TrainConfig(epochs=epochs, batch_size=64), FashionMnistData(train_size=256, val_size=100), 0, test=False)
         ev = Evaluator(store, spec, backend, parent, rung=r)
         rungs.append(SearchObjective(ev, FitnessConfig(size_weight=0.0), own, allowance, n_train=256))
     return rungs

@@ -1,5 +1,5 @@
-"""Prepare TFDS's `fashion_mnist` (and `fashion_mnist_head`, its files' first images) in a data_dir from local IDX
-files, with TFDS's own builder and writer.
+"""Prepare TFDS's `fashion_mnist` in a data_dir from the first 1,000 training and 200 test images of local IDX files
+(and the same images as `fashion_mnist_head`), with TFDS's own builder and writer.
 
 TensorFlow Datasets' FashionMNIST builder normally downloads four .gz files; here its split
 generator is pointed at the decompressed local copies instead, and everything else (features,
@@ -42,9 +42,9 @@ def prepare(idx_dir: Path, data_dir: Path) -> Path:
 
         return Local(data_dir=str(data_dir), file_format="array_record")
 
-    # fashion_mnist itself, and the first 1,000 training and 200 test images of the same files under another name
-    # (for the route any other TFDS dataset takes: its own order, no sha256).
-    for b in (builder("fashion_mnist", 60_000, 10_000), builder("fashion_mnist_head", 1000, 200)):
+    # fashion_mnist (read back in the files' order), and the same images under another name (for the route any other
+    # TFDS dataset takes: its own order, no sha256).
+    for b in (builder("fashion_mnist", 1000, 200), builder("fashion_mnist_head", 1000, 200)):
         b.download_and_prepare()
     return data_dir
 
