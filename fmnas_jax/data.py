@@ -124,9 +124,9 @@ def _local(path: str, arrays: tuple[np.ndarray, ...], names: tuple[str, ...] | N
     return Read(arrays, names, str(where), name or (where.stem if where.is_file() else where.name), "local")
 
 
-def _check_test_size(test_size: int) -> None:
-    if test_size < 10:
-        raise ValueError(f"data.test_size {test_size} must be at least 10")
+def _check_test_size(test_size: int | None) -> None:
+    if test_size is not None and test_size < 10:
+        raise ValueError(f"data.test_size {test_size} must be null or at least 10")
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ class NpzData(DataConfig):
     source: str = "npz"
     path: str = ""  # the .npz file
     name: str | None = None  # the dataset's name in MLflow and reports (null: the file's name)
-    test_size: int = 10000  # without x_test: the stratified test split carved out first
+    test_size: int | None = None  # without x_test: the stratified test split carved out first (null: a fifth)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -197,7 +197,7 @@ class FolderData(DataConfig):
     dir: str = ""  # the tree's root
     name: str | None = None  # the dataset's name in MLflow and reports (null: the folder's name)
     image_size: tuple[int, ...] | None = None  # [height, width]: resize every image on load; null: all must agree
-    test_size: int = 10000  # without test/: the stratified test split carved out first
+    test_size: int | None = None  # without test/: the stratified test split carved out first (null: a fifth)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -517,8 +517,10 @@ def _check_classes(y_train: np.ndarray, names: tuple[str, ...], where: str, val_
         raise DataError(f"{where}: data.val_size {val_size} leaves fewer than 10 of its {len(y_train)} training images to train on")
 
 
-def _carve_test(x: np.ndarray, y: np.ndarray, test_size: int, where: str) -> tuple[np.ndarray, ...]:
-    """A stratified test split of `test_size` images out of (x, y) (seeded: the same data gives the same split)."""
+def _carve_test(x: np.ndarray, y: np.ndarray, test_size: int | None, where: str) -> tuple[np.ndarray, ...]:
+    """A stratified test split of `test_size` images (None: a fifth) out of (x, y) (seeded: the same data gives the same
+    split)."""
+    test_size = len(y) // 5 if test_size is None else test_size
     if test_size > len(y) // 2:
         raise DataError(f"{where}: data.test_size {test_size} is more than half of its {len(y)} images")
     test = stratified_indices(y, test_size, np.random.default_rng(0x7E57))
@@ -526,7 +528,7 @@ def _carve_test(x: np.ndarray, y: np.ndarray, test_size: int, where: str) -> tup
     return x[rest], y[rest], x[test], y[test]
 
 
-def load_npz(path: str, test_size: int) -> tuple[tuple[np.ndarray, ...], tuple[str, ...]]:
+def load_npz(path: str, test_size: int | None) -> tuple[tuple[np.ndarray, ...], tuple[str, ...]]:
     """(x_train, y_train, x_test, y_test) and class names from a NumPy archive with x_train and y_train (x_test,
     y_test and class_names optional); without a test split one is carved out, stratified."""
     p = Path(path)
@@ -588,7 +590,7 @@ def _read_tree(root: Path, size: tuple[int, ...] | None, names: tuple[str, ...] 
     return np.stack(images), np.asarray([c for _, c, _ in found], np.int32), classes
 
 
-def load_folder(folder: str, size: tuple[int, ...] | None, test_size: int) -> tuple[tuple[np.ndarray, ...], tuple[str, ...]]:
+def load_folder(folder: str, size: tuple[int, ...] | None, test_size: int | None) -> tuple[tuple[np.ndarray, ...], tuple[str, ...]]:
     """A class-per-subfolder tree of images (class names from the sorted folder names), or train/ and test/ trees of
     the same classes; without test/ a stratified test split is carved out."""
     root = Path(folder)

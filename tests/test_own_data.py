@@ -139,6 +139,27 @@ def test_an_archive_without_a_test_split_gets_a_stratified_one(tmp_path):
     a = load_arrays(NpzData(path=str(tmp_path / "train_only.npz"), test_size=100, val_size=50))
     assert len(a.y_test) == 100 and len(a.y_train) == 400
     assert np.abs(np.bincount(a.y_test, minlength=5) / 100 - np.bincount(y, minlength=5) / 500).max() < 0.02
+    by_default = load_arrays(NpzData(path=str(tmp_path / "train_only.npz"), val_size=50))  # test_size null: a fifth
+    assert len(by_default.y_test) == 100 and np.array_equal(by_default.y_test, a.y_test)
+
+
+def test_the_small_data_preset_fits_a_few_thousand_images_where_the_main_job_does_not(tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from fmnas_jax.cli import to_app_config
+    from fmnas_jax.jobs import on_data
+
+    def prepared(*overrides: str):
+        with initialize_config_module("fmnas_jax.conf", version_base="1.3"):
+            cfg = compose("config", overrides=[*overrides, "data=npz", f"data.path={path}", "search_space=small_images"])
+        return on_data(to_app_config(cfg))
+
+    path = digits_npz(tmp_path / "digits.npz")  # 1,797 real images: a fifth carved out as test, 300 for validation
+    with pytest.raises(DataError, match=r"data.val_size 5000 leaves fewer than 10 of its 1438 training images"):
+        prepared("+experiment=hillclimb")
+    app = prepared("+experiment=small_data")  # every rung's split and the retrain's fit the data
+    assert app.search.strategy == "hillclimb" and app.search.fidelity.mode == "asha" and app.search_space.image == ImageShape(8, 8, 1, 10)
+    assert app.data.n_train == 1438 - 300 and all(r.train_size < app.data.n_train for r in app.search.fidelity.rungs)
 
 
 def _npz(tmp_path: Path, **arrays) -> DataConfig:
