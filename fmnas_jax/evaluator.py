@@ -7,6 +7,7 @@ it: they call a `SearchObjective` (fmnas_jax.objective), which asks the evaluato
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -186,16 +187,34 @@ class Evaluator:
         # Genomes another live process (this host or another) is training right now are waited for, not repeated.
         claimed = self.store.running_elsewhere(self.budget, self.role) if pending else {}
         others = {g: claimed[eval_key(g, self.budget)] for g in pending if eval_key(g, self.budget) in claimed}
-        self._train([g for g in pending if g not in others], done, on_done)
-        if others:
-            self._train(self._await(others, done, on_done), done, on_done)
+        others |= self._train([g for g in pending if g not in others], done, on_done)
+        while others:
+            others = self._train(self._await(others, done, on_done), done, on_done)
         return done
 
-    def _train(self, genomes: list[Genome], done: dict[Genome, Outcome], on_done: Callable[[Outcome], None] | None) -> None:
-        runs = {g: self._start(g) for g in genomes}  # RUNNING in the UI from now on
+    def _train(self, genomes: list[Genome], done: dict[Genome, Outcome], on_done: Callable[[Outcome], None] | None) -> dict[Genome, str]:
+        """Train `genomes` on the backend, as many at a time as it runs. A genome's run opens when it is submitted (RUNNING
+        in the UI, and the claim other processes see), not while it waits its turn; one that another process finished
+        or claimed meanwhile is left to it. Returns those claimed elsewhere (genome -> their run id)."""
+        queued, runs, claimed = collections.deque(genomes), {}, {}
+        on_epoch, in_flight, first = self._epoch_logger(runs), 0, True
         try:
-            for g, result in self.backend.evaluate(genomes, self.spec, self._epoch_logger(runs)):
-                done[g] = self._finish(g, runs[g], result)
+            while queued or in_flight:
+                while queued and in_flight < max(1, self.backend.parallelism):
+                    g = queued.popleft()
+                    if not first and self._taken(g, done, on_done, claimed):
+                        continue
+                    runs[g] = self._start(g)  # RUNNING in the UI from now on
+                    self.backend.submit(g, g, self.spec, lambda epoch, row, g=g: on_epoch(g, epoch, row))
+                    in_flight += 1
+                first = False
+                if not in_flight:
+                    break
+                result = self.backend.next_result()
+                assert result is not None, "a submitted evaluation was lost"
+                g, r = result
+                in_flight -= 1
+                done[g] = self._finish(g, runs[g], r)
                 if on_done is not None:
                     on_done(done[g])
         except BaseException as e:
@@ -204,6 +223,21 @@ class Evaluator:
                 if g not in done and run_id != ended:
                     self.store.end_run_on_the_way_out(run_id, "KILLED", "interrupted before this evaluation finished")
             raise
+        return claimed
+
+    def _taken(self, genome: Genome, done: dict[Genome, Outcome], on_done: Callable[[Outcome], None] | None, claimed: dict) -> bool:
+        """Whether another process finished `genome` (its result reused) or is training it (claimed) since the batch began."""
+        found = self.lookup(genome)
+        if found is not None:
+            self.reused += 1
+            done[genome] = found
+            if on_done is not None:
+                on_done(found)
+            return True
+        run_id = self.store.running_elsewhere(self.budget, self.role).get(eval_key(genome, self.budget))
+        if run_id is not None:
+            claimed[genome] = run_id
+        return run_id is not None
 
     def _await(self, others: dict[Genome, str], done: dict[Genome, Outcome], on_done: Callable[[Outcome], None] | None) -> list[Genome]:
         """Wait for evaluations other processes are running; returns those they abandoned (to train here)."""

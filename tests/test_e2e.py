@@ -240,12 +240,12 @@ def test_help_lists_the_experiments_and_groups(tmp_path):
     proc = job(tmp_path, "--help")
     for text in (
         "+experiment=hillclimb",
-        "experiment: hillclimb, long, paper, predict, smoke, train",
+        "experiment: hillclimb, long, paper, predict, small_data, smoke, train",
         "search: evolution, hillclimb, hillclimb_mingain, optuna, random, table",
         "search/fidelity: asha, halving, none",
         "127.0.0.1",
         "README.md",
-        *(f"python -m fmnas_jax +experiment={name}" for name in ("hillclimb", "long", "paper", "predict", "smoke", "train")),
+        *(f"python -m fmnas_jax +experiment={name}" for name in ("hillclimb", "long", "paper", "predict", "small_data", "smoke", "train")),
     ):
         assert text in proc.stdout, text
 

@@ -74,6 +74,25 @@ def test_miss_trains_then_hit_reuses(store):
     assert _statuses(store) == ["FINISHED", "FINISHED"]  # nothing trained twice
 
 
+def test_a_batch_opens_each_run_when_it_is_submitted_and_leaves_a_genome_another_process_took(store):
+    """A batch larger than the backend runs at once: a genome waiting its turn has no run yet (no RUNNING run in the UI,
+    nothing KILLED if the job stops), and one that another process finished meanwhile is reused, not trained again."""
+    G3 = Genome.parse("NC 4 1 swish;RC 4 2 relu;NC 4 1 relu;RC 4 2 relu;FL relu;")
+    other = Evaluator(store, SPEC, InProcess(synthetic_load))
+    running = []
+
+    def seen(outcome):  # as each result arrives, the runs open now; the other process finishes G3 meanwhile
+        running.append(len(store._search("attributes.status = 'RUNNING'")))
+        if outcome.genome == G1:
+            other.evaluate(G3)
+
+    ev = Evaluator(store, SPEC, InProcess(synthetic_load))
+    got = ev.evaluate_many([G1, G2, G3], on_done=seen)
+    assert running == [0, 0, 0] and set(got) == {G1, G2, G3}  # one at a time (parallelism 1): none open between them
+    assert got[G3].reused and ev.counts() == {"trained": 2, "reused": 1, "failed": 0}
+    assert len(store._search("attributes.status = 'FINISHED'")) == 3  # G3 trained once, by the other process
+
+
 def test_a_deadline_cut_is_recorded_and_reused_as_it_is(store):
     """A retrain past its deadline (InProcess(deadline=...)) trains fewer epochs than its budget: the run says how
     many (epochs_trained beside budget_epochs, the plan per epoch), and a rerun of the same budget reuses it."""

@@ -92,9 +92,11 @@ def test_an_uncalibrated_cost_model_admits_one_round_of_slots_at_a_time(tracking
     assert all(math.isfinite(s) for s in scores) and ev.trained == 8 and not obj.exhausted
     assert admitted_when_done == [2, 2, 4, 4, 6, 6, 8, 8]  # 3 rounds of 2 on priors, then the measured model: the other 2 at once
     assert obj.allowance.cost.calibrated and obj.allowance.round_limit() is None
-    assert ev.lookups == 8 + 6 + 4 + 2  # each round: the genomes no earlier round finished
+    # Each round: the genomes no earlier round finished, and once more the one that waited for the single in-process slot
+    # (another process may have finished it meanwhile).
+    assert ev.lookups == (8 + 6 + 4 + 2) + 4
     again = obj(_genomes(8, seed=3))  # all known to this objective: no lookup, no training
-    assert again == scores and ev.lookups == 20 and ev.trained == 8
+    assert again == scores and ev.lookups == 24 and ev.trained == 8
 
 
 def test_cost_model_fits_speed_against_flops_from_one_rung():
