@@ -124,6 +124,11 @@ def _local(path: str, arrays: tuple[np.ndarray, ...], names: tuple[str, ...] | N
     return Read(arrays, names, str(where), name or (where.stem if where.is_file() else where.name), "local")
 
 
+def _read_idx(folder: str, verify: bool, name: str | None) -> Read:
+    x, y, xt, yt = load_idx_dir(folder, verify)
+    return _local(folder, (*check_arrays(x, y, folder), *check_arrays(xt, yt, folder)), None, name)
+
+
 def _check_test_size(test_size: int | None) -> None:
     if test_size is not None and test_size < 10:
         raise ValueError(f"data.test_size {test_size} must be null or at least 10")
@@ -142,8 +147,7 @@ class FashionMnistData(DataConfig):
         return True
 
     def read(self) -> Read:
-        x, y, xt, yt = load_idx_dir(self.dir, self.verify)
-        return _local(self.dir, (*check_arrays(x, y, self.dir), *check_arrays(xt, yt, self.dir)), None, None)
+        return _read_idx(self.dir, self.verify, None)
 
 
 @dataclass(frozen=True)
@@ -165,8 +169,7 @@ class IdxData(DataConfig):
         return self.verify
 
     def read(self) -> Read:
-        x, y, xt, yt = load_idx_dir(self.dir, self.verify)
-        return _local(self.dir, (*check_arrays(x, y, self.dir), *check_arrays(xt, yt, self.dir)), None, self.name)
+        return _read_idx(self.dir, self.verify, self.name)
 
 
 @dataclass(frozen=True)
