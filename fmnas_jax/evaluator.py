@@ -180,10 +180,7 @@ class Evaluator:
             if found is None:
                 pending.append(g)
                 continue
-            self.reused += 1
-            done[g] = found
-            if on_done is not None:
-                on_done(found)
+            self._reuse(found, done, on_done)
         # Genomes another live process (this host or another) is training right now are waited for, not repeated.
         claimed = self.store.running_elsewhere(self.budget, self.role) if pending else {}
         others = {g: claimed[eval_key(g, self.budget)] for g in pending if eval_key(g, self.budget) in claimed}
@@ -229,15 +226,19 @@ class Evaluator:
         """Whether another process finished `genome` (its result reused) or is training it (claimed) since the batch began."""
         found = self.lookup(genome)
         if found is not None:
-            self.reused += 1
-            done[genome] = found
-            if on_done is not None:
-                on_done(found)
+            self._reuse(found, done, on_done)
             return True
         run_id = self.store.running_elsewhere(self.budget, self.role).get(eval_key(genome, self.budget))
         if run_id is not None:
             claimed[genome] = run_id
         return run_id is not None
+
+    def _reuse(self, found: Outcome, done: dict[Genome, Outcome], on_done: Callable[[Outcome], None] | None) -> None:
+        """Hand a stored result to the search instead of training its genome."""
+        self.reused += 1
+        done[found.genome] = found
+        if on_done is not None:
+            on_done(found)
 
     def _await(self, others: dict[Genome, str], done: dict[Genome, Outcome], on_done: Callable[[Outcome], None] | None) -> list[Genome]:
         """Wait for evaluations other processes are running; returns those they abandoned (to train here)."""
@@ -249,10 +250,7 @@ class Evaluator:
             for g, run_id in list(waiting.items()):
                 found = self.lookup(g)
                 if found is not None:
-                    self.reused += 1
-                    done[g] = found
-                    if on_done is not None:
-                        on_done(found)
+                    self._reuse(found, done, on_done)
                 elif not self.store.is_live(run_id):
                     abandoned.append(g)  # it failed, was killed, or its owner stopped beating
                 else:
