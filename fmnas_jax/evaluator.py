@@ -303,9 +303,6 @@ class Evaluator:
 
     def _finish(self, genome: Genome, run_id: str, result: EvalResult) -> Outcome:
         key = eval_key(genome, self.budget)
-        if not self.backend.streams_epochs:  # curves arrive whole from a worker
-            for epoch, row in enumerate(_rows(result.history), start=1):
-                self.store.log(run_id, metrics=row, step=epoch)
         summary = {k: as_logged(v) for k, v in result.summary().items()}  # what a later reuse will read back
         per_epoch = set(result.history)  # already logged at steps 1..epochs; the last value is the final one
         trained = len(result.history.get("train_loss", []))
@@ -313,7 +310,8 @@ class Evaluator:
         done = {"epochs_trained": float(trained)}  # fewer than budget_epochs: a deadline cut it (InProcess(deadline=...))
         where = {RAY_NODE: result.node} if result.node else None
         one_off = {k: v for k, v in summary.items() if k not in per_epoch} | budget | done
-        self.store.log(run_id, metrics=one_off, tags=where, step=0)
+        curves = [] if self.backend.streams_epochs else _rows(result.history)  # arriving whole from a worker: logged now
+        self.store.log(run_id, metrics=one_off, tags=where, history=curves)
         if result.status == "FINISHED" and trained < self.spec.trainer.epochs:  # what it did, beside what it planned
             self.store.describe(run_id, self._description(genome, key, trained))
         if result.status == "FINISHED":

@@ -21,8 +21,7 @@ def test_round_trip_on_a_temporary_sqlite_file(tracking_uri):
     store = Store(tracking_uri, "exp")
     parent = store.start_run("search", "search", {})
     rid = _eval_run(store, "G1", "k1", "b1", metrics={"val_accuracy": 0.91, "param_count": 16598.0, "test_accuracy": 0.9}, parent=parent)
-    for epoch in (1, 2):
-        store.log(rid, metrics={"train_loss": 1.0 / epoch}, step=epoch)
+    store.log(rid, history=[{"train_loss": 1.0}, {"train_loss": 0.5}])  # per-epoch rows at steps 1, 2
     got = store.find_finished("k1")
     assert got is not None and got.run_id == rid and got.genome == "G1" and got.parent_run_id == parent
     assert got.metric("val_accuracy") == pytest.approx(0.91) and got.metric("param_count") == 16598
@@ -31,6 +30,19 @@ def test_round_trip_on_a_temporary_sqlite_file(tracking_uri):
     assert store.find_finished("nope") is None
     # a second Store on the same file sees the same experiment and data
     assert Store(tracking_uri, "exp").find_finished("k1").run_id == rid
+
+
+def test_one_log_call_holds_more_than_one_log_batch_takes(tracking_uri):
+    store = Store(tracking_uri, "exp")
+    rid = store.start_run("big", "evaluation", {})
+    params, tags = {f"p{i}": i for i in range(150)}, {f"t{i}": str(i) for i in range(130)}
+    history = [{"a": float(e), "b": -float(e), "c": float("nan")} for e in range(1, 601)]  # 1,200 finite values
+    store.log(rid, metrics={"final": 1.0}, params=params, tags=tags, history=history)
+    run = MlflowClient(tracking_uri).get_run(rid)
+    assert run.data.params == {k: str(v) for k, v in params.items()} and tags.items() <= run.data.tags.items()
+    assert run.data.metrics["final"] == 1.0 and "c" not in run.data.metrics
+    hist = MlflowClient(tracking_uri).get_metric_history(rid, "b")
+    assert sorted((m.step, m.value) for m in hist) == [(e, -float(e)) for e in range(1, 601)]
 
 
 def test_housekeeping_metrics_are_logged_under_perf_and_read_back_by_their_names(tracking_uri):

@@ -179,17 +179,24 @@ class _Runs:
         params: dict[str, Any] | None = None,
         tags: dict[str, str] | None = None,
         step: int = 0,
+        history: Sequence[dict[str, float]] = (),
     ) -> None:
-        """Log finite metrics, params (None ones left out) and tags, in batches within log_batch's limits."""
+        """Log finite metrics (at `step`), per-epoch rows (`history`, at steps 1, 2, ...), params (None ones left out)
+        and tags, together in as few log_batch calls as MLflow's limits allow: one, for a whole evaluation's curves and
+        results (a tracking server answers one request, a SQLite store commits once)."""
         now = int(time.time() * 1000)
-        finite = {k: v for k, v in (metrics or {}).items() if v is not None and math.isfinite(float(v))}
-        ms = [Metric(logged_name(k), as_logged(v), now, step) for k, v in finite.items()]
+        rows = [(step, metrics or {}), *enumerate(history, start=1)]
+        ms = [Metric(logged_name(k), as_logged(v), now, at) for at, row in rows for k, v in row.items()
+              if v is not None and math.isfinite(float(v))]  # fmt: skip
         ps = [Param(k, str(v)) for k, v in (params or {}).items() if v is not None]
         ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-        for kind, items, size in (("metrics", ms, 1000), ("params", ps, 100), ("tags", ts, 100)):
-            for i in range(0, len(items), size):
-                part = {kind: items[i : i + size]}
-                self._retry(lambda p=part: self.client.log_batch(run_id, **p), "logging to a run")
+        while ms or ps or ts:  # log_batch takes at most 100 params, 100 tags and 1,000 items in all
+            part_ps, part_ts = ps[:100], ts[:100]
+            ps, ts = ps[100:], ts[100:]
+            room = 1000 - len(part_ps) - len(part_ts)
+            part_ms, ms = ms[:room], ms[room:]
+            self._retry(lambda m=part_ms, p=part_ps, t=part_ts: self.client.log_batch(run_id, metrics=m, params=p, tags=t),
+                        "logging to a run")  # fmt: skip
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         with self._artifact_errors(run_id, artifact_file):
