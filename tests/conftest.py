@@ -14,6 +14,11 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests' temporary folders (their SQLite stores, artifacts and run directories) in memory where the machine has a
+# tmpfs for it: a store commits several times per evaluation, and each commit waits for the disk otherwise. pytest keeps
+# the last three sessions' folders there, as it does in /tmp.
+if os.access("/dev/shm", os.W_OK):
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", "/dev/shm")
 # JAX's persistent compilation cache, as the CLI uses it (the same folder): a program compiled once, by any test, any
 # job or worker process, or an earlier run of the suite, is loaded instead of compiled again.
 from fmnas_jax.runtime import enable_compilation_cache
@@ -28,6 +33,12 @@ def pytest_configure(config: pytest.Config) -> None:
     if not REAL_DATA.is_dir():
         # CI installs dataset-fashion-mnist; a machine without it skips the real-data tests loudly.
         config.issue_config_time_warning(pytest.PytestWarning(f"{REAL_DATA} missing: real-data tests will be skipped"), 2)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first (in their files' order otherwise): pytest-xdist hands tests to its workers in this order, so
+    the long ones start early and the short ones fill both cores at the end instead of one long test running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 needs_real_data = pytest.mark.skipif(not REAL_DATA.is_dir(), reason="install dataset-fashion-mnist (apt) for real-data tests")

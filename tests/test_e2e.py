@@ -175,13 +175,6 @@ def test_train_experiment_with_the_readme_genome(trained):
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
-def test_table_strategy_trains_only_the_population(tmp_path):
-    job(tmp_path, "+experiment=smoke", "search=table", "search.population_size=4", "backend=inprocess")
-    searches = runs(tmp_path, "search", "FINISHED")
-    evals = runs(tmp_path, "evaluation", "FINISHED")
-    assert len(searches) == 1 and len(evals) == 4 and len(runs(tmp_path, "final", "FINISHED")) == 1  # population, then the winner
-
-
 G = "NC 4 5 sigmoid;RC 64 3 relu;NC 4 5 sigmoid;RC 64 3 relu;FL gelu;"
 BAD_INPUT = [
     (["+experiment=train", "genome=" + G.replace("NC 4 5", "NC 4 0", 1)], "kernel size 0 in layer 1 (NC) is not in [1..7]"),
@@ -265,9 +258,10 @@ def test_multi_fidelity_search_tags_rungs_and_a_rerun_trains_nothing(halving, tm
     assert len(runs(copy, "evaluation")) == len(evals) and len(runs(copy, "final")) == 1  # every (genome, rung) reused
 
 
-def test_table_climber_ignores_evaluations_outside_its_space(tmp_path):
-    """The table climber reads every stored evaluation of its budget. One stored by a search over another
-    space (64 filters, outside search_space=small), with the best accuracy of all, must not win."""
+def test_table_strategy_trains_only_the_population_and_ignores_evaluations_outside_its_space(tmp_path):
+    """search=table trains its population, climbs over the table without training, and retrains the winner. The table
+    climber reads every stored evaluation of its budget: one stored by a search over another space (64 filters, outside
+    search_space=small), with the best accuracy of all, must not win."""
     from hydra import compose, initialize_config_module
 
     from fmnas_jax.backends import EvalSpec
@@ -286,4 +280,7 @@ def test_table_climber_ignores_evaluations_outside_its_space(tmp_path):
     job(tmp_path, *table, "backend=inprocess")
     (search,) = runs(tmp_path, "search", "FINISHED")
     assert search.data.tags["winner"] != big
-    assert any(r.info.run_id == rid for r in runs(tmp_path, "evaluation", "FINISHED"))  # it was there to be read
+    evals = runs(tmp_path, "evaluation", "FINISHED")
+    assert any(r.info.run_id == rid for r in evals)  # it was there to be read
+    population = [r for r in evals if r.data.tags.get("mlflow.parentRunId") == search.info.run_id]
+    assert len(population) == 3 and len(evals) == 4 and len(runs(tmp_path, "final", "FINISHED")) == 1  # population, then the winner

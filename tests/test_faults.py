@@ -98,63 +98,50 @@ def test_a_fresh_sqlite_store_opened_by_many_processes_at_once(tmp_path):
         assert not list(tmp_path.glob(".*.creating"))  # no temporary database left behind
 
 
-# -- 1. the tracking server restarts mid-search; down past the bound, the job stops and a rerun resumes ----------
-
-
-@pytest.mark.slow
-@needs_real_data
-def test_tracking_server_restart_is_waited_for_and_a_longer_outage_resumes(tmp_path, server):
-    exp = "restart"
-    track = ["tracking=server", f"tracking.uri={server.url}", f"tracking.experiment={exp}"]
-    # Down for longer than tracking.retry_seconds: the job stops, non-zero, naming the URI.
-    proc, log = _launch(tmp_path, "first", *track, "tracking.retry_seconds=5")
-    wait_until(lambda: _finished_evals(server.url, exp) >= 1 or proc.poll() is not None, 300, "a first finished evaluation")
-    finished_before = {r.info.run_id for r in _runs(server.url, exp) if r.info.status == "FINISHED" and r.data.tags.get("eval_key")}
-    server.stop()
-    text = _finish(proc, log, 120)
-    assert proc.returncode != 0, text[-3000:]
-    assert f"tracking store {server.url} unusable" in text and "tracking.retry_seconds=5" in text, text[-3000:]
-
-    # The server back: the same command resumes; the server restarts again mid-search and the job waits it out.
-    server.start()
-    proc, log = _launch(tmp_path, "second", *track, "tracking.retry_seconds=120")
-    wait_until(lambda: _finished_evals(server.url, exp) > len(finished_before) or proc.poll() is not None, 300, "a new evaluation")
-    server.stop()
-    time.sleep(5)  # down for a while (with its restart, longer): the job keeps calling and waits it out
-    server.start()
-    text = _finish(proc, log)
-    assert proc.returncode == 0, text[-4000:]
-    assert "unreachable" in text and "answers again" in text, text[-4000:]
-    found = _assert_consistent(server.url, exp)
-    assert finished_before <= {r.info.run_id for r in found if r.info.status == "FINISHED"}  # nothing finished was lost
-    killed = [r for r in found if r.info.status == "KILLED"]  # the first job's runs in flight, reaped by the second
-    assert all("died" in r.data.tags[REASON] or "interrupted" in r.data.tags[REASON] for r in killed)
-
-
-# -- 2. PostgreSQL restarts under a running tracking server ---------------------------------------------------
+# -- 1. the tracking server and its database restart mid-search; down past the bound, the job stops and a rerun resumes --
 
 
 @pytest.mark.slow
 @needs_real_data
 @pytest.mark.skipif(not HAVE_POSTGRES, reason="PostgreSQL server binaries missing (apt-get install postgresql)")
-def test_postgresql_restart_under_the_server_is_waited_for(tmp_path):
-    pg = Postgres()
-    srv = MlflowServer(pg.uri, tmp_path / "artifacts", tmp_path / "server.log")
+def test_the_tracking_server_and_its_database_restarting_are_waited_for_and_a_longer_outage_resumes(tmp_path):
+    exp, pg = "restart", Postgres()
+    server = MlflowServer(pg.uri, tmp_path / "artifacts", tmp_path / "server.log")
+    # Two climb steps after the population: the second job is still searching after two new evaluations.
+    track = ["tracking=server", f"tracking.uri={server.url}", f"tracking.experiment={exp}", "search.budget=2"]
     try:
         pg.start()
         pg.create_db()
-        srv.start()
-        proc, log = _launch(tmp_path, "search", "tracking=server", f"tracking.uri={srv.url}", "tracking.retry_seconds=120")
-        wait_until(lambda: _finished_evals(srv.url, "fmnas_jax") >= 1 or proc.poll() is not None, 300, "a first finished evaluation")
-        pg.stop()
-        time.sleep(5)  # the database down under the server: the job's calls fail until it is back
-        pg.start()
+        server.start()
+        # Down for longer than tracking.retry_seconds: the job stops, non-zero, naming the URI.
+        proc, log = _launch(tmp_path, "first", *track, "tracking.retry_seconds=5")
+        wait_until(lambda: _finished_evals(server.url, exp) >= 1 or proc.poll() is not None, 300, "a first finished evaluation")
+        finished_before = {r.info.run_id for r in _runs(server.url, exp) if r.info.status == "FINISHED" and r.data.tags.get("eval_key")}
+        server.stop()
+        text = _finish(proc, log, 120)
+        assert proc.returncode != 0, text[-3000:]
+        assert f"tracking store {server.url} unusable" in text and "tracking.retry_seconds=5" in text, text[-3000:]
+
+        # The server back: the same command resumes. Mid-search the database restarts under the server (which answers
+        # 500s meanwhile), then the server itself restarts: the job waits both out.
+        server.start()
+        proc, log = _launch(tmp_path, "second", *track, "tracking.retry_seconds=120")
+        for outage, (stop, start) in enumerate([(pg.stop, pg.start), (server.stop, server.start)], start=1):
+            n = len(finished_before) + outage
+            wait_until(lambda n=n: _finished_evals(server.url, exp) >= n or proc.poll() is not None, 300, f"new evaluation {outage}")
+            assert proc.poll() is None, "the search ended before its outage"
+            stop()
+            time.sleep(5)  # down for a while (with its restart, longer): the job keeps calling and waits it out
+            start()
         text = _finish(proc, log)
         assert proc.returncode == 0, text[-4000:]
-        assert "unreachable" in text, text[-4000:]  # it did notice the outage
-        _assert_consistent(srv.url, "fmnas_jax")
+        assert text.count("unreachable") >= 2 and "answers again" in text, text[-4000:]
+        found = _assert_consistent(server.url, exp)
+        assert finished_before <= {r.info.run_id for r in found if r.info.status == "FINISHED"}  # nothing finished was lost
+        killed = [r for r in found if r.info.status == "KILLED"]  # the first job's runs in flight, reaped by the second
+        assert all("died" in r.data.tags[REASON] or "interrupted" in r.data.tags[REASON] for r in killed)
     finally:
-        srv.stop()
+        server.stop()
         pg.remove()
 
 

@@ -123,7 +123,9 @@ def test_ctrl_c_stops_the_worker_pool_at_once(tmp_path, how):
 
 
 def test_parallel_joblib_sweep_on_one_fresh_sqlite_store(tmp_path):
-    proc = cli(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=3", *TINY, "search.seed=0,1,2")
+    # In-process training: three jobs with a worker pool each would be nine processes on the cores (a joblib job's pool
+    # is tests/test_scaleout.py's); what is tested here is three processes opening one new store at once.
+    proc = cli(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=3", *TINY, "search.seed=0,1,2", "backend=inprocess")
     out = proc.stdout + proc.stderr
     assert "database is locked" not in out and "duplicate column" not in out
     searches = runs(tmp_path, "search")

@@ -30,7 +30,7 @@ def tracking_server(tmp_path):
 
 def test_joblib_multirun_against_mlflow_server_on_postgresql(tmp_path, tracking_server):
     work = tmp_path / "work"
-    work.mkdir()
+    work.mkdir()  # each of the two jobs trains on its own worker pool (the default backend), inside a joblib process
     cli(work, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY, "tracking=server", f"tracking.uri={tracking_server}",
         "search.seed=0,1")  # fmt: skip
     assert not (work / "mlflow.db").exists()  # nothing went to a local SQLite file
@@ -53,7 +53,7 @@ def test_joblib_multirun_against_mlflow_server_on_postgresql(tmp_path, tracking_
 
 
 def test_submitit_local_launcher(tmp_path):
-    cli(tmp_path, "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", *TINY, "search.seed=0,1")
+    cli(tmp_path, "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", *TINY, "search.seed=0,1", "backend=inprocess")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("fmnas_jax")
     searches = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("fmnas.role") == "search"]
