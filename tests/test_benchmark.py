@@ -156,3 +156,41 @@ def test_within_a_radius_is_every_genome_that_many_moves_away():
     g = Genome.parse("NC 4 2 relu;RC 4 2 gelu;NC 4 1 relu;RC 4 2 relu;FL relu;", space)
     near = within(g, space, 2)
     assert near == {str(h): moves(g, h, space) for h in every_genome(space) if 1 <= moves(g, h, space) <= 2}
+
+
+SUITE = """
+import subprocess, sys, time
+
+def test_sleeps():
+    time.sleep(0.3)
+
+def test_computes():
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+
+def test_starts_a_process():
+    burn = "import time\\nend = time.process_time() + 0.3\\nwhile time.process_time() < end: pass"
+    subprocess.run([sys.executable, "-c", burn], check=True)
+"""
+
+
+def test_the_suite_profile_writes_each_tests_wall_and_cpu_seconds(tmp_path):
+    import csv
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "test_three.py").write_text(SUITE)
+    out = tmp_path / "profile.csv"
+    mine = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}  # not a worker of this run's pytest-xdist
+    env = mine | {"SUITE_PROFILE_CSV": str(out), "PYTHONPATH": str(Path(__file__).parents[1])}
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "bench.suite_profile", "test_three.py"],
+                   cwd=tmp_path, env=env, check=True, capture_output=True)  # fmt: skip
+    rows = {r["test"].split("::")[1]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"test_sleeps", "test_computes", "test_starts_a_process"}
+    number = lambda test, column: float(rows[test][column])  # noqa: E731
+    assert number("test_sleeps", "wall_seconds") >= 0.3 and number("test_sleeps", "self_cpu") < 0.2
+    assert number("test_computes", "self_cpu") >= 0.3 and number("test_computes", "children_cpu") == 0
+    assert number("test_starts_a_process", "children_cpu") >= 0.3
