@@ -1,6 +1,7 @@
 """Every evaluation path computes what one process computes, through the one Backend interface (synthetic data)."""
 
 import json
+import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -42,10 +43,16 @@ def test_in_process_streams_epochs_and_is_deterministic(solo):
 
 
 def test_worker_processes_match_in_process(solo, tmp_path):
+    before = set(mp.active_children())
     with opened(Workers(2, os.path.expanduser("~/.cache/fmnas_jax/jax"), synthetic_load)) as backend:  # the CLI's cache
         assert backend.parallelism == 2 and not backend.streams_epochs
+        assert set(mp.active_children()) == before  # started at the first evaluation, not before
         got = dict(backend.evaluate(_genomes(), SPEC))
+        assert len(set(mp.active_children()) - before) == 2
     _check(got, solo, rel=1e-5)
+    with opened(Workers(2, None, synthetic_load)):  # a search that trains nothing (a rerun) starts no process
+        pass
+    assert set(mp.active_children()) == before
 
 
 @pytest.mark.slow  # compiles vmapped buckets: 6-11 s

@@ -54,7 +54,8 @@ def _worker_evaluate(genome: Genome, spec: EvalSpec) -> EvalResult:
 
 
 class Workers(_Finishing):
-    """`n` spawned single-threaded worker processes, each pinned to one core."""
+    """`n` spawned single-threaded worker processes, each pinned to one core, started at the first evaluation: a
+    search that finds everything stored (a rerun, a finished search resumed) starts none."""
 
     streams_epochs, separate_processes = False, True
 
@@ -71,11 +72,14 @@ class Workers(_Finishing):
             cores.put(allowed[i % len(allowed)])
         self.parallelism = n
         self.description = f"{n} worker processes, each pinned to one CPU core (backend=inprocess to train in this process)"
-        self._pool = ctx.Pool(n, initializer=_init_worker, initargs=(cores, cache_dir, loader))
+        self._start = lambda: ctx.Pool(n, initializer=_init_worker, initargs=(cores, cache_dir, loader))
+        self._pool: Any = None
 
     def submit(self, tag: Any, genome: Genome, spec: EvalSpec, on_epoch: EpochCallback | None = None) -> None:
         from fmnas_jax.train import failed
 
+        if self._pool is None:
+            self._pool = self._start()
         self._in_flight += 1
         self._pool.apply_async(
             _worker_evaluate,
@@ -86,6 +90,8 @@ class Workers(_Finishing):
 
     def close(self, now: bool = False) -> None:
         """Let running evaluations finish; with `now` (an interrupted search) stop the workers at once."""
+        if self._pool is None:
+            return
         if now:
             self._pool.terminate()
         else:
