@@ -15,9 +15,9 @@ import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tests' temporary folders (their SQLite stores, artifacts and run directories) in memory where the machine has a
-# tmpfs for it: a store commits several times per evaluation, and each commit waits for the disk otherwise. pytest keeps
-# the last three sessions' folders there, as it does in /tmp.
-if os.access("/dev/shm", os.W_OK):
+# tmpfs for it with room to spare (a container's is often 64 MB; a session writes ~300 MB): a store commits several
+# times per evaluation, and each commit waits for the disk otherwise. pytest keeps the last three sessions' there too.
+if os.access("/dev/shm", os.W_OK) and (shm := os.statvfs("/dev/shm")).f_bavail * shm.f_frsize >= 2**31:
     os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", "/dev/shm")
 # JAX's persistent compilation cache, as the CLI uses it (the same folder): a program compiled once, by any test, any
 # job or worker process, or an earlier run of the suite, is loaded instead of compiled again.

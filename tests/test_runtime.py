@@ -18,7 +18,7 @@ def test_worker_processes_start_with_huge_pages(monkeypatch):
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     pool = Workers(1, None)
     try:
-        pool._pool.apply(os.getpid)  # the worker has started
+        pool._started().apply(os.getpid)  # the worker has started
         (pid,) = [p.pid for p in pool._pool._pool]
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         assert f"GLIBC_TUNABLES={HUGE_PAGES}".encode() in environ

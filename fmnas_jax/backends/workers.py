@@ -75,13 +75,17 @@ class Workers(_Finishing):
         self._start = lambda: ctx.Pool(n, initializer=_init_worker, initargs=(cores, cache_dir, loader))
         self._pool: Any = None
 
+    def _started(self) -> Any:
+        """The pool, started now if it has not been."""
+        if self._pool is None:
+            self._pool = self._start()
+        return self._pool
+
     def submit(self, tag: Any, genome: Genome, spec: EvalSpec, on_epoch: EpochCallback | None = None) -> None:
         from fmnas_jax.train import failed
 
-        if self._pool is None:
-            self._pool = self._start()
         self._in_flight += 1
-        self._pool.apply_async(
+        self._started().apply_async(
             _worker_evaluate,
             (genome, spec),
             callback=lambda r: self._done.put((tag, r)),
