@@ -43,9 +43,9 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     try:
         return (yield)
     finally:
-        me1, kids1 = _cpu()
-        row = [os.environ.get("PYTEST_XDIST_WORKER", "-"), item.nodeid, f"{start:.2f}", f"{time.time():.2f}",
-               f"{time.time() - start:.1f}", f"{me1 - me0:.1f}", f"{kids1 - kids0:.1f}"]  # fmt: skip
+        end, (me1, kids1) = time.time(), _cpu()
+        row = [os.environ.get("PYTEST_XDIST_WORKER", "-"), item.nodeid, f"{start:.2f}", f"{end:.2f}", f"{end - start:.1f}",
+               f"{me1 - me0:.1f}", f"{kids1 - kids0:.1f}"]  # fmt: skip
         with _out().open("a", newline="") as f:
             fcntl.flock(f, fcntl.LOCK_EX)  # the workers append to one file
             csv.writer(f).writerow(row)

@@ -145,7 +145,7 @@ def test_the_tracking_server_and_its_database_restarting_are_waited_for_and_a_lo
         pg.remove()
 
 
-# -- 3. a job requeued on another machine: heartbeats ---------------------------------------------------------
+# -- 2. a job requeued on another machine: heartbeats ---------------------------------------------------------
 
 
 def test_heartbeats_refresh_while_running_and_stop_at_the_end(tracking_uri):
@@ -178,7 +178,7 @@ def test_runs_whose_heartbeat_stopped_are_reaped_on_any_host_and_live_ones_kept(
     assert here.get_run(fresh).status == "RUNNING" and here.get_run(mine).status == "RUNNING"
 
 
-# -- 4. two machines, one search ------------------------------------------------------------------------------
+# -- 3. two machines, one search ------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -223,7 +223,7 @@ def _safe_runs(uri: str, experiment: str) -> list:
         return []
 
 
-# -- 5. the artifact store fills up mid-search ----------------------------------------------------------------
+# -- 4. the artifact store fills up mid-search ----------------------------------------------------------------
 
 
 @pytest.mark.slow
