@@ -1,22 +1,38 @@
 """The compiled pieces a genome's step and eval chunk are made of, each keyed by what it computes, in one cache.
 
 A piece is AOT-compiled once per (key, device) and kept in a bounded cache shared by the threads of a
-process; JAX's persistent cache serves the next process. `raw` gives a piece's function uncompiled, for
-tracing a whole step as one program (fmnas_jax.programs.FusedPlan). Imports jax/flax/optax/numpy only.
+process, and as an XLA executable in the runtime's pieces folder (fmnas_jax.runtime.pieces_dir), which serves
+the next process without tracing the piece again. `raw` gives a piece's function uncompiled, for tracing a whole
+step as one program (fmnas_jax.programs.FusedPlan). Imports jax/flax/optax/numpy only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import os
+import pickle
+import platform
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import serialize_executable
 
+from fmnas_jax import genome as genome_mod
+from fmnas_jax import model as model_mod
+from fmnas_jax import ops as ops_mod
+from fmnas_jax import runtime
 from fmnas_jax.genome import ImageShape, conv_output
 from fmnas_jax.ops import (
     F32,
@@ -36,6 +52,7 @@ from fmnas_jax.ops import (
 )
 
 CACHE_SIZE = 2048  # compiled pieces kept per process (each a few tens of KB of machine code)
+log = logging.getLogger("fmnas_jax")
 
 
 # ---------------------------------------------------------------------------
@@ -97,10 +114,17 @@ class _Piece(NamedTuple):
     donate: tuple[int, ...]
     args: tuple
 
-    def compile(self, device: Any) -> Any:
-        """AOT-compiled for `device`."""
+    def compile(self, device: Any, name: str = "piece") -> Any:
+        """AOT-compiled for `device`, as the program `name` (XLA's module is named after it, and so is its entry in
+        JAX's persistent cache)."""
         placed = [a if isinstance(a, int) else _abstract(device, a) for a in self.args]
-        return jax.jit(self.fn, donate_argnums=self.donate).lower(*placed).compile()
+        fn = self.fn
+
+        def named(*args: Any) -> Any:
+            return fn(*args)
+
+        named.__name__ = named.__qualname__ = name
+        return jax.jit(named, donate_argnums=self.donate).lower(*placed).compile()
 
 
 def _lazy(fn: Callable, donate: tuple[int, ...], *args: Any) -> _Piece:
@@ -108,8 +132,76 @@ def _lazy(fn: Callable, donate: tuple[int, ...], *args: Any) -> _Piece:
 
 
 def piece(key: tuple, device: Any) -> tuple[Callable, float]:
-    """The compiled program for `key` on `device`, and the seconds spent compiling it now (0 if cached)."""
-    return CACHE.get((*key, device.platform, device.id), lambda: _BUILDERS[key[0]](*key[1:]).compile(device))
+    """The compiled program for `key` on `device`, and the seconds spent compiling or loading it now (0 if cached)."""
+    return CACHE.get((*key, device.platform, device.id), lambda: _compiled(key, device))
+
+
+# ---------------------------------------------------------------------------
+# Compiled pieces kept between processes
+# ---------------------------------------------------------------------------
+# Tracing and lowering a piece costs ~50 ms on a 2-core CPU, JAX's persistent cache included (it traces to find its
+# key): ~3 s for the ~70 pieces of a small search, in every job and every worker process. Loading the executable
+# itself takes ~2 ms. A file is named by the piece's key and a fingerprint of everything else that decides its
+# machine code, so a change of library, source, XLA flags or CPU compiles afresh into another folder.
+
+
+@functools.cache
+def _fingerprint() -> str:
+    """The libraries, this module's and its helpers' source, XLA's flags, x64 and the host CPU, hashed."""
+    h = hashlib.sha256()
+    for dist in ("jax", "jaxlib", "flax", "optax"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            h.update(f"{dist}={importlib.metadata.version(dist)};".encode())
+    for module in (genome_mod, model_mod, ops_mod):
+        h.update(Path(module.__file__).read_bytes())
+    h.update(Path(__file__).read_bytes())
+    h.update(f"{os.environ.get('XLA_FLAGS', '')};{jax.config.jax_enable_x64};{platform.machine()};".encode())
+    with contextlib.suppress(OSError):  # XLA compiles for this CPU's instruction set (Linux names it here)
+        h.update(next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "").encode())
+    return h.hexdigest()[:16]
+
+
+def _path(key: tuple, device: Any) -> Path | None:
+    folder = runtime.pieces_dir()
+    if folder is None:
+        return None
+    where = f"{device.platform};{device.device_kind};{device.id};{device.client.platform_version}"
+    return folder / _fingerprint() / f"{hashlib.sha256(repr((key, where)).encode()).hexdigest()[:32]}.xla"
+
+
+def _compiled(key: tuple, device: Any) -> Any:
+    """The piece `key` compiled for `device`: loaded from the pieces folder, else compiled (and kept there)."""
+    path = _path(key, device)
+    if path is not None and path.exists():
+        try:
+            payload, in_tree, out_tree = pickle.loads(path.read_bytes())  # our own file: see _keep
+            compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree, device.client, [device])
+            jax.monitoring.record_event(runtime.PIECE_LOADED)
+            return compiled
+        except Exception as e:  # a truncated or foreign file: compile afresh and replace it
+            log.debug("compiled piece %s unreadable (%s): compiling it again", path, e)
+            path.unlink(missing_ok=True)
+    hits = runtime.jax_cache_hits_here()
+    compiled = _BUILDERS[key[0]](*key[1:]).compile(device, f"fmnas_{key[0]}")
+    # Only what XLA compiled here is kept: an executable JAX loaded from its own persistent cache serializes without
+    # its machine code on CPU (loaded again, it fails with "Function ... not found"), so such a piece stays JAX's.
+    # (Pieces are named fmnas_<kind> so that JAX's entries for them from before this folder existed are not found.)
+    if path is not None and runtime.jax_cache_hits_here() == hits:
+        _keep(path, compiled)
+    return compiled
+
+
+def _keep(path: Path, compiled: Any) -> None:
+    """Write the executable atomically (a reader sees a whole file or none); a folder we cannot write is no error."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        data = pickle.dumps(serialize_executable.serialize(compiled))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except Exception as e:
+        log.debug("compiled piece not kept in %s: %s", path, e)
+        tmp.unlink(missing_ok=True)
 
 
 def raw(key: tuple) -> Callable:

@@ -58,7 +58,7 @@ class EvalResult:
     train_loss: float = float("nan")
     val_loss: float = float("nan")
     compile_seconds: float = 0.0
-    cache_hits: int = 0  # programs loaded from JAX's persistent cache instead of compiled
+    cache_hits: int = 0  # programs loaded from a persistent cache (JAX's, or the compiled pieces') instead of compiled
     train_seconds: float = 0.0
     images_per_second: float = 0.0
     images_trained: int = 0  # epochs x images per epoch (what the cost model predicts from)

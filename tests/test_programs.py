@@ -1,5 +1,9 @@
 """The composed step computes what one fused step of the Flax model computes, and its pieces are shared."""
 
+import json
+import shutil
+import subprocess
+import sys
 import threading
 
 import jax
@@ -8,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from fmnas_jax import Genome
+from fmnas_jax import Genome, pieces, runtime
 from fmnas_jax.data import synthetic_dataset
 from fmnas_jax.model import GenomeCNN
 from fmnas_jax.pieces import CACHE, _Cache
@@ -124,6 +128,70 @@ def test_the_cache_is_bounded():
     for i in range(5):
         cache.get((i,), lambda i=i: i)
     assert len(cache._entries) == 3 and cache.get((0,), lambda: "rebuilt")[0] == "rebuilt"
+
+
+# A process that trains one genome on synthetic data with its caches in argv[1], and says what it saw.
+TRAIN_ONCE = """
+import json, os, sys
+os.environ["JAX_PLATFORMS"] = "cpu"
+from fmnas_jax.runtime import enable_compilation_cache
+enable_compilation_cache(sys.argv[1])
+from fmnas_jax import Genome
+from fmnas_jax.data import synthetic_dataset
+from fmnas_jax.train import TrainConfig, to_device, train_and_evaluate
+dd = to_device(synthetic_dataset(256, 96, 96, seed=1), eval_batch=64)
+r = train_and_evaluate(Genome.parse(sys.argv[2]), dd, TrainConfig(batch_size=64, epochs=1), seed=0)
+print(json.dumps({"status": r.status, "history": r.history, "test": r.test_accuracy, "loaded": r.cache_hits}))
+"""
+
+
+def test_the_pieces_one_process_compiled_the_next_one_loads_and_trains_the_same(tmp_path):
+    genome, folder = "NC 4 3 gelu;RC 8 2 relu;NC 4 3 tanh;RC 8 2 swish;FL sigmoid;", tmp_path / "pieces"
+
+    def train() -> dict:
+        out = subprocess.run([sys.executable, "-c", TRAIN_ONCE, str(tmp_path), genome], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.splitlines()[-1])
+
+    first = train()
+    kept = sorted(folder.rglob("*.xla"))
+    assert first["status"] == "FINISHED" and first["loaded"] == 0 and len(kept) > 10  # compiled, and kept
+    second = train()
+    assert second["loaded"] == len(kept) and sorted(folder.rglob("*.xla")) == kept  # loaded, not traced
+    # Without the folder, JAX's own cache serves them (it holds them too): what it loaded is not kept, since such an
+    # executable would lack its machine code when loaded again.
+    shutil.rmtree(folder)
+    third = train()
+    assert third["loaded"] == len(kept) and not list(folder.rglob("*.xla"))
+    for later in (second, third):
+        assert (later["history"], later["test"]) == (first["history"], first["test"])  # the same training, to the last bit
+
+
+def test_a_damaged_kept_piece_is_compiled_again(tmp_path, monkeypatch):
+    monkeypatch.setitem(runtime._PIECES, "dir", tmp_path)
+    key, device = ("pool", (7, 7), 3, 16), jax.devices()[0]
+    path = pieces._path(key, device)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not an executable")
+    CACHE.clear()
+    program, _ = pieces.piece(key, device)
+    x = jnp.arange(16 * 7 * 7 * 3, dtype=jnp.float32).reshape(16, 7, 7, 3)
+    assert np.allclose(program(x), x.mean(axis=(1, 2)))
+    assert not path.exists() or path.read_bytes() != b"not an executable"  # replaced (or left to JAX's own cache)
+    CACHE.clear()
+
+
+def test_a_piece_compiled_under_other_xla_flags_is_kept_apart(tmp_path, monkeypatch):
+    monkeypatch.setitem(runtime._PIECES, "dir", tmp_path)
+    key, device = ("pool", (14, 14), 4, 64), jax.devices()[0]
+    here = pieces._path(key, device)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
+    pieces._fingerprint.cache_clear()
+    try:
+        elsewhere = pieces._path(key, device)
+    finally:
+        monkeypatch.undo()
+        pieces._fingerprint.cache_clear()
+    assert here is not None and elsewhere is not None and here.parent != elsewhere.parent and here.name == elsewhere.name
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
