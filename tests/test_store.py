@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 import urllib.parse
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,6 +233,29 @@ def _schema(db) -> dict[str, set[str]]:
         cols = {t: {r[1] for r in con.execute(f"PRAGMA table_info('{t}')")} for t in tables}
         cols["(indexes)"] = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     return cols
+
+
+def test_mlflows_schema_head_is_found_once_and_kept_beside_the_template(tmp_path, monkeypatch):
+    import mlflow.store
+    from alembic.script import ScriptDirectory
+
+    from fmnas_jax.store import connection
+
+    truth = ScriptDirectory(str(Path(mlflow.store.__file__).parent / "db_migrations")).get_current_head()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    connection._schema_head.cache_clear()
+    try:
+        assert connection._schema_head() == truth
+        (kept,) = connection.schema_cache().glob("mlflow-*.head")
+        assert kept.read_text() == truth
+        kept.write_text("Not a revision!\n")  # damaged: found again, and kept again
+        connection._schema_head.cache_clear()
+        assert connection._schema_head() == truth and kept.read_text() == truth
+        kept.write_text("0123abcd4567")  # what is kept is what a process reads, without loading the migrations
+        connection._schema_head.cache_clear()
+        assert connection._schema_head() == "0123abcd4567"
+    finally:
+        connection._schema_head.cache_clear()
 
 
 def test_a_fresh_store_copies_the_schema_template_made_once_by_mlflows_own_migrations(tmp_path, monkeypatch):
