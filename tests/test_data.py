@@ -35,6 +35,40 @@ def test_real_fashion_mnist_loads_and_verifies():
     assert np.bincount(yt).tolist() == [1000] * 10
 
 
+def test_gzipped_idx_files_are_decompressed_once_per_version_of_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    images = {"train": rng.integers(0, 256, (50, 6, 5), np.uint8), "t10k": rng.integers(0, 256, (20, 6, 5), np.uint8)}
+    for split, x in images.items():
+        n, h, w = x.shape
+        head = (2051).to_bytes(4, "big") + n.to_bytes(4, "big") + h.to_bytes(4, "big") + w.to_bytes(4, "big")
+        (folder / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(head + x.tobytes()))
+        labels = (2049).to_bytes(4, "big") + n.to_bytes(4, "big") + (np.arange(n) % 3).astype(np.uint8).tobytes()
+        (folder / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
+    first = load_idx_dir(folder, verify=False)
+    kept = sorted(data_mod.idx_cache().iterdir())
+    assert len(kept) == 4
+    inodes = [p.stat().st_ino for p in kept]
+    second = load_idx_dir(folder, verify=False)  # read from what was kept: nothing written again
+    assert [p.stat().st_ino for p in sorted(data_mod.idx_cache().iterdir())] == inodes
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+    assert np.array_equal(first[0][..., 0], images["train"])
+    train = next(p for p in kept if p.name.startswith("train-images"))
+    train.write_bytes(train.read_bytes()[:-7])  # a damaged copy is not used, and is made again
+    assert np.array_equal(load_idx_dir(folder, verify=False)[0][..., 0], images["train"])
+    new = images["train"][::-1].copy()  # the file changed: its new version is read, not the kept one
+    head = (2051).to_bytes(4, "big") + (50).to_bytes(4, "big") + (6).to_bytes(4, "big") + (5).to_bytes(4, "big")
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(head + new.tobytes(), mtime=1))
+    assert np.array_equal(load_idx_dir(folder, verify=False)[0][..., 0], new)
+    assert len(list(data_mod.idx_cache().iterdir())) == 5  # the old version is kept among the last IDX_KEPT used
+    monkeypatch.setattr(data_mod, "IDX_KEPT", 4)
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(head + images["train"].tobytes(), mtime=2))
+    load_idx_dir(folder, verify=False)
+    assert len(list(data_mod.idx_cache().iterdir())) == 4  # bounded: the least recently used went
+
+
 @needs_real_data
 def test_split_is_stratified_seeded_and_disjoint():
     a = load(FashionMnistData(val_size=5000), seed=0)
