@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import HALVING, needs_real_data
-from helpers import TINY, cli, job, runs
+from helpers import TINY, job, runs
 from mlflow import MlflowClient
 
 pytestmark = [pytest.mark.slow, needs_real_data]
@@ -120,32 +120,6 @@ def test_ctrl_c_stops_the_worker_pool_at_once(tmp_path, how):
     killed = [r for r in evals if r.info.status == "KILLED"]
     assert len(killed) >= 2 and all("interrupted" in r.data.tags["fmnas.reason"] for r in killed)
     assert [r.info.status for r in runs(tmp_path, "search")] == ["KILLED"]
-
-
-def test_parallel_joblib_sweep_on_one_fresh_sqlite_store(tmp_path):
-    # In-process training: three jobs with a worker pool each would be nine processes on the cores (a joblib job's pool
-    # is tests/test_scaleout.py's); what is tested here is three processes opening one new store at once.
-    proc = cli(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=3", *TINY, "search.seed=0,1,2", "backend=inprocess")
-    out = proc.stdout + proc.stderr
-    assert "database is locked" not in out and "duplicate column" not in out
-    searches = runs(tmp_path, "search")
-    assert len(searches) == 3 and all(r.info.status == "FINISHED" for r in searches)
-    assert sorted(r.data.params["search.seed"] for r in searches) == ["0", "1", "2"]
-    evals = runs(tmp_path, "evaluation")
-    assert all(r.info.status == "FINISHED" for r in evals)
-    by_key: dict[str, list] = {}
-    for r in evals:
-        by_key.setdefault(r.data.tags["eval_key"], []).append(r)
-    for group in by_key.values():  # a key trained twice keeps one authoritative run; the other is marked
-        unmarked = [r for r in group if "fmnas.duplicate_of" not in r.data.tags]
-        assert len(unmarked) == 1
-    finals = runs(tmp_path, "final", "FINISHED")
-    for r in searches:  # every search's card points at a real finished run: its retrained winner
-        assert r.data.tags["winner_run_id"] in {e.info.run_id for e in finals}
-    registry = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # three registrations at once: the best wears the alias
-    versions = registry.search_model_versions("name = 'fmnas-winner'")
-    champion = registry.get_model_version_by_alias("fmnas-winner", "champion")
-    assert len(versions) == 3 and float(champion.tags["val_accuracy"]) == max(float(v.tags["val_accuracy"]) for v in versions)
 
 
 def test_divergence_is_a_failed_run_and_the_search_goes_on(tmp_path):
