@@ -36,9 +36,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow tests first (in their files' order otherwise): pytest-xdist hands tests to its workers in this order, so
-    the long ones start early and the short ones fill both cores at the end instead of one long test running alone."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The slow tests first, the `alone` ones last (in their files' order otherwise): pytest-xdist hands tests to its
+    workers in this order, so the long ones start early and the short ones fill both cores, and a test that needs the
+    CPU to itself waits for a short test to end, not a long one, and leaves the other core nothing it could do anyway."""
+    items.sort(key=lambda item: (item.get_closest_marker("alone") is not None, item.get_closest_marker("slow") is None))
 
 
 needs_real_data = pytest.mark.skipif(not REAL_DATA.is_dir(), reason="install dataset-fashion-mnist (apt) for real-data tests")
