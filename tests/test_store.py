@@ -224,6 +224,55 @@ def test_concurrent_crowning_on_one_sqlite_store_leaves_the_best_and_raises_noth
         assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
 
 
+def test_processes_logging_one_new_dataset_at_once_all_record_it(tmp_path):
+    """MLflow looks a dataset up, then inserts it: two machines starting their retrain of one winner at the same moment
+    both inserted it, and the second failed on the UNIQUE constraint (a whole search ended). Now the loser retries and
+    finds the row."""
+    import threading
+
+    from fmnas_jax.data import SplitRecord
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    Store(uri, "exp")
+    for trial in range(4):
+        split = SplitRecord("fashion_mnist/train", "training", f"{trial:016x}", "/data", "local", 2000)
+        stores = [Store(uri, "exp") for _ in range(6)]
+        rids = [s.start_run(f"G{trial}-{i}", "evaluation", {}) for i, s in enumerate(stores)]
+        start, errors = threading.Barrier(len(stores)), []
+
+        def log(store: Store, rid: str) -> None:
+            start.wait()
+            try:
+                store.log_datasets(rid, [split])
+            except Exception as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=log, args=pair) for pair in zip(stores, rids, strict=True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        for rid in rids:
+            assert [d.dataset.digest for d in MlflowClient(uri).get_run(rid).inputs.dataset_inputs] == [split.digest]
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest", "contention"),
+        ('(psycopg.errors.UniqueViolation) duplicate key value violates unique constraint "datasets_pk"', "contention"),
+        ("(sqlite3.OperationalError) database is locked", "contention"),
+        ("HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded (Connection refused)", "unreachable"),
+        ("INVALID_PARAMETER_VALUE: Changing param values is not allowed. Param with key='lr' was already logged", None),
+    ],
+)
+def test_which_store_errors_are_retried(text, kind):
+    from fmnas_jax.store.connection import transient_kind
+
+    assert transient_kind(Exception(text)) == kind
+
+
 def _schema(db) -> dict[str, set[str]]:
     """Each table's columns and the indexes of a SQLite store (what MLflow's migrations build)."""
     import sqlite3

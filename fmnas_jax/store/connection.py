@@ -39,8 +39,10 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
-# Errors that pass: SQLite writers contending (or a schema being created by another process) ...
-_CONTENTION = ("locked", "busy", "duplicate column", "already exists")
+# Errors that pass: SQLite writers contending, a schema being created by another process, and two processes inserting
+# one row at once where MLflow looks it up first (a dataset two machines log together): retried, the row is found ...
+_CONTENTION = ("locked", "busy", "duplicate column", "already exists", "unique constraint failed",
+               "duplicate key value violates unique constraint")  # fmt: skip
 
 
 # ... and a store that is unreachable for a while (tracking server restarting, its database restarting).
