@@ -232,6 +232,13 @@ def test_processes_logging_one_new_dataset_at_once_all_record_it(tmp_path):
 
     from fmnas_jax.data import SplitRecord
 
+    def log(store: Store, rid: str, split: SplitRecord, start: threading.Barrier, errors: list) -> None:
+        start.wait()
+        try:
+            store.log_datasets(rid, [split])
+        except Exception as e:
+            errors.append(e)
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     Store(uri, "exp")
     for trial in range(4):
@@ -239,15 +246,7 @@ def test_processes_logging_one_new_dataset_at_once_all_record_it(tmp_path):
         stores = [Store(uri, "exp") for _ in range(6)]
         rids = [s.start_run(f"G{trial}-{i}", "evaluation", {}) for i, s in enumerate(stores)]
         start, errors = threading.Barrier(len(stores)), []
-
-        def log(store: Store, rid: str) -> None:
-            start.wait()
-            try:
-                store.log_datasets(rid, [split])
-            except Exception as e:
-                errors.append(e)
-
-        threads = [threading.Thread(target=log, args=pair) for pair in zip(stores, rids, strict=True)]
+        threads = [threading.Thread(target=log, args=(store, rid, split, start, errors)) for store, rid in zip(stores, rids, strict=True)]
         for t in threads:
             t.start()
         for t in threads:
