@@ -191,17 +191,33 @@ def _compiled(key: tuple, device: Any) -> Any:
     return compiled
 
 
+STALE_DAYS = 30  # a fingerprint's folder nothing was added to for this long goes when another fingerprint starts one
+
+
 def _keep(path: Path, compiled: Any) -> None:
     """Write the executable atomically (a reader sees a whole file or none); a folder we cannot write is no error."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
     try:
         data = pickle.dumps(serialize_executable.serialize(compiled))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():  # a new fingerprint (another library, source or CPU): old ones' folders go
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _prune(path.parent)
         tmp.write_bytes(data)
         os.replace(tmp, path)
     except Exception as e:
         log.debug("compiled piece not kept in %s: %s", path, e)
         tmp.unlink(missing_ok=True)
+
+
+def _prune(current: Path) -> None:
+    """Remove the other fingerprints' folders nothing was added to for STALE_DAYS."""
+    import shutil
+
+    cutoff = time.time() - STALE_DAYS * 86400
+    for folder in current.parent.iterdir():
+        with contextlib.suppress(OSError):
+            if folder != current and folder.is_dir() and folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder)
 
 
 def raw(key: tuple) -> Callable:

@@ -189,6 +189,27 @@ def test_a_damaged_kept_piece_is_compiled_again(tmp_path, monkeypatch):
     CACHE.clear()
 
 
+def test_a_new_fingerprint_removes_the_folders_of_old_ones_left_unused(tmp_path, monkeypatch):
+    import os
+    import time
+
+    monkeypatch.setitem(runtime._PIECES, "dir", tmp_path)
+    old, recent = tmp_path / "0123456789abcdef", tmp_path / "fedcba9876543210"
+    for folder in (old, recent):
+        folder.mkdir()
+        (folder / "x.xla").write_bytes(b"")
+    stale = time.time() - (pieces.STALE_DAYS + 1) * 86400
+    os.utime(old, (stale, stale))
+    # Kept even if JAX's own cache served it (this test only looks at folders; the file is never loaded).
+    monkeypatch.setattr(runtime, "jax_cache_hits_here", lambda: 0)
+    key = ("pool", (3, 4), 5, 4)
+    CACHE.clear()
+    pieces.piece(key, jax.devices()[0])  # the first piece of this fingerprint's new folder
+    assert pieces._path(key, jax.devices()[0]).exists()
+    assert not old.exists() and (recent / "x.xla").exists()
+    CACHE.clear()
+
+
 def test_a_piece_compiled_under_other_xla_flags_is_kept_apart(tmp_path, monkeypatch):
     monkeypatch.setitem(runtime._PIECES, "dir", tmp_path)
     key, device = ("pool", (14, 14), 4, 64), jax.devices()[0]
