@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import sys
 import threading
@@ -128,12 +127,13 @@ def main(cfg: DictConfig) -> float:
 
     from fmnas_jax import jobs
     from fmnas_jax.backends import BackendError
+    from fmnas_jax.caches import cache_home
     from fmnas_jax.checkpoint import CheckpointError
     from fmnas_jax.data import DataError
     from fmnas_jax.runtime import enable_compilation_cache, malloc_summary, platform_summary
     from fmnas_jax.store import StoreError, resolve_uri
 
-    app = replace(app, cache_dir=app.cache_dir or os.path.expanduser("~/.cache/fmnas_jax/jax"))  # workers share it
+    app = replace(app, cache_dir=app.cache_dir or str(cache_home() / "jax"))  # workers share it
     launcher = str(HydraConfig.get().launcher.get("_target_", ""))
     if app.backend.kind == "auto" and "BasicLauncher" not in launcher:
         # A parallel launcher (joblib, submitit) already runs jobs side by side; no pools inside its workers.

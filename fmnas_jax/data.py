@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from fmnas_jax.caches import cache_home, write_atomically
 from fmnas_jax.genome import ImageShape
 
 # The inputs' normalisation: (mean, std) per channel, on the 0..1 scale of the uint8 images divided by 255.
@@ -337,7 +338,7 @@ IDX_KEPT = 8  # decompressed IDX files kept (two datasets' four)
 
 def idx_cache() -> Path:
     """Where gzipped IDX files are kept decompressed: $XDG_CACHE_HOME/fmnas_jax/idx (~/.cache by default)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fmnas_jax" / "idx"
+    return cache_home() / "idx"
 
 
 def _gunzipped(path: Path) -> bytes:
@@ -359,17 +360,14 @@ def _gunzipped(path: Path) -> bytes:
         pass
     with gzip.open(path) as f:
         raw = f.read()
-    tmp = kept.with_name(f".{kept.name}.{os.getpid()}")
     try:
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(raw)
-        os.replace(tmp, kept)
+        write_atomically(kept, raw)
         # Bounded: the IDX_KEPT files used last (a dataset is four), so copies read once do not pile up.
         older = sorted((p for p in kept.parent.iterdir() if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime, reverse=True)
         for p in older[IDX_KEPT:]:
             p.unlink(missing_ok=True)
     except OSError:  # no home folder, a read-only or full cache: decompressed again next time
-        tmp.unlink(missing_ok=True)
+        pass
     return raw
 
 

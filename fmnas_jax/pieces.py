@@ -18,7 +18,6 @@ import pickle
 import platform
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -33,6 +32,7 @@ from fmnas_jax import genome as genome_mod
 from fmnas_jax import model as model_mod
 from fmnas_jax import ops as ops_mod
 from fmnas_jax import runtime
+from fmnas_jax.caches import write_atomically
 from fmnas_jax.genome import ImageShape, conv_output
 from fmnas_jax.ops import (
     F32,
@@ -196,17 +196,14 @@ STALE_DAYS = 30  # a fingerprint's folder nothing was added to for this long goe
 
 def _keep(path: Path, compiled: Any) -> None:
     """Write the executable atomically (a reader sees a whole file or none); a folder we cannot write is no error."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
     try:
         data = pickle.dumps(serialize_executable.serialize(compiled))
         if not path.parent.is_dir():  # a new fingerprint (another library, source or CPU): old ones' folders go
             path.parent.mkdir(parents=True, exist_ok=True)
             _prune(path.parent)
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_atomically(path, data)
     except Exception as e:
         log.debug("compiled piece not kept in %s: %s", path, e)
-        tmp.unlink(missing_ok=True)
 
 
 def _prune(current: Path) -> None:

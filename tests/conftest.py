@@ -19,11 +19,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # times per evaluation, and each commit waits for the disk otherwise. pytest keeps the last three sessions' there too.
 if os.access("/dev/shm", os.W_OK) and (shm := os.statvfs("/dev/shm")).f_bavail * shm.f_frsize >= 2**31:
     os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", "/dev/shm")
+# Each pytest-xdist worker has one core of its own, as a worker of the pool does: XLA's kernels on the calling thread
+# (two workers' thread pools contending for two cores cost more than they gain), and the same programs as the pool's
+# workers, so a piece compiled by either is loaded by the other. (One process, -n 0, keeps XLA's threads.)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    from fmnas_jax.backends.base import single_threaded_xla
+
+    os.environ.update(single_threaded_xla(os.environ))
 # JAX's persistent compilation cache, as the CLI uses it (the same folder): a program compiled once, by any test, any
 # job or worker process, or an earlier run of the suite, is loaded instead of compiled again.
+from fmnas_jax.caches import cache_home
 from fmnas_jax.runtime import enable_compilation_cache
 
-enable_compilation_cache(os.path.expanduser("~/.cache/fmnas_jax/jax"))
+enable_compilation_cache(str(cache_home() / "jax"))
 REAL_DATA = Path("/usr/share/datasets/fashion-mnist")
 PAPER = "NC 4 5 sigmoid;RC 64 3 relu;NC 4 5 sigmoid;RC 64 3 relu;FL gelu;"
 

@@ -10,7 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from fmnas_jax.backends import Buckets, DataCache, Devices, EvalSpec, InProcess, Workers, choose_backend, opened
+from fmnas_jax.backends import Buckets, DataCache, Devices, EvalSpec, InProcess, Workers, choose_backend, opened, single_threaded_xla
+from fmnas_jax.backends.base import SINGLE_CORE_XLA
+from fmnas_jax.caches import cache_home
 from fmnas_jax.data import FashionMnistData, synthetic_load
 from fmnas_jax.genome import SearchSpace, sample_population
 from fmnas_jax.train import TrainConfig
@@ -44,7 +46,7 @@ def test_in_process_streams_epochs_and_is_deterministic(solo):
 
 def test_worker_processes_match_in_process(solo, tmp_path):
     before = set(mp.active_children())
-    with opened(Workers(2, os.path.expanduser("~/.cache/fmnas_jax/jax"), synthetic_load)) as backend:  # the CLI's cache
+    with opened(Workers(2, str(cache_home() / "jax"), synthetic_load)) as backend:  # the CLI's cache
         assert backend.parallelism == 2 and not backend.streams_epochs
         assert set(mp.active_children()) == before  # started at the first evaluation, not before
         got = dict(backend.evaluate(_genomes(), SPEC))
@@ -133,3 +135,10 @@ def test_population_split_across_two_devices_matches_one_device():
     out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"same": True, "devices": [0, 1]}
+
+
+def test_single_core_xla_flags_are_added_once_to_what_the_process_has():
+    assert single_threaded_xla({}) == {"XLA_FLAGS": SINGLE_CORE_XLA}
+    mine = single_threaded_xla({"XLA_FLAGS": "--xla_cpu_enable_fast_math=true"})
+    assert mine == {"XLA_FLAGS": f"--xla_cpu_enable_fast_math=true {SINGLE_CORE_XLA}"}
+    assert single_threaded_xla(mine) == mine  # a worker of a single-core process compiles what its parent compiles

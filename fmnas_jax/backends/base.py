@@ -176,9 +176,15 @@ class _Stopped(Exception):
     """Raised at an epoch boundary inside an evaluation of a pool that is being closed."""
 
 
+SINGLE_CORE_XLA = "--xla_cpu_multi_thread_eigen=false"
+
+
 def single_threaded_xla(environ: Mapping[str, str]) -> dict[str, str]:
-    """XLA_FLAGS for a process that trains on one CPU core (set before jax loads)."""
-    return {"XLA_FLAGS": (environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()}
+    """XLA_FLAGS for a process that trains on one CPU core (set before jax loads): `environ`'s own, with XLA's
+    convolutions and matrix products on the calling thread added once (a process that has them passes them on
+    unchanged, so it and its workers compile the same programs and share the compiled pieces)."""
+    flags = environ.get("XLA_FLAGS", "")
+    return {"XLA_FLAGS": flags if SINGLE_CORE_XLA in flags.split() else f"{flags} {SINGLE_CORE_XLA}".strip()}
 
 
 def cpu_workers() -> int:

@@ -19,6 +19,7 @@ from urllib.parse import quote, urlencode
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from fmnas_jax.caches import cache_home, replacing, write_atomically
 from fmnas_jax.store.names import EXPERIMENT_KIND, EXPERIMENT_NOTE, NOTE
 from fmnas_jax.store.records import StoreError
 
@@ -39,10 +40,12 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
-# Errors that pass: SQLite writers contending, a schema being created by another process, and two processes inserting
-# one row at once where MLflow looks it up first (a dataset two machines log together): retried, the row is found ...
-_CONTENTION = ("locked", "busy", "duplicate column", "already exists", "unique constraint failed",
-               "duplicate key value violates unique constraint")  # fmt: skip
+# Two processes inserting one row at once where MLflow looks it up first (a dataset two machines log together, an
+# alias two searches set together), in SQLite's and PostgreSQL's words.
+DUPLICATE_ROW = ("unique constraint", "duplicate key value")
+# Errors that pass: SQLite writers contending, a schema being created by another process, a duplicate row (retried,
+# the row is found) ...
+_CONTENTION = ("locked", "busy", "duplicate column", "already exists", *DUPLICATE_ROW)
 
 
 # ... and a store that is unreachable for a while (tracking server restarting, its database restarting).
@@ -87,20 +90,16 @@ def _schema_head() -> str:
     from alembic.script import ScriptDirectory
 
     head = ScriptDirectory(str(folder)).get_current_head()
-    tmp = kept.with_name(f".{kept.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
     try:
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(head)
-        os.replace(tmp, kept)
+        write_atomically(kept, head.encode())
     except OSError as e:  # no home folder, a read-only cache: found again next time
         log.debug("MLflow's schema head not kept in %s: %s", kept, e)
-        tmp.unlink(missing_ok=True)
     return head
 
 
 def schema_cache() -> Path:
     """Where the empty schema template lives: $XDG_CACHE_HOME/fmnas_jax/mlflow-schema (~/.cache by default)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fmnas_jax" / "mlflow-schema"
+    return cache_home() / "mlflow-schema"
 
 
 def _schema_version(db: Path) -> str | None:
@@ -124,7 +123,6 @@ def _schema_template() -> Path | None:
     import mlflow
 
     head = _schema_head()
-    tmp: Path | None = None
     try:
         path = schema_cache() / f"mlflow-{mlflow.__version__}-{head}.db"
         if path.exists() and _schema_version(path) == head:
@@ -132,24 +130,18 @@ def _schema_template() -> Path | None:
         import sqlalchemy
         from mlflow.store.db.utils import _initialize_tables  # what SqlAlchemyStore runs on an empty database
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-        engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
-        try:
-            _initialize_tables(engine)
-        finally:
-            engine.dispose()
-        if _schema_version(tmp) != head:
-            raise ValueError(f"the new template's schema is not MLflow's head {head}")
-        os.replace(tmp, path)  # whole or not at all, whoever else makes one at the same time
+        with replacing(path) as tmp:  # whole or not at all, whoever else makes one at the same time
+            engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
+            try:
+                _initialize_tables(engine)
+            finally:
+                engine.dispose()
+            if _schema_version(tmp) != head:
+                raise ValueError(f"the new template's schema is not MLflow's head {head}")
         return path
     except Exception as e:  # no home folder, a read-only cache, another MLflow layout: the store is created the plain way
         log.debug("no MLflow schema template (%s): a fresh store runs MLflow's migrations", e)
         return None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
 
 
 def _first_line(error: BaseException) -> str:

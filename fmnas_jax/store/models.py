@@ -12,7 +12,7 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from fmnas_jax.store.connection import _first_line
+from fmnas_jax.store.connection import DUPLICATE_ROW, _first_line
 from fmnas_jax.store.names import CHECKPOINT, IMAGE, LOGGED_MODEL, MODEL, MODEL_CHECKPOINT, REGISTERED
 from fmnas_jax.store.records import ArtifactError
 
@@ -47,7 +47,7 @@ def _val_accuracy(version: object) -> float:
 def _is_conflict(error: Exception) -> bool:
     """Another process created the same alias row at the same moment (SQLite's and PostgreSQL's wording)."""
     text = str(error).lower()
-    return "unique constraint" in text or "duplicate key" in text or "integrityerror" in text
+    return any(t in text for t in DUPLICATE_ROW) or "integrityerror" in text
 
 
 def crown_if_best(client: MlflowClient, name: str, version: str) -> bool:
